@@ -1,0 +1,94 @@
+"""Pass infrastructure: a registry of classes, one small interface, a manager."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+
+from prunec.coupling import Coupling
+from prunec.plan import Plan
+from prunec.trace import Program
+
+PASSES: dict[str, type["Pass"]] = {}
+
+
+@dataclass
+class State:
+    """What passes read and write: the traced program, its groups, scores and the plan."""
+
+    model: torch.nn.Module
+    program: Program
+    coupling: Coupling
+    scores: dict[str, np.ndarray] = field(default_factory=dict)
+    plan: Plan = field(default_factory=Plan)
+    calib: Iterable[Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PassResult:
+    state: State
+    modified: bool
+
+
+class Pass:
+    """One compiler pass. Subclasses implement ``run``; ``ensures`` checks a post-condition."""
+
+    name = "pass"
+
+    def run(self, state: State) -> PassResult:
+        raise NotImplementedError
+
+    def ensures(self, state: State) -> None:
+        return None
+
+    def __call__(self, state: State) -> PassResult:
+        result = self.run(state)
+        self.ensures(result.state)
+        return result
+
+
+def register_pass(name: str) -> Callable[[type[Pass]], type[Pass]]:
+    def wrap(cls: type[Pass]) -> type[Pass]:
+        if name in PASSES:
+            raise ValueError(f"duplicate pass name {name}")
+        cls.name = name
+        PASSES[name] = cls
+        return cls
+    return wrap
+
+
+def run_passes(passes: Iterable[Pass], state: State) -> State:
+    """Run passes in order; an error keeps its type and gains a note naming the pass."""
+    for p in passes:
+        try:
+            state = p(state).state
+        except Exception as err:
+            err.add_note(f"in prunec pass '{p.name}'")
+            raise
+    return state
+
+
+def param_members(state: State, group_name: str) -> list[tuple[str, int, np.ndarray]]:
+    """(fqn, dim, unit→element index matrix) for every parameter (not buffer) in a group."""
+    params = state.program.param_fqns()
+    group = state.coupling.group(group_name)
+    return [(fqn, dim, rows) for (fqn, dim), rows in group.members.items() if fqn in params]
+
+
+def per_element(tensor: torch.Tensor, dim: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
+    """Reduce a tensor over every dim but ``dim`` with ``fn`` (applied to a (n, -1) view)."""
+    flat = tensor.detach().float().movedim(dim, 0).reshape(tensor.shape[dim], -1)
+    return fn(flat).cpu().numpy().astype(np.float64)
+
+
+def unit_scores(element_scores: list[np.ndarray], rows: list[np.ndarray]) -> np.ndarray:
+    """Aggregate member scores into unit scores: each member normalised by its mean, then summed."""
+    total = None
+    for scores, r in zip(element_scores, rows):
+        mean = scores.mean()
+        part = (scores / mean if mean > 0 else scores)[r].mean(axis=1)
+        total = part if total is None else total + part
+    return total

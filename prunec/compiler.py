@@ -1,0 +1,164 @@
+"""The pipeline: trace → analyze → score/select (passes) → rewrite → sync → verify → cost."""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from prunec.analyze import build_coupling
+from prunec.cost import count_macs, count_params
+from prunec.coupling import Coupling
+from prunec.errors import InputError, PruneError
+from prunec.module_sync import synced_copy
+from prunec.passes import PASSES, Pass, Select, State, run_passes
+from prunec.plan import Plan
+from prunec.program_module import ProgramModule
+from prunec.rewrite import rewrite
+from prunec.trace import Program, trace
+from prunec.verify import compare, verify
+
+Progress = Callable[[str], None]
+METHODS = ("l1", "l2", "bn")
+
+
+@dataclass
+class CompileResult:
+    """What compile returns: the pruned module, the rewritten program, the plan, the report."""
+
+    model: nn.Module
+    program: ProgramModule
+    plan: Plan
+    report: dict[str, Any]
+    coupling: Coupling
+    example_inputs: tuple[Any, ...] = ()
+    example_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def export(self) -> torch.export.ExportedProgram:
+        """Re-export the pruned program (a ``.pt2``-ready ExportedProgram)."""
+        with torch.no_grad():
+            return torch.export.export(self.program.eval(), self.example_inputs,
+                                       self.example_kwargs or None, strict=False)
+
+
+class _Timer:
+    def __init__(self, progress: Progress | None) -> None:
+        self.times: dict[str, float] = {}
+        self.progress = progress
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        if self.progress:
+            self.progress(name)
+        start = time.perf_counter()
+        yield
+        self.times[name] = round(self.times.get(name, 0.0) + time.perf_counter() - start, 4)
+
+
+def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
+    return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+
+
+def analyze(model: nn.Module, example_inputs: Any, example_kwargs: dict[str, Any] | None = None) -> Coupling:
+    """Trace ``model`` and return its coupling (``.groups``, ``.frozen``, ``.to_networkx()``)."""
+    return build_coupling(trace(model, _as_tuple(example_inputs), example_kwargs))
+
+
+def criterion(method: str) -> Pass:
+    """The scoring pass for a ``--method`` name."""
+    if method not in PASSES or method == "select":
+        raise InputError(f"unknown pruning method '{method}'",
+                         f"use one of {sorted(n for n in PASSES if n != 'select')}")
+    return PASSES[method]()
+
+
+def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp: float = 0.0,
+            heads: float = 0.0, hidden: float = 0.0, method: str = "l1", round_to: int = 8,
+            global_rank: bool = False, passes: Sequence[Pass] | None = None,
+            plan: Plan | None = None, calib: Iterable[Any] | None = None,
+            check: bool = True, example_kwargs: dict[str, Any] | None = None,
+            progress: Progress | None = None) -> CompileResult:
+    """Prune ``model`` and return a CompileResult.
+
+    ``channels`` applies to conv/linear channel groups (and MLP groups unless ``mlp`` is
+    given); ``heads``/``hidden`` to attention heads and the residual stream. Give ``passes``
+    to compose your own pipeline, or ``plan`` to replay a saved plan.
+    """
+    timer = _Timer(progress)
+    inputs, kwargs = _as_tuple(example_inputs), dict(example_kwargs or {})
+    model = model.eval()
+    with timer.stage("trace"):
+        program = trace(model, inputs, kwargs)
+    with timer.stage("analyze"):
+        coupling = build_coupling(program)
+    with timer.stage("plan"):
+        if plan is None:
+            ratios = {"channel": channels, "mlp": mlp or channels, "head": heads, "hidden": hidden}
+            pipeline = list(passes) if passes is not None else [
+                criterion(method), Select(ratios, round_to=round_to, global_rank=global_rank)]
+            state = run_passes(pipeline, State(model, program, coupling, calib=calib))
+            plan, notes = state.plan, state.notes
+        else:
+            notes = []
+        plan.check(coupling)
+    return finish_compile(model, program, coupling, plan, timer, notes, check)
+
+
+def finish_compile(model: nn.Module, program: Program, coupling: Coupling, plan: Plan,
+                   timer: _Timer, notes: list[str], check: bool) -> CompileResult:
+    inputs, kwargs = program.example_inputs, program.example_kwargs
+    with timer.stage("rewrite"):
+        pruned_program, state, _ = rewrite(coupling, plan)
+    with timer.stage("sync"):
+        pruned, synced, sync_note = _sync(model, state, pruned_program, inputs, kwargs)
+    verify_result = None
+    if check:
+        with timer.stage("verify"):
+            verify_result = verify(coupling, plan, pruned_program, inputs, kwargs)
+        if not verify_result.passed:
+            raise PruneError(
+                f"verification failed: pruned model differs from the reference by rel. err "
+                f"{verify_result.rel_err:.3g} (max abs {verify_result.max_abs_err:.3g})",
+                "this is a prunec bug; rerun with --no-verify to inspect, and report it")
+    with timer.stage("cost"):
+        report = {
+            "params_before": count_params(model), "params_after": count_params(pruned),
+            "macs_before": count_macs(model, inputs, kwargs),
+            "macs_after": count_macs(pruned_program, inputs, kwargs),
+        }
+    report.update({
+        "verify": verify_result.to_json() if verify_result else None,
+        "module_synced": synced, "module_note": sync_note,
+        "groups": [{"name": g.name, "kind": g.kind, "size": g.size,
+                    "kept": len(plan.kept.get(g.name, range(g.size))),
+                    **({"approximate": g.approximate} if g.approximate else {})}
+                   for g in coupling.groups],
+        "frozen": coupling.frozen, "unknown_ops": getattr(coupling, "unknown_ops", {}),
+        "notes": notes, "plan": plan.meta,
+    })
+    report["time_s"] = {**timer.times, "total": round(sum(timer.times.values()), 4)}
+    return CompileResult(pruned, pruned_program, plan, report, coupling, inputs, kwargs)
+
+
+def _sync(model: nn.Module, state: dict[str, torch.Tensor], program: ProgramModule,
+          inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[nn.Module, bool, str]:
+    """The user's module class with pruned tensors, if it runs and agrees with the program."""
+    try:
+        module = synced_copy(model, state).eval()
+        with torch.no_grad():
+            _, rel = compare(module(*inputs, **kwargs), program(*inputs, **kwargs))
+    except Exception as err:  # any failure means the eager module can't follow: use the program
+        return program, False, f"user module not synced: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    if rel > 1e-5:
+        return program, False, f"user module not synced: its output differs from the program (rel {rel:.2g})"
+    return module, True, ""
+
+
+def apply_plan(model: nn.Module, example_inputs: Any, plan: Plan | str, *, check: bool = True,
+               example_kwargs: dict[str, Any] | None = None) -> CompileResult:
+    """Replay a saved plan (a Plan or a path to its JSON) on ``model``."""
+    plan = Plan.load(plan) if isinstance(plan, str) else plan
+    return compile(model, example_inputs, plan=plan, check=check, example_kwargs=example_kwargs)

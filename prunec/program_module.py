@@ -1,0 +1,82 @@
+"""ProgramModule: an exported graph plus its state, callable like the original model."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import fx, nn
+from torch.export.graph_signature import InputKind, OutputKind
+
+from prunec.trace import Program
+
+
+def set_by_path(root: nn.Module, fqn: str, tensor: torch.Tensor, is_param: bool) -> None:
+    """Register ``tensor`` at dotted path ``fqn``, creating empty parent modules."""
+    *parents, leaf = fqn.split(".")
+    mod = root
+    for p in parents:
+        if not hasattr(mod, p) or not isinstance(getattr(mod, p), nn.Module):
+            mod.add_module(p, nn.Module())
+        mod = getattr(mod, p)
+    if is_param:
+        mod.register_parameter(leaf, nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
+    else:
+        mod.register_buffer(leaf, tensor)
+
+
+class ProgramModule(nn.Module):
+    """Runs an ATen graph whose state placeholders are fed from registered params/buffers.
+    State keeps the original FQNs, so ``state_dict()`` keys match the source model's."""
+
+    def __init__(self, program: Program, graph: fx.Graph, state: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        sig = program.ep.graph_signature
+        self._inputs: list[tuple[str, str | None]] = []
+        params = program.param_fqns()
+        for spec in sig.input_specs:
+            if spec.kind == InputKind.USER_INPUT:
+                self._inputs.append(("user", None))
+            else:
+                self._inputs.append(("state", spec.target))
+                if spec.target is not None and not _has_path(self, spec.target):
+                    set_by_path(self, spec.target, state[spec.target], spec.target in params)
+        self._user_outputs = [i for i, s in enumerate(sig.output_specs)
+                              if s.kind == OutputKind.USER_OUTPUT]
+        self._out_spec = program.ep.call_spec.out_spec
+        object.__setattr__(self, "graph_module", fx.GraphModule(nn.Module(), graph))
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        leaves = iter(pytree.tree_leaves((args, kwargs)))
+        flat = [next(leaves) if kind == "user" else _get_path(self, fqn)
+                for kind, fqn in self._inputs]
+        outs = self.graph_module(*flat)
+        if not isinstance(outs, (tuple, list)):
+            outs = (outs,)
+        user = [outs[i] for i in self._user_outputs]
+        return pytree.tree_unflatten(user, self._out_spec)
+
+
+def _get_path(root: nn.Module, fqn: str) -> torch.Tensor:
+    *parents, leaf = fqn.split(".")
+    mod = root
+    for p in parents:
+        mod = getattr(mod, p)
+    return getattr(mod, leaf)
+
+
+def _has_path(root: nn.Module, fqn: str) -> bool:
+    try:
+        _get_path(root, fqn)
+        return True
+    except AttributeError:
+        return False
+
+
+def copy_graph(graph: fx.Graph) -> tuple[fx.Graph, dict[fx.Node, fx.Node]]:
+    """A deep copy of ``graph`` and the old → new node map."""
+    new = fx.Graph()
+    val_map: dict[fx.Node, fx.Node] = {}
+    out = new.graph_copy(graph, val_map)
+    new.output(out)
+    return new, val_map

@@ -1,0 +1,88 @@
+"""Contractions with weights: conv, linear, matmul, embedding."""
+from __future__ import annotations
+
+import numpy as np
+from torch import fx
+
+from prunec.coupling import CouplingBuilder, shape_of
+from prunec.rules import arg, aten, coupling_rule, ndim
+
+
+@coupling_rule(aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution.default)
+def conv(node: fx.Node, g: CouplingBuilder) -> None:
+    """y[n, o, …] = Σ_{i in group(o)} x[n, i, …] ⋆ W[o, i - group_start, …] + b[o]"""
+    x, w, b = arg(node, 0), arg(node, 1), arg(node, 2)
+    if node.target is aten.convolution.default:
+        if arg(node, 6, "transposed"):
+            g.freeze_all(x, "transposed convolution has no rule yet")
+            g.freeze_all(w, "transposed convolution has no rule yet")
+            g.freeze_all(node, "transposed convolution has no rule yet")
+            return
+        groups = arg(node, 8, "groups", 1)
+    else:
+        groups = arg(node, 6, "groups", 1)
+    for d in range(2, ndim(w)):
+        g.freeze(w, d, "convolution kernel dim")
+    batched = ndim(x) == ndim(w)
+    c_dim = 1 if batched else 0
+    if batched:
+        g.tie((x, 0), (node, 0))
+    g.tie((node, c_dim), (w, 0), (b, 0))
+    c_in, c_out = shape_of(x)[c_dim], shape_of(w)[0]
+    if groups == 1:
+        g.tie((x, c_dim), (w, 1))
+        g.consume(w, 1)
+        return
+    in_per_group, out_per_group = c_in // groups, c_out // groups
+    g.freeze(w, 1, "grouped-conv weight's per-group input dim")
+    # whole conv groups are units: input channels of group j ↔ output channels of group j
+    i = np.arange(c_in)
+    g.tie_map((x, c_dim), (node, c_dim), i, (i // in_per_group) * out_per_group)
+    o = np.arange(c_out)
+    g.tie_map((node, c_dim), (node, c_dim), o, (o // out_per_group) * out_per_group)
+
+
+@coupling_rule(aten.linear.default)
+def linear(node: fx.Node, g: CouplingBuilder) -> None:
+    """y[..., o] = Σ_i x[..., i] · W[o, i] + b[o]"""
+    x, w, b = arg(node, 0), arg(node, 1), arg(node, 2)
+    for d in range(ndim(x) - 1):
+        g.tie((x, d), (node, d))
+    g.tie((node, -1), (w, 0), (b, 0))
+    g.tie((x, -1), (w, 1))
+    g.consume(w, 1)
+
+
+@coupling_rule(aten.matmul.default, aten.mm.default, aten.bmm.default)
+def matmul(node: fx.Node, g: CouplingBuilder) -> None:
+    """y[..., n, m] = Σ_k a[..., n, k] · b[..., k, m]"""
+    a, b = arg(node, 0), arg(node, 1)
+    na, nb, no = ndim(a), ndim(b), ndim(node)
+    if na < 2 or nb < 2:
+        for v in (a, b, node):
+            g.freeze_all(v, "matmul with a 1-D operand has no rule")
+        return
+    for d in range(no - 2):  # batch dims, broadcast from the right
+        for v, nv in ((a, na), (b, nb)):
+            dv = d - (no - nv)
+            if dv >= 0 and shape_of(v)[dv] == shape_of(node)[d]:
+                g.tie((v, dv), (node, d))
+    g.tie((a, na - 2), (node, no - 2))
+    g.tie((b, nb - 1), (node, no - 1))
+    g.tie((a, na - 1), (b, nb - 2))
+    if g.is_state(b):
+        g.consume(b, nb - 2)
+    elif g.is_state(a):
+        g.consume(a, na - 1)
+    else:
+        g.approx(a, na - 1, "matmul of two activations sums over this dim")
+
+
+@coupling_rule(aten.embedding.default)
+def embedding(node: fx.Node, g: CouplingBuilder) -> None:
+    """y[..., d] = W[idx[...], d]"""
+    w, idx = arg(node, 0), arg(node, 1)
+    g.tie((node, -1), (w, 1))
+    g.freeze(w, 0, "embedding rows are looked up by token id")
+    for d in range(ndim(idx)):
+        g.tie((idx, d), (node, d))

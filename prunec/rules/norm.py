@@ -1,0 +1,68 @@
+"""Normalisation layers."""
+from __future__ import annotations
+
+import numpy as np
+from torch import fx
+
+from prunec.coupling import CouplingBuilder, shape_of
+from prunec.rules import arg, aten, coupling_rule, ndim
+
+
+def _tie_same(a: object, b: fx.Node, g: CouplingBuilder) -> None:
+    for d in range(ndim(b)):
+        g.tie((a, d), (b, d))
+
+
+@coupling_rule(aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default,
+               aten.instance_norm.default)
+def batch_norm(node: fx.Node, g: CouplingBuilder) -> None:
+    """y[n, c, …] = (x[n, c, …] − μ[c]) / σ[c] · γ[c] + β[c]  (per channel: exact)"""
+    x = arg(node, 0)
+    out = node
+    if node.target is aten._native_batch_norm_legit_no_training.default:
+        out = next((u for u in node.users if u.args[1] == 0), None)
+        if out is None:
+            return
+    _tie_same(x, out, g)
+    if ndim(x) < 2:
+        return
+    params = [arg(node, i) for i in (1, 2, 3, 4)]
+    g.tie((x, 1), *((p, 0) for p in params))
+
+
+@coupling_rule(aten.layer_norm.default)
+def layer_norm(node: fx.Node, g: CouplingBuilder) -> None:
+    """y = (x − mean(x[..., D])) / std(x[..., D]) · γ[D] + β[D]  (statistics read every d ∈ D)"""
+    x, normalized = arg(node, 0), arg(node, 1)
+    w, b = arg(node, 2, "weight"), arg(node, 3, "bias")
+    _tie_same(x, node, g)
+    n = ndim(x)
+    for j in range(len(normalized)):
+        d = n - len(normalized) + j
+        g.tie((x, d), (w, j), (b, j))
+        g.approx(x, d, "layer_norm statistics read this dim")
+
+
+@coupling_rule(aten.rms_norm.default)
+def rms_norm(node: fx.Node, g: CouplingBuilder) -> None:
+    """y = x / rms(x[..., D]) · γ[D]  (statistics read every d ∈ D)"""
+    x, normalized, w = arg(node, 0), arg(node, 1), arg(node, 2, "weight")
+    _tie_same(x, node, g)
+    n = ndim(x)
+    for j in range(len(normalized)):
+        d = n - len(normalized) + j
+        g.tie((x, d), (w, j))
+        g.approx(x, d, "rms_norm statistics read this dim")
+
+
+@coupling_rule(aten.group_norm.default)
+def group_norm(node: fx.Node, g: CouplingBuilder) -> None:
+    """Statistics per group of C/G channels: dropping whole groups is exact."""
+    x, groups = arg(node, 0), arg(node, 1)
+    w, b = arg(node, 2, "weight"), arg(node, 3, "bias")
+    _tie_same(x, node, g)
+    g.tie((x, 1), (w, 0), (b, 0))
+    c = shape_of(x)[1]
+    per = c // groups
+    idx = np.arange(c)
+    g.tie_map((x, 1), (x, 1), idx, (idx // per) * per)

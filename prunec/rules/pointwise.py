@@ -1,0 +1,47 @@
+"""Pointwise ops: out[i] = f(a[i], b[i], …) with broadcasting from the right."""
+from __future__ import annotations
+
+import operator
+
+from torch import fx
+
+from prunec.coupling import CouplingBuilder, shape_of
+from prunec.rules import aten, coupling_rule
+
+
+def tie_broadcast(node: fx.Node, g: CouplingBuilder) -> None:
+    """Tie each input dim to the output dim it lines up with (equal sizes only)."""
+    out = shape_of(node)
+    if out is None:
+        return
+    for inp in node.all_input_nodes:
+        shape = shape_of(inp)
+        if shape is None:
+            continue
+        lead = len(out) - len(shape)
+        for d, size in enumerate(shape):
+            if lead + d >= 0 and size == out[lead + d] and size > 1:
+                g.tie((inp, d), (node, lead + d))
+
+
+@coupling_rule(aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor, aten.mul.Tensor,
+               aten.div.Tensor, aten.where.self, aten.masked_fill.Scalar, aten.masked_fill.Tensor,
+               aten.hardswish.default, aten.hardswish_.default, aten.hardsigmoid.default,
+               aten.hardsigmoid_.default, aten.dropout.default, aten.dropout_.default,
+               aten.alpha_dropout.default, aten.feature_dropout.default,
+               aten.alias.default, aten.contiguous.default, aten.clone.default,
+               aten.detach.default, aten.lift_fresh_copy.default, aten.fill_.Tensor,
+               aten.fill_.Scalar, aten.type_as.default, aten.to.dtype, aten.to.dtype_layout,
+               aten._to_copy.default, aten.mish.default, aten.mish_.default, aten.silu_.default,
+               aten.gelu_.default, aten.relu6.default, aten.copy.default,
+               aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default,
+               aten.full_like.default)
+def pointwise(node: fx.Node, g: CouplingBuilder) -> None:
+    """out[..., i] = f(x[..., i], y[..., i]) — broadcasting dims of size 1 are not tied."""
+    tie_broadcast(node, g)
+
+
+@coupling_rule(operator.getitem)
+def getitem(node: fx.Node, g: CouplingBuilder) -> None:
+    """Outputs of multi-output ops are tied by the producer's rule (split, unbind)."""
+    return None

@@ -1,0 +1,79 @@
+"""torch.export → Program: an ATen fx graph plus the FQN of every lifted parameter/buffer."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind
+
+from prunec.errors import TraceError
+
+STATE_KINDS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
+
+
+@dataclass
+class Program:
+    """An exported model: graph, state tensors by FQN, and which placeholder is which."""
+
+    ep: ExportedProgram
+    example_inputs: tuple[Any, ...]
+    example_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.ep.graph
+
+    def placeholder_fqns(self) -> dict[str, str]:
+        """Placeholder name → FQN of the parameter/buffer/constant it holds."""
+        return {spec.arg.name: spec.target for spec in self.ep.graph_signature.input_specs
+                if spec.kind in STATE_KINDS}
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """FQN → tensor for every lifted parameter, buffer and tensor constant."""
+        out: dict[str, torch.Tensor] = {}
+        for spec in self.ep.graph_signature.input_specs:
+            if spec.kind == InputKind.PARAMETER or spec.kind == InputKind.BUFFER:
+                out[spec.target] = (self.ep.state_dict[spec.target] if spec.target in self.ep.state_dict
+                                    else self.ep.constants[spec.target])
+            elif spec.kind == InputKind.CONSTANT_TENSOR:
+                out[spec.target] = self.ep.constants[spec.target]
+        return out
+
+    def user_input_names(self) -> list[str]:
+        return [spec.arg.name for spec in self.ep.graph_signature.input_specs
+                if spec.kind == InputKind.USER_INPUT]
+
+    def param_fqns(self) -> set[str]:
+        return {spec.target for spec in self.ep.graph_signature.input_specs
+                if spec.kind == InputKind.PARAMETER}
+
+
+def module_path(node: fx.Node) -> str:
+    """The module path (FQN) an fx node came from, or '<top>'."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "<top>"
+    path = list(stack.values())[-1][0]
+    return path or "<top>"
+
+
+def trace(model: torch.nn.Module, example_inputs: tuple[Any, ...],
+          example_kwargs: dict[str, Any] | None = None,
+          dynamic_shapes: Any = None) -> Program:
+    """Export ``model`` to an ATen graph with torch.export (non-strict)."""
+    kwargs = dict(example_kwargs or {})
+    model = model.eval()
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(model, tuple(example_inputs), kwargs or None,
+                                     dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as err:  # export raises many types; name the failing place
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise TraceError(f"torch.export could not trace {type(model).__name__}: "
+                         f"{type(err).__name__}: {first_line}",
+                         "make the forward traceable (no data-dependent Python control flow), "
+                         "or check --input-shape matches what the model expects") from err
+    return Program(ep, tuple(example_inputs), kwargs)
