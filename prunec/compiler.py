@@ -16,7 +16,7 @@ from prunec.errors import InputError, PruneError
 from prunec.module_sync import synced_copy
 from prunec.passes import PASSES, Pass, Select, State, run_passes
 from prunec.plan import Plan
-from prunec.program_module import ProgramModule
+from prunec.program_module import ProgramModule, copy_graph
 from prunec.rewrite import rewrite
 from prunec.trace import Program, trace
 from prunec.verify import compare, verify
@@ -126,7 +126,7 @@ def finish_compile(model: nn.Module, program: Program, coupling: Coupling, plan:
     with timer.stage("cost"):
         report = {
             "params_before": count_params(model), "params_after": count_params(pruned),
-            "macs_before": count_macs(model, inputs, kwargs),
+            "macs_before": count_macs(original_program(coupling), inputs, kwargs),
             "macs_after": count_macs(pruned_program, inputs, kwargs),
         }
     report.update({
@@ -141,6 +141,12 @@ def finish_compile(model: nn.Module, program: Program, coupling: Coupling, plan:
     })
     report["time_s"] = {**timer.times, "total": round(sum(timer.times.values()), 4)}
     return CompileResult(pruned, pruned_program, plan, report, coupling, inputs, kwargs)
+
+
+def original_program(coupling: Coupling) -> ProgramModule:
+    """The unpruned program as a module (MACs are counted on the same ops before and after)."""
+    program = coupling.program
+    return ProgramModule(program, copy_graph(program.graph)[0], program.state())
 
 
 def _sync(model: nn.Module, state: dict[str, torch.Tensor], program: ProgramModule,
