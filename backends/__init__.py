@@ -1,0 +1,26 @@
+"""Artifact writers, one per target. ``BACKENDS[name](result, out, options) -> report dict``."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+Writer = Callable[..., dict[str, Any]]
+BACKENDS: dict[str, Writer] = {}
+
+
+def register_backend(name: str) -> Callable[[Writer], Writer]:
+    def wrap(fn: Writer) -> Writer:
+        if name in BACKENDS:
+            raise ValueError(f"duplicate backend {name}")
+        BACKENDS[name] = fn
+        return fn
+    return wrap
+
+
+from prunec.backends import torch_backend  # noqa: E402,F401
+
+for _optional in ("onnx_backend", "tensorrt_backend", "coreml_backend", "executorch_backend"):
+    try:
+        __import__(f"prunec.backends.{_optional}")
+    except ModuleNotFoundError as _err:  # the module itself not written yet; deps are imported lazily
+        if _err.name != f"prunec.backends.{_optional}":
+            raise

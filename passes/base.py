@@ -25,6 +25,9 @@ class State:
     plan: Plan = field(default_factory=Plan)
     calib: Iterable[Any] | None = None
     notes: list[str] = field(default_factory=list)
+    # new values (in the *pruned* shape) for state tensors, e.g. a least-squares refit of the
+    # layer that consumes pruned channels; applied after the structural rewrite is verified
+    updates: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass

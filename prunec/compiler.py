@@ -100,15 +100,16 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
             pipeline = list(passes) if passes is not None else [
                 criterion(method), Select(ratios, round_to=round_to, global_rank=global_rank)]
             state = run_passes(pipeline, State(model, program, coupling, calib=calib))
-            plan, notes = state.plan, state.notes
+            plan, notes, updates = state.plan, state.notes, state.updates
         else:
-            notes = []
+            notes, updates = [], {}
         plan.check(coupling)
-    return finish_compile(model, program, coupling, plan, timer, notes, check)
+    return finish_compile(model, program, coupling, plan, timer, notes, check, updates)
 
 
 def finish_compile(model: nn.Module, program: Program, coupling: Coupling, plan: Plan,
-                   timer: _Timer, notes: list[str], check: bool) -> CompileResult:
+                   timer: _Timer, notes: list[str], check: bool,
+                   updates: dict[str, torch.Tensor] | None = None) -> CompileResult:
     inputs, kwargs = program.example_inputs, program.example_kwargs
     with timer.stage("rewrite"):
         pruned_program, state, _ = rewrite(coupling, plan)
@@ -123,6 +124,10 @@ def finish_compile(model: nn.Module, program: Program, coupling: Coupling, plan:
                 f"verification failed: pruned model differs from the reference by rel. err "
                 f"{verify_result.rel_err:.3g} (max abs {verify_result.max_abs_err:.3g})",
                 "this is a prunec bug; rerun with --no-verify to inspect, and report it")
+    if updates:
+        _apply_updates(state, updates)
+        notes = [*notes, f"refit {len(updates)} tensors after the verified rewrite: "
+                 "outputs now differ from the zeroed reference by design"]
     with timer.stage("cost"):
         report = {
             "params_before": count_params(model), "params_after": count_params(pruned),
@@ -141,6 +146,17 @@ def finish_compile(model: nn.Module, program: Program, coupling: Coupling, plan:
     })
     report["time_s"] = {**timer.times, "total": round(sum(timer.times.values()), 4)}
     return CompileResult(pruned, pruned_program, plan, report, coupling, inputs, kwargs)
+
+
+def _apply_updates(state: dict[str, torch.Tensor], updates: dict[str, torch.Tensor]) -> None:
+    """Write refit values into the pruned tensors in place (program and module share them)."""
+    for fqn, value in updates.items():
+        if fqn not in state or state[fqn].shape != value.shape:
+            raise PruneError(f"a pass refit '{fqn}' with shape {tuple(value.shape)}, but the pruned "
+                             f"tensor is {tuple(state[fqn].shape) if fqn in state else 'missing'}",
+                             "this is a bug in that pass")
+        with torch.no_grad():
+            state[fqn].copy_(value)
 
 
 def original_program(coupling: Coupling) -> ProgramModule:

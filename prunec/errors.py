@@ -13,7 +13,8 @@ class PrunecError(Exception):
     def one_line(self) -> str:
         text = f"{self.message}."
         if self.hint:
-            text += f" {self.hint.rstrip('.')}."
+            hint = self.hint.rstrip(".")
+            text += f" {hint[:1].upper()}{hint[1:]}."
         return " ".join(text.split())
 
 

@@ -1,0 +1,3 @@
+from prunec.cli import main
+
+raise SystemExit(main())

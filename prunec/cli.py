@@ -1,0 +1,180 @@
+"""Command line: `prunec MODEL --channels 0.5 …` and `prunec inspect MODEL`. Only this module prints or exits."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, NoReturn, Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from prunec.errors import InputError, PrunecError
+
+console = Console(stderr=True, highlight=False)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        print(f"prunec: error: {message}. Run 'prunec --help' for usage.", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _ratio(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from prunec.backends import BACKENDS
+    p = _Parser(prog="prunec", description="Structured-pruning compiler for PyTorch models. "
+                "MODEL is a .pt2, a pickled module (.pt/.pth, with --trust-pickle), "
+                "torchvision:NAME, timm:NAME, zoo:NAME or hf:DIR. Use 'prunec inspect MODEL' to list groups.")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--channels", type=_ratio, default=0.0, help="fraction of conv/linear channels to remove")
+    p.add_argument("--mlp", type=_ratio, default=0.0, help="fraction of MLP hidden units to remove")
+    p.add_argument("--heads", type=_ratio, default=0.0, help="fraction of attention heads to remove")
+    p.add_argument("--hidden", type=_ratio, default=0.0,
+                   help="fraction of residual-stream width to remove (approximate: norms read it)")
+    p.add_argument("--layers", type=_ratio, default=0.0, help="fraction of residual blocks to drop")
+    p.add_argument("--method", default="l1", help="importance criterion: l1, l2, bn, …")
+    p.add_argument("--global", dest="global_rank", action="store_true",
+                   help="rank units across all groups instead of a uniform ratio per group")
+    p.add_argument("--round-to", type=int, default=8, help="keep channel counts multiple of N (default 8)")
+    p.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224")
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length for text models")
+    p.add_argument("--weights", help="state dict (safetensors or torch.save) for a zoo architecture")
+    p.add_argument("--trust-pickle", action="store_true", help="allow loading a pickled module (runs its code)")
+    p.add_argument("--target", default="torch", choices=sorted(BACKENDS) or ["torch"])
+    p.add_argument("-o", "--output", help="artifact path (default: NAME.pruned.pt2)")
+    p.add_argument("--report", help="write the JSON report here")
+    p.add_argument("--plan", help="replay a saved plan (JSON) instead of scoring")
+    p.add_argument("--save-plan", help="write the plan (group → kept units) as JSON")
+    p.add_argument("--no-verify", action="store_true", help="skip the equivalence check")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _inspect(argv: Sequence[str]) -> int:
+    p = _Parser(prog="prunec inspect", description="List the prunable groups of MODEL and why others are frozen.")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--input-shape")
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--trust-pickle", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = p.parse_args(argv)
+    import prunec
+    from prunec.load import load_model
+    loaded = load_model(args.model, args.input_shape, trust_pickle=args.trust_pickle)
+    coupling = prunec.analyze(loaded.model, loaded.example_inputs, loaded.example_kwargs)
+    groups = [{"name": g.name, "kind": g.kind, "units": g.size,
+               "unit_size": int(next(iter(g.members.values())).shape[1]),
+               "tensors": [f"{f}@{d}" for f, d in g.members], "approximate": g.approximate}
+              for g in coupling.groups]
+    if args.json:
+        print(json.dumps({"groups": groups, "frozen": coupling.frozen}, indent=1))
+        return 0
+    table = Table(title=f"{loaded.name}: {len(groups)} prunable groups")
+    for col in ("group", "kind", "units", "tensors"):
+        table.add_column(col)
+    for g in groups:
+        table.add_row(g["name"], g["kind"], f"{g['units']}×{g['unit_size']}", str(len(g["tensors"])))
+    Console().print(table)
+    frozen = Table(title=f"{len(coupling.frozen)} frozen tensor dims (first 30)")
+    frozen.add_column("tensor dim")
+    frozen.add_column("why")
+    for name, why in list(coupling.frozen.items())[:30]:
+        frozen.add_row(name, why)
+    Console().print(frozen)
+    return 0
+
+
+def _compile(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    import prunec
+    from prunec.atomic import atomic_path, check_writable
+    from prunec.backends import BACKENDS
+    from prunec.load import load_model
+    from prunec.passes.select import check_ratio
+
+    for name in ("channels", "mlp", "heads", "hidden", "layers"):
+        check_ratio(name, getattr(args, name))
+    if args.round_to < 1:
+        raise InputError(f"--round-to {args.round_to} must be ≥ 1", "use 1 (off), 8, 16 or 32")
+    out = Path(args.output) if args.output else None
+    for path in (out, args.report, args.save_plan):
+        if path:
+            check_writable(path)
+    torch.manual_seed(args.seed)
+    with console.status("loading", spinner="dots") if console.is_terminal else _null() as status:
+        loaded = load_model(args.model, args.input_shape, args.weights, args.trust_pickle)
+        out = out or Path(f"{loaded.name.replace('/', '_').replace(':', '_')}.pruned.pt2")
+        check_writable(out)
+        plan = prunec.Plan.load(args.plan) if args.plan else None
+        progress = (lambda stage: status.update(stage)) if status is not None else None
+        result = prunec.compile(loaded.model, loaded.example_inputs, example_kwargs=loaded.example_kwargs,
+                                channels=args.channels, mlp=args.mlp, heads=args.heads, hidden=args.hidden,
+                                method=args.method, round_to=args.round_to, global_rank=args.global_rank,
+                                plan=plan, check=not args.no_verify, progress=progress)
+        if progress:
+            progress(f"writing {args.target} artifact")
+        result.report["artifact"] = BACKENDS[args.target](result, out, {"loaded": loaded})
+    if args.save_plan:
+        with atomic_path(args.save_plan) as tmp:
+            result.plan.save(tmp)
+    if args.report:
+        with atomic_path(args.report) as tmp:
+            Path(tmp).write_text(json.dumps(result.report, indent=1, default=str))
+    _summary(result.report, out)
+    return 0
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _summary(report: dict[str, Any], out: Path) -> None:
+    v = report.get("verify") or {}
+    pct = lambda a, b: f"{100 * a / b:.1f}%" if b else "n/a"
+    lines = [
+        f"params  {report['params_before']:,} → {report['params_after']:,} "
+        f"({pct(report['params_after'], report['params_before'])})",
+        f"MACs    {report['macs_before']:,} → {report['macs_after']:,} "
+        f"({pct(report['macs_after'], report['macs_before'])})",
+        (f"verify  {'PASSED' if v.get('passed') else 'FAILED'}: max abs err {v['max_abs_err']:.3g}, "
+         f"rel err {v['rel_err']:.3g} ({'exact' if v.get('exact') else 'approximate groups: ' + ', '.join(v['approximate_groups'][:3])})")
+        if v else "verify  skipped (--no-verify)",
+        f"groups  {sum(1 for g in report['groups'] if g['kept'] < g['size'])} pruned of "
+        f"{len(report['groups'])}; {len(report['frozen'])} tensor dims frozen",
+        f"module  {'synced (your class, attributes updated)' if report['module_synced'] else report['module_note']}",
+        f"time    {report['time_s']['total']:.2f}s ({', '.join(f'{k} {v:.2f}' for k, v in report['time_s'].items() if k != 'total')})",
+        f"wrote   {out}",
+    ]
+    print("\n".join(lines))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "inspect":
+            return _inspect(argv[1:])
+        return _compile(argv)
+    except PrunecError as err:
+        print(f"prunec: error: {err.one_line()}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prunec: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
