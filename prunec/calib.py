@@ -1,0 +1,241 @@
+"""Calibration data: load it from files, stream statistics over it, accumulate gradients.
+
+* ``load_calib`` turns an image folder, a tensor file (.npy/.npz/.pt) or a text/JSONL file into
+  a list of input tuples batched like the example inputs, sampled deterministically by seed.
+* ``collect`` runs the traced ATen graph with a ``torch.fx.Interpreter`` subclass and hands each
+  node's value to a callback, which keeps running sums; activations are never all stored (the
+  interpreter frees each value after its last use).
+* ``grad_sums`` runs the user's module with autograd and hands per-batch parameter gradients to
+  a callback (Taylor, Fisher, OBD criteria).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.utils._pytree as pytree
+from torch import fx, nn
+from torch.export.graph_signature import InputKind
+
+from prunec.errors import InputError
+from prunec.program_module import ProgramModule, copy_graph
+from prunec.trace import Program
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+TEXT_EXTS = {".txt", ".jsonl", ".json"}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+Batch = tuple[Any, ...]
+
+
+def load_calib(path: str | Path, example_inputs: Sequence[Any], n_samples: int = 64, seed: int = 0,
+               tokenizer: Any = None) -> list[Batch]:
+    """Calibration batches shaped like ``example_inputs`` (same batch size, dtype, H×W)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"calibration data {path} does not exist", "check --calib PATH")
+    example = example_inputs[0] if isinstance(example_inputs, (tuple, list)) else example_inputs
+    if not isinstance(example, torch.Tensor):
+        raise InputError("calibration data needs a tensor example input", "pass a tensor example")
+    if n_samples < 1:
+        raise InputError(f"n_samples {n_samples} must be ≥ 1", "ask for at least one sample")
+    rng = np.random.default_rng(seed)
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        samples = _images(path, example, n_samples, rng)
+    elif suffix in (".npy", ".npz", ".pt", ".pth"):
+        samples = _tensors(path, example, n_samples, rng)
+    elif suffix in TEXT_EXTS:
+        samples = _text(path, example, n_samples, rng, tokenizer)
+    else:
+        raise InputError(f"cannot read calibration data {path.name}",
+                         "pass an image folder, .npy/.npz/.pt tensors, or a .txt/.jsonl file")
+    return [(samples[i:i + example.shape[0]],) for i in range(0, len(samples), example.shape[0])]
+
+
+def _pick(n_total: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    return np.sort(rng.choice(n_total, size=min(n, n_total), replace=False))
+
+
+def _images(folder: Path, example: torch.Tensor, n: int, rng: np.random.Generator) -> torch.Tensor:
+    try:
+        from PIL import Image
+    except ImportError as err:
+        raise InputError("reading an image folder needs Pillow", "pip install pillow") from err
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+    if not files:
+        raise InputError(f"no images in {folder}", f"put {sorted(IMAGE_EXTS)} files there")
+    if example.dim() != 4 or example.shape[1] not in (1, 3):
+        raise InputError(f"images need an N×C×H×W example input with C ∈ {{1, 3}}, got "
+                         f"{tuple(example.shape)}", "give --input-shape like 1,3,224,224")
+    channels, (h, w) = example.shape[1], example.shape[2:]
+    out = []
+    for i in _pick(len(files), n, rng):
+        img = Image.open(files[i]).convert("RGB" if channels == 3 else "L").resize((w, h))
+        arr = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
+        arr = arr.permute(2, 0, 1) if channels == 3 else arr[None]
+        mean = torch.tensor(IMAGENET_MEAN[:channels] if channels == 3 else (0.5,)).view(-1, 1, 1)
+        std = torch.tensor(IMAGENET_STD[:channels] if channels == 3 else (0.5,)).view(-1, 1, 1)
+        out.append((arr - mean) / std)
+    return torch.stack(out).to(example.dtype)
+
+
+def _tensors(path: Path, example: torch.Tensor, n: int, rng: np.random.Generator) -> torch.Tensor:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            data = torch.from_numpy(np.load(path, allow_pickle=False))
+        elif suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                data = torch.from_numpy(z[z.files[0]])
+        else:
+            data = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:  # numpy/torch raise many types for bad files
+        raise InputError(f"cannot read tensors from {path.name}: {type(err).__name__}",
+                         "save a plain array (np.save) or tensor (torch.save)") from err
+    if isinstance(data, dict):
+        data = next(iter(data.values()))
+    if not isinstance(data, torch.Tensor) or tuple(data.shape[1:]) != tuple(example.shape[1:]):
+        got = tuple(data.shape) if isinstance(data, torch.Tensor) else type(data).__name__
+        raise InputError(f"calibration tensors have shape {got}, the model wants N×"
+                         f"{'×'.join(map(str, example.shape[1:]))}", "save samples along dim 0")
+    return data[torch.as_tensor(_pick(len(data), n, rng))].to(example.dtype)
+
+
+def _text(path: Path, example: torch.Tensor, n: int, rng: np.random.Generator,
+          tokenizer: Any) -> torch.Tensor:
+    if tokenizer is None:
+        raise InputError(f"text calibration data {path.name} needs a tokenizer",
+                         "pass tokenizer=AutoTokenizer.from_pretrained(...) or token ids as .pt")
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if path.suffix.lower() in (".jsonl", ".json"):
+        lines = [_json_text(ln) for ln in lines]
+    if not lines:
+        raise InputError(f"{path.name} holds no text", "give one sample per line")
+    seq = example.shape[-1]
+    picked = [lines[i] for i in _pick(len(lines), n, rng)]
+    enc = tokenizer(picked, padding="max_length", truncation=True, max_length=seq,
+                    return_tensors="pt")
+    return enc["input_ids"].to(example.dtype)
+
+
+def _json_text(line: str) -> str:
+    obj = json.loads(line)
+    if isinstance(obj, str):
+        return obj
+    for key in ("text", "content", "sentence", "summary"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), str):
+            return obj[key]
+    raise InputError("a JSONL line has no 'text' field", 'write lines like {"text": "..."}')
+
+
+def require_calib(calib: Iterable[Any] | None, who: str) -> list[Batch]:
+    """The calibration batches as tuples, or a one-line error naming the pass."""
+    if calib is None:
+        raise InputError(f"{who} needs calibration data", "pass --calib PATH or calib=…")
+    batches = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in calib]
+    if not batches:
+        raise InputError(f"{who} got empty calibration data", "give at least one batch")
+    return batches
+
+
+class _Collector(fx.Interpreter):
+    """Runs a graph and shows every node's value to ``fn`` (original node, value)."""
+
+    def __init__(self, module: fx.GraphModule, originals: dict[str, fx.Node],
+                 fn: Callable[[fx.Node, Any], None]) -> None:
+        super().__init__(module, garbage_collect_values=True)
+        self.originals, self.fn = originals, fn
+
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        original = self.originals.get(n.name)
+        if original is not None and n.op == "call_function":
+            self.fn(original, value)
+        return value
+
+
+def collect(program: Program | ProgramModule, calib: Iterable[Any],
+            fn: Callable[[fx.Node, Any], None]) -> None:
+    """Call ``fn(node, value)`` for every op of ``program``'s graph on every calibration batch.
+
+    Implemented with a ``torch.fx.Interpreter`` over the ATen graph (not module hooks), so every
+    value, including functional ops, is visible by its node; ``fn`` keeps running sums.
+    """
+    if isinstance(program, ProgramModule):
+        graph_module, inputs = program.graph_module, program._inputs
+        state = {fqn: p for fqn, p in [*program.named_parameters(), *program.named_buffers()]}
+    else:
+        graph, _ = copy_graph(program.graph)
+        graph_module = fx.GraphModule(nn.Module(), graph)
+        inputs = [("user", None) if s.kind == InputKind.USER_INPUT else ("state", s.target)
+                  for s in program.ep.graph_signature.input_specs]
+        state = program.state()
+    source = program.graph_module.graph if isinstance(program, ProgramModule) else program.graph
+    originals = {n.name: n for n in source.nodes}
+    interp = _Collector(graph_module, originals, fn)
+    with torch.no_grad():
+        for batch in calib:
+            batch = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+            leaves = iter(pytree.tree_leaves(batch))
+            flat = [next(leaves) if kind == "user" else state[fqn] for kind, fqn in inputs]
+            interp.run(*flat)
+
+
+def grad_sums(model: nn.Module, calib: Iterable[Any], fn: Callable[[dict[str, torch.Tensor],
+              dict[str, torch.Tensor]], None], labels: Iterable[torch.Tensor] | None = None,
+              hessian_probes: int = 0, seed: int = 0) -> None:
+    """For each batch call ``fn(weights, grads)`` (FQN → tensor) of the loss on that batch.
+
+    Loss: cross-entropy against ``labels`` (one tensor per batch) when given, else half the
+    squared output norm averaged over the batch. With ``hessian_probes`` > 0, ``grads`` holds
+    Hutchinson estimates of the Hessian diagonal, E[v ⊙ Hv] over Rademacher probes v.
+    Gradients go through ``torch.autograd.grad``: the module's ``.grad`` fields are untouched.
+    """
+    params = {n: p for n, p in model.named_parameters() if p.is_floating_point()}
+    names, tensors = list(params), list(params.values())
+    label_list = list(labels) if labels is not None else None
+    gen = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    try:
+        for i, batch in enumerate(calib):
+            batch = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+            with torch.enable_grad():
+                leaves = [t.detach().requires_grad_(True) for t in tensors]
+                loss = _loss(torch.func.functional_call(model, dict(zip(names, leaves)), batch),
+                             None if label_list is None else label_list[i])
+                create = hessian_probes > 0
+                grads = torch.autograd.grad(loss, leaves, create_graph=create, allow_unused=True)
+                grads = [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]
+                if create:
+                    grads = _hutchinson(grads, leaves, hessian_probes, gen)
+            fn(dict(zip(names, [t.detach() for t in tensors])),
+               dict(zip(names, [g.detach() for g in grads])))
+    finally:
+        model.train(was_training)
+
+
+def _loss(output: Any, labels: torch.Tensor | None) -> torch.Tensor:
+    leaves = [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if labels is not None:
+        return nn.functional.cross_entropy(leaves[0].flatten(0, -2), labels.flatten())
+    return sum(0.5 * t.pow(2).sum() / max(t.shape[0] if t.dim() else 1, 1) for t in leaves)
+
+
+def _hutchinson(grads: list[torch.Tensor], leaves: list[torch.Tensor], probes: int,
+                gen: torch.Generator) -> list[torch.Tensor]:
+    diag = [torch.zeros_like(t) for t in leaves]
+    live = [i for i, g in enumerate(grads) if g.requires_grad]
+    for _ in range(probes):
+        vs = [torch.randint(0, 2, t.shape, generator=gen).to(t.dtype) * 2 - 1 for t in leaves]
+        hv = torch.autograd.grad([grads[i] for i in live], [leaves[i] for i in live],
+                                 grad_outputs=[vs[i] for i in live], retain_graph=True,
+                                 allow_unused=True)
+        for i, h in zip(live, hv):
+            if h is not None:
+                diag[i] += vs[i] * h.detach() / probes
+    return diag
