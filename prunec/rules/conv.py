@@ -78,6 +78,26 @@ def matmul(node: fx.Node, g: CouplingBuilder) -> None:
         g.approx(a, na - 1, "matmul of two activations sums over this dim")
 
 
+@coupling_rule(aten.addmm.default)
+def addmm(node: fx.Node, g: CouplingBuilder) -> None:
+    """y[n, m] = β·c[n?, m] + α·Σ_k a[n, k] · b[k, m]  (GPT-2 Conv1D: b is a (in, out) weight)"""
+    c, a, b = arg(node, 0), arg(node, 1), arg(node, 2)
+    g.tie((a, 0), (node, 0))
+    g.tie((b, 1), (node, 1))
+    g.tie((a, 1), (b, 0))
+    cs = shape_of(c) or ()
+    if len(cs) >= 1 and cs[-1] > 1:
+        g.tie((c, len(cs) - 1), (node, 1))
+    if len(cs) == 2 and cs[0] > 1:
+        g.tie((c, 0), (node, 0))
+    if g.is_state(b):
+        g.consume(b, 0)
+    elif g.is_state(a):
+        g.consume(a, 1)
+    else:
+        g.approx(a, 1, "addmm of two activations sums over this dim")
+
+
 @coupling_rule(aten.embedding.default)
 def embedding(node: fx.Node, g: CouplingBuilder) -> None:
     """y[..., d] = W[idx[...], d]"""

@@ -35,7 +35,7 @@ def tie_broadcast(node: fx.Node, g: CouplingBuilder) -> None:
                aten._to_copy.default, aten.mish.default, aten.mish_.default, aten.silu_.default,
                aten.gelu_.default, aten.relu6.default, aten.copy.default,
                aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default,
-               aten.full_like.default)
+               aten.full_like.default, aten.to.device, aten.to.other, aten.to.prim_dtype)
 def pointwise(node: fx.Node, g: CouplingBuilder) -> None:
     """out[..., i] = f(x[..., i], y[..., i]) — broadcasting dims of size 1 are not tied."""
     tie_broadcast(node, g)
@@ -45,3 +45,11 @@ def pointwise(node: fx.Node, g: CouplingBuilder) -> None:
 def getitem(node: fx.Node, g: CouplingBuilder) -> None:
     """Outputs of multi-output ops are tied by the producer's rule (split, unbind)."""
     return None
+
+
+@coupling_rule(aten._assert_tensor_metadata.default)
+def assert_tensor_metadata(node: fx.Node, g: CouplingBuilder) -> None:
+    """A runtime check of dtype/device/layout: it couples nothing; a checked size is frozen."""
+    x = node.args[0] if node.args else None
+    if node.kwargs.get("size") is not None or len(node.args) > 1 and node.args[1] is not None:
+        g.freeze_all(x, "_assert_tensor_metadata checks this size")

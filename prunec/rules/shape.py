@@ -40,19 +40,39 @@ def reshape_blocks(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[lis
         blocks.append((a, b))
 
 
-def _selected_dims(node: fx.Node, depth: int = 4) -> set[int]:
-    """Dims of ``node`` that a later select/unbind indexes (seen through permutes)."""
+_SAME_DIMS = (aten.contiguous.default, aten.clone.default, aten.alias.default)
+
+
+def _user_dim_map(node: fx.Node, user: fx.Node) -> dict[int, int] | None:
+    """node dim → user dim for ops that only move or insert/remove size-1 dims (None: other ops)."""
+    n = ndim(node)
+    if user.target in _SAME_DIMS:
+        return {d: d for d in range(n)}
+    if user.target is aten.permute.default:
+        return {p: j for j, p in enumerate(arg(user, 1))}
+    if user.target in (aten.transpose.int, aten.swapaxes.default):
+        d0, d1 = (d % n for d in (arg(user, 1), arg(user, 2)))
+        return {d: {d0: d1, d1: d0}.get(d, d) for d in range(n)}
+    if user.target is aten.unsqueeze.default:
+        u = arg(user, 1) % (n + 1)
+        return {d: d if d < u else d + 1 for d in range(n)}
+    if user.target is aten.squeeze.dim:
+        s = arg(user, 1) % n
+        return {d: d if d < s else d - 1 for d in range(n) if d != s}
+    return None
+
+
+def _selected_dims(node: fx.Node, depth: int = 6) -> set[int]:
+    """Dims of ``node`` that a later select/unbind indexes (seen through permutes, (un)squeezes)."""
     found: set[int] = set()
     for user in node.users:
         if user.target in SELECTORS:
             found.add(arg(user, 1, "dim", 0) % max(ndim(node), 1))
-        elif depth and user.target is aten.permute.default:
-            perm = arg(user, 1)
-            found |= {perm[d] for d in _selected_dims(user, depth - 1)}
-        elif depth and user.target in (aten.transpose.int, aten.swapaxes.default):
-            d0, d1 = (d % ndim(node) for d in (arg(user, 1), arg(user, 2)))
-            swap = {d0: d1, d1: d0}
-            found |= {swap.get(d, d) for d in _selected_dims(user, depth - 1)}
+        elif depth:
+            dim_map = _user_dim_map(node, user)
+            if dim_map is not None:
+                back = {j: d for d, j in dim_map.items()}
+                found |= {back[j] for j in _selected_dims(user, depth - 1) if j in back}
     return found
 
 
@@ -241,3 +261,23 @@ def slice_(node: fx.Node, g: CouplingBuilder) -> None:
         else:
             g.freeze(x, d, "partial slice of this dim")
             g.freeze(node, d, "partial slice of this dim")
+
+
+@coupling_rule(aten.index.Tensor)
+def index(node: fx.Node, g: CouplingBuilder) -> None:
+    """y[i..., rest] = x[idx[i...], rest]: an indexed dim is frozen; the leading dims x keeps tie."""
+    x, indices = arg(node, 0), arg(node, 1)
+    n = ndim(x)
+    used = [k for k, t in enumerate(indices) if t is not None]
+    if not used or used != list(range(len(used))) or ndim(node) < 0:
+        g.freeze_all(x, "advanced indexing with non-leading indices")
+        g.freeze_all(node, "advanced indexing with non-leading indices")
+        return
+    idx_nd = ndim(node) - (n - len(used))
+    for d in used:
+        g.freeze(x, d, "index looks rows up by position")
+    for t in indices:
+        if t is not None:
+            g.freeze_all(t, "index positions")
+    for d in range(len(used), n):
+        g.tie((x, d), (node, idx_nd + d - len(used)))
