@@ -45,6 +45,14 @@ skresnet18 legacy_seresnet18 resnetrs50 vgg11 efficientvit_b0 starnet_s1 tresnet
 repghostnet_050 cs3darknet_focus_s rdnet_tiny resnet50_gn
 """.split()
 
+# Run last (they are the slowest on a shared 2-core host): small torchvision, then timm, then these.
+BIG = set("""
+vit_h_14 vit_l_16 vit_l_32 regnet_y_128gf regnet_y_32gf regnet_x_32gf regnet_y_16gf regnet_x_16gf
+efficientnet_b5 efficientnet_b6 efficientnet_b7 efficientnet_v2_l efficientnet_v2_m swin_b swin_v2_b
+swin_s swin_v2_s resnext101_64x4d resnext101_32x8d wide_resnet101_2 wide_resnet50_2 resnet152
+vgg19_bn vgg19 vgg16_bn vgg16 regnet_y_8gf regnet_x_8gf maxvit_t
+""".split())
+
 QUICK = [("torchvision", n) for n in ("resnet18", "mobilenet_v3_small", "densenet121",
                                       "shufflenet_v2_x0_5", "squeezenet1_1", "vit_b_32")] + \
         [("timm", n) for n in ("ghostnet_100", "regnetx_002")]
@@ -355,7 +363,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--resume", action="store_true")
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--worker", nargs=2, metavar=("LIB", "NAME"))
     ap.add_argument("--no-tp", action="store_true")
@@ -380,6 +388,7 @@ def main() -> None:
     else:
         todo = [("torchvision", n) for n in torchvision.models.list_models(module=torchvision.models)]
         todo += [("timm", n) for n in TIMM_MODELS]
+        todo.sort(key=lambda t: (t[0] == "torchvision" and t[1] in BIG, t[0] == "timm"))
     if args.only:
         todo = [t for t in todo if re.search(args.only, t[1])]
     order = {t: i for i, t in enumerate(todo)}
