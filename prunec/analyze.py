@@ -45,5 +45,5 @@ def build_coupling(program: Program) -> Coupling:
                 if isinstance(out, fx.Node):
                     g.freeze_all(out, "model output")
     coupling = finish(g, program)
-    coupling.unknown_ops = unknown
+    coupling.unknown_ops.update(unknown)
     return coupling

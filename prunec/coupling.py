@@ -154,7 +154,8 @@ class Coupling:
     frozen: dict[str, str]                     # state dim "fqn@dim" → why it is frozen
     consumed: set[tuple[str, int]]
     state_keys: dict[tuple[str, int], Key]
-    edges: list[tuple[Key, Key]] = field(default_factory=list)
+    ties: tuple[list[np.ndarray], list[np.ndarray]] = field(default_factory=lambda: ([], []))
+    unknown_ops: dict[str, str] = field(default_factory=dict)
 
     def group(self, name: str) -> Group:
         for g in self.groups:
@@ -186,7 +187,7 @@ class Coupling:
         graph = nx.Graph()
         for (node, dim) in self.keys:
             graph.add_node(f"{node.name}@{dim}", module=module_path(node))
-        for (a, da), (b, db) in self.edges:
+        for (a, da), (b, db) in _dim_edges(self.ties, self.keys, self.starts):
             graph.add_edge(f"{a.name}@{da}", f"{b.name}@{db}")
         for group in self.groups:
             for fqn, dim in group.members:
@@ -222,45 +223,51 @@ def finish(builder: CouplingBuilder, program: Program) -> Coupling:
 
     fqns = program.placeholder_fqns()
     activation_ids = [builder.ids(k) for k in keys if k[0] not in builder.state]
-    with_activation = set(np.unique(labels[np.concatenate(activation_ids)]).tolist()) \
-        if activation_ids else set()
     state_keys = {(fqns[node.name], dim): (node, dim) for (node, dim) in keys
                   if node.op == "placeholder" and node.name in fqns}
-    # unit label → signature (set of state dims it touches)
-    sig_parts: dict[int, list[tuple[str, int]]] = {}
-    per_key: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
-    for sk, key in sorted(state_keys.items(), key=lambda kv: builder.offset[kv[1]]):
-        lab = labels[builder.ids(key)]
-        order = np.argsort(lab, kind="stable")
-        per_key[sk] = (lab, order)
-        for u in np.unique(lab).tolist():
-            sig_parts.setdefault(u, []).append(sk)
-
-    by_signature: dict[tuple, list[int]] = {}
+    # unit label → signature (the state dims it touches), vectorised over all state dims
+    state_items = sorted(state_keys.items(), key=lambda kv: builder.offset[kv[1]])
+    lab_of = {sk: labels[builder.ids(key)] for sk, key in state_items}
+    uniq = [np.unique(lab_of[sk]) for sk, _ in state_items]
+    pair_lab = np.concatenate(uniq) if uniq else np.zeros(0, np.int64)
+    pair_key = np.concatenate([np.full(len(u), i) for i, u in enumerate(uniq)]) if uniq else pair_lab
+    order = np.lexsort((pair_key, pair_lab))
+    pair_lab, pair_key = pair_lab[order], pair_key[order]
+    n_labels = int(labels.max()) + 1 if len(labels) else 0
+    # a unit's signature, hashed: the sum of one random 62-bit code per state dim it touches
+    codes = np.random.default_rng(0).integers(1, 2**62, size=max(len(state_items), 1), dtype=np.int64)
+    sig_hash = np.zeros(n_labels, np.int64)
+    np.add.at(sig_hash, pair_lab, codes[pair_key])
+    has_state = np.zeros(n_labels, bool)
+    has_state[pair_lab] = True
+    bad = np.ones(n_labels, bool)
+    if activation_ids:
+        bad[labels[np.concatenate(activation_ids)]] = False
+    no_activation = bad.copy()
+    bad[list(frozen_reason)] = True
     frozen_state: dict[str, str] = {}
-    for u, sig in sig_parts.items():
-        if u not in with_activation:
-            frozen_reason.setdefault(u, "state dim that no activation reads")
-        if u in frozen_reason:
-            for fqn, dim in sig:
-                frozen_state.setdefault(f"{fqn}@{dim}", frozen_reason[u])
-            continue
-        by_signature.setdefault(tuple(sig), []).append(u)
+    for i, (sk, _) in enumerate(state_items):
+        hit = uniq[i][bad[uniq[i]]]
+        if len(hit):
+            u = int(hit[0])
+            frozen_state[f"{sk[0]}@{sk[1]}"] = frozen_reason.get(u) or (
+                "state dim that no activation reads" if no_activation[u] else "frozen")
+    good = np.nonzero(has_state & ~bad)[0]
+    by_hash = np.argsort(sig_hash[good], kind="stable")
+    good = good[by_hash]
+    cuts = np.nonzero(np.diff(sig_hash[good]))[0] + 1
+    by_signature: dict[tuple[int, ...], np.ndarray] = {}
+    for units in np.split(good, cuts) if len(good) else []:
+        lo, hi = np.searchsorted(pair_lab, [units[0], units[0] + 1])
+        by_signature[tuple(pair_key[lo:hi].tolist())] = units
 
     groups: list[Group] = []
-    for sig, units in by_signature.items():
-        unit_labels = np.array(sorted(units, key=lambda u: _first_index(per_key[sig[0]], u)))
-        members: dict[tuple[str, int], np.ndarray] = {}
-        regular = True
-        for sk in sig:
-            lab, order = per_key[sk]
-            rows = _rows_by_label(lab, order, unit_labels)
-            if len({len(r) for r in rows}) != 1:
-                regular = False
-                break
-            members[sk] = np.stack(rows)
-        if not regular or len(unit_labels) < 2:
-            reason = "units of unequal size" if not regular else "only one unit"
+    for sig_idx, units in by_signature.items():
+        sig = [state_items[ki][0] for ki in sig_idx]
+        unit_labels = _units_in_order(lab_of[sig[0]], units)
+        members = {sk: _rows(lab_of[sk], unit_labels) for sk in sig}
+        if any(rows is None for rows in members.values()) or len(unit_labels) < 2:
+            reason = "only one unit" if len(unit_labels) < 2 else "units of unequal size"
             for fqn, dim in sig:
                 frozen_state.setdefault(f"{fqn}@{dim}", reason)
             continue
@@ -272,22 +279,28 @@ def finish(builder: CouplingBuilder, program: Program) -> Coupling:
 
     consumed = {(fqns[node.name], dim) for node, dim in builder.consumed
                 if node.op == "placeholder" and node.name in fqns}
-    edges = _dim_edges(builder, keys, starts)
     return Coupling(program, keys, starts, labels, groups, frozen_state, consumed,
-                    state_keys, edges)
+                    state_keys, (builder._a, builder._b))
 
 
-def _first_index(per_key: tuple[np.ndarray, np.ndarray], label: int) -> int:
-    lab, order = per_key
-    pos = np.searchsorted(lab[order], label)
-    return int(order[pos])
+def _units_in_order(lab: np.ndarray, units: np.ndarray) -> np.ndarray:
+    """Unit labels sorted by where each first appears along a (lead) state dim."""
+    uniq, first = np.unique(lab, return_index=True)
+    pos = first[np.searchsorted(uniq, units)]
+    return units[np.argsort(pos, kind="stable")]
 
 
-def _rows_by_label(lab: np.ndarray, order: np.ndarray, unit_labels: np.ndarray) -> list[np.ndarray]:
+def _rows(lab: np.ndarray, unit_labels: np.ndarray) -> np.ndarray | None:
+    """(units, k) matrix: the indices of ``lab`` in each unit, or None if units differ in size."""
+    order = np.argsort(lab, kind="stable")
     sorted_lab = lab[order]
     lo = np.searchsorted(sorted_lab, unit_labels, side="left")
     hi = np.searchsorted(sorted_lab, unit_labels, side="right")
-    return [np.sort(order[l:h]) for l, h in zip(lo, hi)]
+    counts = hi - lo
+    if counts.min() != counts.max():
+        return None
+    k = int(counts[0])
+    return order[lo[:, None] + np.arange(k)[None, :]]
 
 
 def _channel_kind(program: Program, members: dict[tuple[str, int], np.ndarray]) -> str:
@@ -298,10 +311,11 @@ def _channel_kind(program: Program, members: dict[tuple[str, int], np.ndarray]) 
         (state[f].dim() for f, _ in members if f in state), default=0) == 2 else "channel"
 
 
-def _dim_edges(builder: CouplingBuilder, keys: list[Key], starts: np.ndarray) -> list[tuple[Key, Key]]:
+def _dim_edges(ties: tuple[list[np.ndarray], list[np.ndarray]], keys: list[Key],
+               starts: np.ndarray) -> list[tuple[Key, Key]]:
     """Dim-level edges for the networkx view (one per tied pair of dims)."""
     seen: set[tuple[int, int]] = set()
-    for a, b in zip(builder._a, builder._b):
+    for a, b in zip(*ties):
         if len(a) == 0:
             continue
         ka = int(np.searchsorted(starts, a[0], side="right") - 1)
