@@ -14,7 +14,8 @@ from prunec.cost import count_macs, count_params
 from prunec.coupling import Coupling
 from prunec.errors import InputError, PruneError
 from prunec.module_sync import synced_copy
-from prunec.passes import PASSES, Pass, Select, State, run_passes
+from prunec.passes import PASSES, LayerDrop, Pass, Select, State, run_passes
+from prunec.passes.select import check_ratio
 from prunec.plan import Plan
 from prunec.program_module import ProgramModule, copy_graph
 from prunec.rewrite import rewrite
@@ -76,7 +77,7 @@ def criterion(method: str) -> Pass:
 
 
 def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp: float = 0.0,
-            heads: float = 0.0, hidden: float = 0.0, method: str = "l1", round_to: int = 8,
+            heads: float = 0.0, hidden: float = 0.0, layers: float = 0.0, method: str = "l1", round_to: int = 8,
             global_rank: bool = False, passes: Sequence[Pass] | None = None,
             plan: Plan | None = None, calib: Iterable[Any] | None = None,
             check: bool = True, example_kwargs: dict[str, Any] | None = None,
@@ -84,7 +85,8 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
     """Prune ``model`` and return a CompileResult.
 
     ``channels`` applies to conv/linear channel groups (and MLP groups unless ``mlp`` is
-    given); ``heads``/``hidden`` to attention heads and the residual stream. Give ``passes``
+    given); ``heads``/``hidden`` to attention heads and the residual stream; ``layers`` is the
+    fraction of residual blocks to drop (scored by angular distance on the example inputs). Give ``passes``
     to compose your own pipeline, or ``plan`` to replay a saved plan.
     """
     timer = _Timer(progress)
@@ -99,6 +101,8 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
             ratios = {"channel": channels, "mlp": mlp or channels, "head": heads, "hidden": hidden}
             pipeline = list(passes) if passes is not None else [
                 criterion(method), Select(ratios, round_to=round_to, global_rank=global_rank)]
+            if passes is None and layers:
+                pipeline.append(LayerDrop(check_ratio("layers", layers)))
             state = run_passes(pipeline, State(model, program, coupling, calib=calib))
             plan, notes, updates = state.plan, state.notes, state.updates
         else:
@@ -141,7 +145,7 @@ def finish_compile(model: nn.Module, program: Program, coupling: Coupling, plan:
                     "kept": len(plan.kept.get(g.name, range(g.size))),
                     **({"approximate": g.approximate} if g.approximate else {})}
                    for g in coupling.groups],
-        "frozen": coupling.frozen, "unknown_ops": getattr(coupling, "unknown_ops", {}),
+        "frozen": coupling.frozen, "unknown_ops": coupling.unknown_ops,
         "notes": notes, "plan": plan.meta,
     })
     report["time_s"] = {**timer.times, "total": round(sum(timer.times.values()), 4)}

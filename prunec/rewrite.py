@@ -9,6 +9,7 @@ import torch
 from torch import fx
 
 from prunec.coupling import Coupling, Key, shape_of
+from prunec.layers import Branch, drop_branches, find_branches, resolve
 from prunec.plan import Plan
 from prunec.program_module import ProgramModule, copy_graph
 from prunec.rules import arg, aten
@@ -143,6 +144,15 @@ def _state_tensor(coupling: Coupling, fqn: str) -> torch.Tensor:
     return ep.state_dict[fqn] if fqn in ep.state_dict else ep.constants[fqn]
 
 
+def dropped_branches(coupling: Coupling, plan: Plan) -> list[Branch]:
+    """The residual branches ``plan.meta["dropped_layers"]`` names (see prunec.layers)."""
+    names = plan.meta.get("dropped_layers") or []
+    if not names:
+        return []
+    program = coupling.program
+    return resolve(find_branches(program.graph, set(program.placeholder_fqns())), list(names))
+
+
 def rewrite(coupling: Coupling, plan: Plan) -> tuple[ProgramModule, dict[str, torch.Tensor], Sizes]:
     """Apply ``plan``: returns the pruned ProgramModule, its new state, and the size map."""
     plan.check(coupling)
@@ -157,6 +167,9 @@ def rewrite(coupling: Coupling, plan: Plan) -> tuple[ProgramModule, dict[str, to
             fixer(old, new, sizes)
         if isinstance(new.meta.get("val"), torch.Tensor):
             new.meta.pop("val", None)  # shapes are stale now; re-export recomputes them
+    branches = dropped_branches(coupling, plan)
+    if branches:
+        drop_branches(graph, {old.name: new for old, new in node_map.items()}, branches)
     state = slice_state(coupling, dropped)
     graph.lint()
     return ProgramModule(coupling.program, graph, state), state, sizes

@@ -10,8 +10,10 @@ import torch.utils._pytree as pytree
 
 from prunec.coupling import Coupling
 from prunec.errors import PruneError
+from prunec.layers import drop_branches
 from prunec.plan import Plan
 from prunec.program_module import ProgramModule, copy_graph
+from prunec.rewrite import dropped_branches
 
 EXACT_TOL = 1e-4
 
@@ -44,7 +46,10 @@ def reference_module(coupling: Coupling, plan: Plan) -> ProgramModule:
             t = state[fqn].detach().clone()
             t.index_fill_(dim, torch.as_tensor(idx, dtype=torch.long), 0.0)
             state[fqn] = t
-    graph, _ = copy_graph(coupling.program.graph)
+    graph, node_map = copy_graph(coupling.program.graph)
+    branches = dropped_branches(coupling, plan)
+    if branches:  # a dropped layer's reference: its branch output times 0
+        drop_branches(graph, {old.name: new for old, new in node_map.items()}, branches, zero_only=True)
     return ProgramModule(coupling.program, graph, state)
 
 
