@@ -183,3 +183,12 @@ def _sparsegpt(w: torch.Tensor, hessian: torch.Tensor, percdamp: float, block: i
         w[:, i1:i2] = q1
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     return w
+
+
+def apply_from_options(result: Any, options: dict[str, Any]) -> dict[str, Any] | None:
+    """Apply ``options['sparsity']`` (e.g. '2:4') to ``result.model`` with ``options['sparsity_method']``,
+    calibrated on the example inputs; None when no sparsity was asked for."""
+    if parse_pattern(options.get("sparsity")) is None:
+        return None
+    calib = options.get("calib") or [(tuple(result.example_inputs), dict(result.example_kwargs))]
+    return sparsify_2_4(result.model, options.get("sparsity_method") or "magnitude", calib)

@@ -1,0 +1,168 @@
+"""--target onnx: the pruned model as ONNX, checked with onnx.checker and onnxruntime.
+
+Exporter: ``torch.onnx.export(dynamo=True)`` on ``result.model`` (then ``result.program``), falling
+back to the TorchScript exporter. Batch is dynamic; so is the sequence axis of 2-D integer inputs.
+onnx-graphsurgeon (if installed) folds constants and drops dead nodes.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from prunec.atomic import atomic_path
+from prunec.backends import register_backend
+from prunec.backends.sparsity import apply_from_options
+from prunec.errors import BackendError, MissingDependency
+
+DEFAULT_OPSET = 18
+REL_TOL = 1e-3
+
+
+@register_backend("onnx")
+def write_onnx(result: Any, out: str | Path, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``out`` (.onnx); apply 2:4 first if asked; refuse if onnxruntime disagrees with torch."""
+    options = options or {}
+    sparsity = apply_from_options(result, options)
+    with atomic_path(Path(out)) as tmp:
+        report = export_onnx(result, tmp, options.get("opset") or DEFAULT_OPSET)
+    report.update(artifact=str(out), sparsity=sparsity)
+    return report
+
+
+def export_onnx(result: Any, path: Path, opset: int = DEFAULT_OPSET) -> dict[str, Any]:
+    """Export, clean up, check and run ``result`` as ONNX at ``path``; return the report."""
+    onnx = _require("onnx")
+    _require("onnxruntime")
+    if opset < 17:
+        raise BackendError(f"--opset {opset} is too old", "use --opset 17 or newer (default 18)")
+    args, kwargs = tuple(result.example_inputs), dict(result.example_kwargs)
+    notes: list[str] = []
+    exporter = _export(result, args, kwargs, path, opset, notes)
+    nodes_before = len(onnx.load(str(path), load_external_data=False).graph.node)
+    notes.append(_cleanup(path))
+    onnx.checker.check_model(str(path))
+    model = onnx.load(str(path), load_external_data=False)
+    abs_err, rel_err = _compare(result, path, args, kwargs)
+    report = {"target": "onnx", "exporter": exporter, "opset": _opset(model),
+              "inputs": _io_shapes(model.graph.input), "outputs": _io_shapes(model.graph.output),
+              "nodes": len(model.graph.node), "nodes_before_cleanup": nodes_before,
+              "bytes": _size(path), "runtime": "onnxruntime CPU", "max_abs_err": abs_err,
+              "rel_err": rel_err, "notes": [n for n in notes if n]}
+    if not rel_err <= REL_TOL:
+        raise BackendError(f"onnxruntime output differs from torch by rel. err {rel_err:.2e} "
+                           f"(max abs {abs_err:.2e}, limit {REL_TOL:g})",
+                           "try another --opset, or --target torch; please report the model")
+    return report
+
+
+def _require(package: str) -> Any:
+    try:
+        return __import__(package)
+    except ImportError as err:
+        raise MissingDependency(package, "onnx") from err
+
+
+def _export(result: Any, args: tuple, kwargs: dict, path: Path, opset: int, notes: list[str]) -> str:
+    """Try dynamo on model, dynamo on program, then TorchScript on model; return what worked."""
+    errors = []
+    for name, module, dynamo in (("dynamo(model)", result.model, True),
+                                 ("dynamo(program)", result.program, True),
+                                 ("torchscript(model)", result.model, False)):
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                _export_one(module.eval(), args, kwargs, path, opset, dynamo)
+            if errors:
+                notes.append("fell back to " + name + " after: " + "; ".join(errors))
+            return name
+        except Exception as err:  # noqa: BLE001 - every exporter failure is reported below
+            cause = err.__cause__ or err
+            errors.append(f"{name}: {type(cause).__name__}: {str(cause).strip()[:300]}")
+    raise BackendError("ONNX export failed: " + " | ".join(errors), "try --target torch or executorch")
+
+
+def _export_one(module: torch.nn.Module, args: tuple, kwargs: dict, path: Path, opset: int,
+                dynamo: bool) -> None:
+    names = [f"input_{i}" for i in range(len(_tensor_leaves((args, kwargs))))]
+    axes = {n: _dynamic_dims(t) for n, t in zip(names, _tensor_leaves((args, kwargs)))}
+    if dynamo:
+        # torch.export specialises size-1 dims: export a batch of 2 so the batch axis stays dynamic
+        args2, kwargs2 = pytree.tree_map(_double_batch, (args, kwargs))
+        dims = pytree.tree_map(lambda t: {d: torch.export.Dim.AUTO for d in _dynamic_dims(t)}
+                               if isinstance(t, torch.Tensor) else None, (args2, kwargs2))
+        shapes = (*dims[0], *dims[1].values())   # positional args, then kwargs in order
+        onnx_program = torch.onnx.export(module, args2, kwargs=kwargs2 or None, dynamo=True,
+                                         opset_version=opset, dynamic_shapes=shapes, verbose=False,
+                                         optimize=True)
+        onnx_program.save(str(path))
+    else:
+        torch.onnx.export(module, args if not kwargs else (*args, kwargs), str(path), dynamo=False,
+                          opset_version=opset, input_names=names,
+                          dynamic_axes={n: {d: f"{n}_dim{d}" for d in dims} for n, dims in axes.items()})
+
+
+def _tensor_leaves(tree: Any) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+
+def _dynamic_dims(t: torch.Tensor) -> list[int]:
+    """Batch for every input; also the sequence axis of a 2-D integer input (token ids, masks)."""
+    if t.dim() == 0:
+        return []
+    return [0, 1] if t.dim() == 2 and not t.is_floating_point() else [0]
+
+
+def _double_batch(t: Any) -> Any:
+    return torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == 1 else t
+
+
+def _cleanup(path: Path) -> str:
+    """fold_constants().cleanup().toposort() with onnx-graphsurgeon, or say why it was skipped."""
+    try:
+        import onnx
+        import onnx_graphsurgeon as gs
+    except ImportError:
+        return "onnx-graphsurgeon not installed: graph cleanup skipped (pip install onnx-graphsurgeon)"
+    graph = gs.import_onnx(onnx.load(str(path)))
+    graph.fold_constants().cleanup().toposort()
+    model = gs.export_onnx(graph)
+    big = model.ByteSize() > 1_900_000_000
+    onnx.save(model, str(path), save_as_external_data=big)
+    return ""
+
+
+def _compare(result: Any, path: Path, args: tuple, kwargs: dict) -> tuple[float, float]:
+    import onnxruntime as ort
+
+    from prunec.verify import compare
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    leaves = _tensor_leaves((args, kwargs))
+    names = [i.name for i in sess.get_inputs()]
+    if len(names) != len(leaves):
+        raise BackendError(f"the ONNX model takes {len(names)} inputs but the example has {len(leaves)}",
+                           "this is a prunec bug; please report it with the model")
+    outs = sess.run(None, {n: t.detach().cpu().numpy() for n, t in zip(names, leaves)})
+    with torch.no_grad():
+        ref = _tensor_leaves(result.model(*args, **kwargs))
+    if len(ref) != len(outs):
+        raise BackendError(f"the ONNX model has {len(outs)} outputs, torch {len(ref)}",
+                           "this is a prunec bug; please report it with the model")
+    return compare([torch.from_numpy(o) for o in outs], ref)
+
+
+def _io_shapes(values: Any) -> dict[str, list[int | str]]:
+    return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in values}
+
+
+def _opset(model: Any) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _size(path: Path) -> int:
+    """Bytes of the model file plus its external-data files (named after it) if any."""
+    return sum(p.stat().st_size for p in path.parent.glob(path.name + "*") if p.is_file())
