@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-pickle", action="store_true", help="allow loading a pickled module (runs its code)")
     p.add_argument("--target", default="torch", choices=sorted(BACKENDS) or ["torch"])
     p.add_argument("-o", "--output", help="artifact path (default: NAME.pruned.pt2)")
+    p.add_argument("--sparsity", default=None, help="semi-structured sparsity after pruning: 2:4 (onnx, tensorrt, coreml)")
+    p.add_argument("--sparsity-method", default="magnitude", choices=["magnitude", "wanda", "sparsegpt"],
+                   help="how 2:4 masks are chosen (wanda/sparsegpt calibrate on the example inputs)")
+    p.add_argument("--coreml-target", default="iOS16", help="Core ML minimum deployment target (default iOS16)")
+    p.add_argument("--int8", action="store_true", help="tensorrt: build an INT8 engine (default FP16)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset for onnx/tensorrt (≥ 17, default 18)")
     p.add_argument("--report", help="write the JSON report here")
     p.add_argument("--plan", help="replay a saved plan (JSON) instead of scoring")
     p.add_argument("--save-plan", help="write the plan (group → kept units) as JSON")
@@ -123,7 +129,9 @@ def _compile(argv: Sequence[str]) -> int:
                                 plan=plan, check=not args.no_verify, progress=progress)
         if progress:
             progress(f"writing {args.target} artifact")
-        result.report["artifact"] = BACKENDS[args.target](result, out, {"loaded": loaded})
+        result.report["artifact"] = BACKENDS[args.target](result, out, {
+            "loaded": loaded, "sparsity": args.sparsity, "sparsity_method": args.sparsity_method,
+            "coreml_target": args.coreml_target, "int8": args.int8, "opset": args.opset})
     if args.save_plan:
         with atomic_path(args.save_plan) as tmp:
             result.plan.save(tmp)
