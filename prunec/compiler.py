@@ -13,6 +13,7 @@ from prunec.analyze import build_coupling
 from prunec.cost import count_macs, count_params
 from prunec.coupling import Coupling
 from prunec.errors import InputError, PruneError
+from prunec.layers import blocks, find_branches
 from prunec.module_sync import synced_copy
 from prunec.passes import PASSES, LayerDrop, Pass, Select, State, run_passes
 from prunec.passes.select import check_ratio
@@ -118,7 +119,8 @@ def finish_compile(model: nn.Module, program: Program, coupling: Coupling, plan:
     with timer.stage("rewrite"):
         pruned_program, state, _ = rewrite(coupling, plan)
     with timer.stage("sync"):
-        pruned, synced, sync_note = _sync(model, state, pruned_program, inputs, kwargs)
+        pruned, synced, sync_note = _sync(model, state, pruned_program, inputs, kwargs,
+                                          lambda: dropped_blocks(coupling, plan))
     verify_result = None
     if check:
         with timer.stage("verify"):
@@ -169,11 +171,25 @@ def original_program(coupling: Coupling) -> ProgramModule:
     return ProgramModule(program, copy_graph(program.graph)[0], program.state())
 
 
+def dropped_blocks(coupling: Coupling, plan: Plan) -> list[str]:
+    """Module paths of residual blocks whose every branch the plan drops."""
+    names = set(plan.meta.get("dropped_layers") or [])
+    if not names:
+        return []
+    program = coupling.program
+    by_block = blocks(find_branches(program.graph, set(program.placeholder_fqns())))
+    partial = [b for b, bs in by_block.items() if 0 < sum(x.name in names for x in bs) < len(bs)]
+    if partial:
+        raise ValueError(f"block {partial[0]} is only partly dropped: its module can't express that")
+    return [b for b, bs in by_block.items() if all(x.name in names for x in bs)]
+
+
 def _sync(model: nn.Module, state: dict[str, torch.Tensor], program: ProgramModule,
-          inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[nn.Module, bool, str]:
+          inputs: tuple[Any, ...], kwargs: dict[str, Any],
+          dropped: Callable[[], list[str]] = list) -> tuple[nn.Module, bool, str]:
     """The user's module class with pruned tensors, if it runs and agrees with the program."""
     try:
-        module = synced_copy(model, state).eval()
+        module = synced_copy(model, state, dropped()).eval()
         with torch.no_grad():
             _, rel = compare(module(*inputs, **kwargs), program(*inputs, **kwargs))
     except Exception as err:  # any failure means the eager module can't follow: use the program
