@@ -126,14 +126,14 @@ def _pickle(path: Path, shape: tuple[int, ...] | None, trust_pickle: bool) -> Lo
 
 
 def load_model(spec: str, input_shape: str | None = None, weights: str | None = None,
-               trust_pickle: bool = False) -> Loaded:
+               trust_pickle: bool = False, seq_len: int | None = None) -> Loaded:
     """Resolve a MODEL argument into a module and example inputs."""
     shape = parse_shape(input_shape) if input_shape else None
     if spec.startswith(ZOO_PREFIXES):
         loaded = _zoo(spec, shape)
     elif spec.startswith("hf:"):
         from prunec.hf import load_hf  # transformers models (optional extra)
-        return load_hf(spec[3:], input_shape)
+        return load_hf(spec[3:], input_shape, seq_len)
     else:
         path = Path(spec)
         if not path.exists():
