@@ -106,6 +106,11 @@ def _pt2(path: Path, shape: tuple[int, ...] | None) -> Loaded:
 
 
 def _pickle(path: Path, shape: tuple[int, ...] | None, trust_pickle: bool) -> Loaded:
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if not zipfile.is_zipfile(path) and head[:1] != b"\x80":
+        raise InputError(f"{path} is not a PyTorch file",
+                         "pass a .pt2, a pickled nn.Module (with --trust-pickle) or a zoo name")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:

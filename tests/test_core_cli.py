@@ -1,0 +1,104 @@
+"""CLI: a working run, and every bad input → one line, exit 2, no partial output."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from prunec import models_zoo
+from prunec.cli import main
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "prunec", *args], cwd=cwd, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def test_compile_zoo_model_writes_artifact_and_report(tmp_path: Path) -> None:
+    out, report, plan = tmp_path / "m.pt2", tmp_path / "r.json", tmp_path / "p.json"
+    proc = run("zoo:convbn", "--channels", "0.5", "-o", str(out), "--report", str(report),
+               "--save-plan", str(plan), "--round-to", "1", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "verify  PASSED" in proc.stdout
+    data = json.loads(report.read_text())
+    for key in ("params_before", "params_after", "macs_before", "macs_after", "verify", "groups", "time_s"):
+        assert key in data
+    assert data["verify"]["passed"] and data["params_after"] < data["params_before"]
+    assert torch.export.load(out).module()(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    replay = run("zoo:convbn", "--plan", str(plan), "-o", str(tmp_path / "m2.pt2"), cwd=tmp_path)
+    assert replay.returncode == 0, replay.stderr
+
+
+def test_inspect_lists_groups(tmp_path: Path) -> None:
+    proc = run("inspect", "zoo:convbn", "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert len(data["groups"]) == 2 and "stem.0.weight@1" in data["frozen"]
+
+
+@pytest.fixture()
+def files(tmp_path: Path) -> dict[str, Path]:
+    model, _ = models_zoo.build("convbn")
+    pickled = tmp_path / "model.pt"
+    torch.save(model, pickled)
+    state = tmp_path / "state.pt"
+    torch.save(model.state_dict(), state)
+    text = tmp_path / "notes.pt"
+    text.write_text("not a model")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    return {"pickle": pickled, "state": state, "text": text, "ro": ro}
+
+
+BAD = [
+    (["missing.pt2"], "does not exist"),
+    (["{text}"], "is not a PyTorch file"),
+    (["{pickle}", "--input-shape", "1,1,28,28"], "--trust-pickle"),
+    (["{state}", "--input-shape", "1,1,28,28"], "holds a state dict, not a model"),
+    (["zoo:convbn", "--channels", "1.0"], "outside [0, 1)"),
+    (["zoo:convbn", "--channels", "-0.1"], "outside [0, 1)"),
+    (["zoo:convbn", "--input-shape", "1,x,28"], "--input-shape"),
+    (["zoo:convbn", "-o", "{tmp}/no/such/dir/out.pt2"], "does not exist"),
+    (["zoo:convbn", "-o", "{ro}/out.pt2"], "not writable"),
+    (["zoo:convbn", "--input-shape", "1,3,28,28"], "could not trace"),
+    (["zoo:convbn", "--method", "nope"], "unknown pruning method"),
+    (["zoo:nope"], "has no model"),
+    (["zoo:convbn", "--plan", "{text}"], "is not JSON"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD)
+def test_bad_input_one_line_exit_2(args: list[str], message: str, files: dict[str, Path],
+                                   tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    if os.geteuid() == 0 and "{ro}" in " ".join(args):
+        os.chmod(files["ro"], 0o500)
+        if os.access(files["ro"], os.W_OK):
+            pytest.skip("root can write to a read-only directory")
+    fmt = {**{k: str(v) for k, v in files.items()}, "tmp": str(tmp_path)}
+    argv = [a.format(**fmt) for a in args]
+    before = set(Path.cwd().iterdir())
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.count("\n") == 0 and err.startswith("prunec: error: "), err
+    assert message in err, err
+    assert set(Path.cwd().iterdir()) == before  # no partial output
+    assert not list(tmp_path.glob("**/*.pt2"))
+
+
+def test_trust_pickle_loads_module(files: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "p.pt2"
+    code = main([str(files["pickle"]), "--trust-pickle", "--input-shape", "2,1,28,28",
+                 "--channels", "0.3", "-o", str(out)])
+    assert code == 0 and out.exists()
+
+
+def test_zoo_with_weights_file(files: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "w.pt2"
+    assert main(["zoo:convbn", "--weights", str(files["state"]), "-o", str(out)]) == 0
+    bad = main(["torchvision:resnet18", "--weights", str(files["state"]), "-o", str(out)])
+    assert bad == 2
