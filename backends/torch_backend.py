@@ -1,6 +1,7 @@
 """--target torch: a .pt2 ExportedProgram plus safetensors weights of the pruned model."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,26 @@ def write_torch(result: Any, out: str | Path, options: dict[str, Any] | None = N
     tensors = {k: v.detach().contiguous() for k, v in result.model.state_dict().items()}
     with atomic_path(weights) as tmp:
         save_file(_untie(tensors), str(tmp))
-    return {"target": "torch", "artifact": str(out), "weights": str(weights),
+    info = {"target": "torch", "artifact": str(out), "weights": str(weights),
             "bytes": out.stat().st_size, "reload_rel_err": rel}
+    if result.report.get("module_synced") and hasattr(result.model, "save_pretrained"):
+        info.update(_save_pretrained(result.model, out.with_suffix(".hf")))
+    return info
+
+
+def _save_pretrained(model: Any, directory: Path) -> dict[str, Any]:
+    """A synced Hugging Face model also goes out as save_pretrained (if its config fits)."""
+    from prunec.hf import check_config
+    why = check_config(model)
+    if why:
+        return {"hf_dir": None, "hf_note": why + "; use the .pt2"}
+    tmp = directory.with_name(directory.name + ".tmp")
+    model.save_pretrained(tmp)
+    if directory.exists():
+        import shutil
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+    return {"hf_dir": str(directory)}
 
 
 def _untie(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

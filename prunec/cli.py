@@ -74,7 +74,7 @@ def _inspect(argv: Sequence[str]) -> int:
     args = p.parse_args(argv)
     import prunec
     from prunec.load import load_model
-    loaded = load_model(args.model, args.input_shape, trust_pickle=args.trust_pickle)
+    loaded = load_model(args.model, args.input_shape, trust_pickle=args.trust_pickle, seq_len=args.seq_len)
     coupling = prunec.analyze(loaded.model, loaded.example_inputs, loaded.example_kwargs)
     groups = [{"name": g.name, "kind": g.kind, "units": g.size,
                "unit_size": int(next(iter(g.members.values())).shape[1]),
@@ -118,13 +118,14 @@ def _compile(argv: Sequence[str]) -> int:
             check_writable(path)
     torch.manual_seed(args.seed)
     with console.status("loading", spinner="dots") if console.is_terminal else _null() as status:
-        loaded = load_model(args.model, args.input_shape, args.weights, args.trust_pickle)
+        loaded = load_model(args.model, args.input_shape, args.weights, args.trust_pickle, args.seq_len)
         out = out or Path(f"{loaded.name.replace('/', '_').replace(':', '_')}.pruned.pt2")
         check_writable(out)
         plan = prunec.Plan.load(args.plan) if args.plan else None
         progress = (lambda stage: status.update(stage)) if status is not None else None
         result = prunec.compile(loaded.model, loaded.example_inputs, example_kwargs=loaded.example_kwargs,
                                 channels=args.channels, mlp=args.mlp, heads=args.heads, hidden=args.hidden,
+                                layers=args.layers,
                                 method=args.method, round_to=args.round_to, global_rank=args.global_rank,
                                 plan=plan, check=not args.no_verify, progress=progress)
         if progress:
