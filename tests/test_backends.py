@@ -1,0 +1,155 @@
+"""Artifact writers: ONNX + onnxruntime, 2:4 sparsity, TensorRT folder, Core ML spec, ExecuTorch run."""
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+import torchvision
+
+import prunec
+from prunec import models_zoo
+from prunec.backends import BACKENDS
+from prunec.backends.sparsity import check_2_4, eligible_layers, sparsify_2_4
+from prunec.errors import BackendError, InputError
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+from onnx import numpy_helper  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def convbn() -> prunec.CompileResult:
+    model, inputs = models_zoo.build("convbn")
+    return prunec.compile(model, inputs, channels=0.3)
+
+
+@pytest.fixture(scope="module")
+def resnet18() -> prunec.CompileResult:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    return prunec.compile(model, (torch.randn(1, 3, 64, 64),), channels=0.3)
+
+
+@contextmanager
+def _fresh(result: prunec.CompileResult) -> Iterator[prunec.CompileResult]:
+    """Let a sparsity test edit ``result``'s weights in place; restore them afterwards."""
+    saved = {k: v.detach().clone() for k, v in result.model.state_dict().items()}
+    try:
+        yield result
+    finally:
+        with torch.no_grad():
+            for k, v in result.model.state_dict().items():
+                v.copy_(saved[k])
+
+
+def test_onnx_matches_onnxruntime_with_dynamic_batch(convbn, tmp_path: Path) -> None:
+    rep = BACKENDS["onnx"](convbn, tmp_path / "m.onnx", {})
+    assert rep["rel_err"] < 1e-5 and rep["opset"] == 18
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    onnx.checker.check_model(model)
+    batch_dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param, "batch axis should be symbolic"
+    x = torch.randn(5, 1, 28, 28)
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), convbn.model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_onnx_refuses_old_opset(convbn, tmp_path: Path) -> None:
+    with pytest.raises(BackendError, match="opset"):
+        BACKENDS["onnx"](convbn, tmp_path / "m.onnx", {"opset": 13})
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def _weights_and_axes(model: "onnx.ModelProto") -> list[tuple[str, torch.Tensor, int]]:
+    """(name, weight, axis TensorRT groups by 4) for Conv (group 1), Gemm and MatMul initializers."""
+    inits = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in model.graph.initializer}
+    found = []
+    for node in model.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        w = inits[node.input[1]]
+        if node.op_type == "Conv" and attrs.get("group", 1) == 1:
+            found.append((node.input[1], w, 1))
+        elif node.op_type == "Gemm":
+            found.append((node.input[1], w, 1 if attrs.get("transB", 0) else 0))
+        elif node.op_type == "MatMul" and w.dim() == 2:
+            found.append((node.input[1], w, 0))
+    return found
+
+
+def test_onnx_2_4_on_every_eligible_initializer(resnet18, tmp_path: Path) -> None:
+    with _fresh(resnet18) as result:
+        rep = BACKENDS["onnx"](result, tmp_path / "r18.onnx", {"sparsity": "2:4"})
+    assert rep["rel_err"] < 1e-5
+    weights = _weights_and_axes(onnx.load(str(tmp_path / "r18.onnx")))
+    eligible = [(n, w, a) for n, w, a in weights if w.shape[a] % 4 == 0 and w.shape[a] >= 16]
+    assert len(eligible) == rep["sparsity"]["layers_sparsified"] == 20
+    for name, w, axis in eligible:
+        assert check_2_4(w, axis), name
+    assert rep["sparsity"]["skipped"] == {"conv1": "3 input channels (need a multiple of 4, ≥ 16)"}
+
+
+def test_check_2_4() -> None:
+    assert check_2_4(torch.tensor([[0.0, 1, 0, 2], [3, 0, 0, 0]]), 1)
+    assert not check_2_4(torch.tensor([[0.0, 1, 5, 2]]), 1)
+    assert not check_2_4(torch.zeros(2, 6), 1)          # not a multiple of 4
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_sparsify_methods_mask_and_error(method: str) -> None:
+    model, (x,) = models_zoo.build("mlp")
+    with torch.no_grad():
+        ref = model(x)
+        dense_copy = copy.deepcopy(model)
+        sparsify_2_4(dense_copy, "magnitude")
+        magnitude_err = float((dense_copy(x) - ref).norm())
+        stats = sparsify_2_4(model, method, [((x,), {})])
+        err = float((model(x) - ref).norm())
+    layers, _ = eligible_layers(model)
+    assert stats["layers_sparsified"] == 3 and stats["mean_sparsity"] >= 0.5
+    assert all(check_2_4(m.weight, 1) for m in layers.values())
+    if method == "sparsegpt":   # the OBS update must beat plain magnitude on its calibration data
+        assert err < magnitude_err
+
+
+def test_sparsity_refuses_other_patterns(convbn, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="1:4 is not supported"), _fresh(convbn) as result:
+        BACKENDS["onnx"](result, tmp_path / "m.onnx", {"sparsity": "1:4"})
+
+
+def test_tensorrt_writes_folder_and_no_engine_here(convbn, tmp_path: Path) -> None:
+    out = tmp_path / "trt"
+    with _fresh(convbn) as result:
+        rep = BACKENDS["tensorrt"](result, out, {"sparsity": "2:4", "sparsity_method": "wanda"})
+    assert sorted(p.name for p in out.iterdir()) == ["build_engine.py", "model.onnx", "trtexec.txt"]
+    if not torch.cuda.is_available():
+        assert rep["engine"] is None and "wrote ONNX + build_engine.py + trtexec command" in rep["reason"]
+    line = (out / "trtexec.txt").read_text().strip()
+    assert line == rep["trtexec"]
+    assert line.startswith(f"trtexec --onnx={out / 'model.onnx'} --saveEngine={out / 'model.engine'} --fp16")
+    assert "--sparsity=enable" in line and "--minShapes=" in line
+    compile(Path(out / "build_engine.py").read_text(), "build_engine.py", "exec")
+    assert "SPARSE_WEIGHTS" in (out / "build_engine.py").read_text()
+
+
+def test_coreml_package_spec(convbn, tmp_path: Path) -> None:
+    pytest.importorskip("coremltools")
+    out = tmp_path / "m.mlpackage"
+    rep = BACKENDS["coreml"](convbn, out, {"sparsity": "2:4"})
+    assert out.is_dir() and rep["inputs"] and list(rep["inputs"].values())[0] == [2, 1, 28, 28]
+    assert rep["weight_ops"].get("constexpr_sparse_to_dense", 0) >= 1
+    assert rep["minimum_deployment_target"] == "iOS16"
+
+
+def test_executorch_runs_and_matches(convbn, tmp_path: Path) -> None:
+    pytest.importorskip("executorch.runtime")
+    rep = BACKENDS["executorch"](convbn, tmp_path / "m.pte", {})
+    assert (tmp_path / "m.pte").stat().st_size == rep["bytes"] > 0
+    assert rep["delegated_calls"] >= 1 and rep["rel_err"] < 1e-4
