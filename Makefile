@@ -1,0 +1,26 @@
+# Two commands set everything up: `make demo` (install + a real end-to-end prune) and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test clean
+
+$(BIN)/prunec: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(BIN)/prunec
+
+install: $(BIN)/prunec
+
+demo: install
+	mkdir -p out
+	$(BIN)/prunec inspect torchvision:resnet50 --json > out/resnet50_groups.json
+	$(BIN)/prunec torchvision:resnet50 --channels 0.5 -o out/resnet50_pruned.pt2 \
+		--report out/resnet50_report.json --save-plan out/resnet50_plan.json
+
+test: install
+	$(BIN)/python -m pytest tests
+
+clean:
+	rm -rf $(VENV) out
