@@ -285,8 +285,11 @@ def rates(rows: list[dict]) -> dict:
     n = len(rows)
     cnt = lambda k: sum(1 for r in rows if r.get(k))  # noqa: E731
     tp_rows = [r for r in rows if "tp_forward" in r or "tp_error" in r]
+    timeout = lambda r, k: "timed out" in (r.get(k) or "") or "killed after" in (r.get(k) or "")  # noqa: E731
     return {"n": n, "traced": cnt("traced"), "compiled": cnt("compiled"), "verified": cnt("verified"),
-            "synced": cnt("module_synced"), "tp_n": len(tp_rows), "tp_forward": cnt("tp_forward")}
+            "synced": cnt("module_synced"), "tp_n": len(tp_rows), "tp_forward": cnt("tp_forward"),
+            "timeouts": sum(1 for r in rows if timeout(r, "error")),
+            "tp_timeouts": sum(1 for r in tp_rows if timeout(r, "tp_error"))}
 
 
 def table(rows: list[dict], with_tp: bool) -> list[str]:
@@ -338,10 +341,15 @@ def write_doc(data: dict, argv: str) -> None:
         lines += [f"### {lib} ({rt['n']} models)", "",
                   f"- prunec traced: {rt['traced']}/{rt['n']}, compiled: {rt['compiled']}/{rt['n']}, "
                   f"**verified: {rt['verified']}/{rt['n']} ({100 * rt['verified'] / max(rt['n'], 1):.0f}%)**, "
-                  f"user module synced: {rt['synced']}/{rt['n']}"]
+                  f"user module synced: {rt['synced']}/{rt['n']}"
+                  + (f"; {rt['timeouts']} of the failures are time-outs on the loaded host, not errors"
+                     if rt["timeouts"] else "")]
         if rt["tp_n"]:
             lines.append(f"- Torch-Pruning pruned-model forward OK: **{rt['tp_forward']}/{rt['tp_n']} "
-                         f"({100 * rt['tp_forward'] / max(rt['tp_n'], 1):.0f}%)**")
+                         f"({100 * rt['tp_forward'] / max(rt['tp_n'], 1):.0f}%)**"
+                         + (f"; {rt['tp_timeouts']} TP runs hit the {TOOL_LIMIT_S}s limit on the loaded host "
+                            f"(forward OK excluding them: {rt['tp_forward']}/{rt['tp_n'] - rt['tp_timeouts']})"
+                            if rt["tp_timeouts"] else ""))
         macs = [r["macs_ratio"] for r in sub if r.get("verified")]
         if macs:
             macs.sort()
