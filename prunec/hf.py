@@ -127,10 +127,10 @@ def sync_config(model: nn.Module, kept_layers: list[int] | None = None) -> list[
     ups = [m for name, m in model.named_modules() if name.endswith(UP_NAMES) and hasattr(m, "weight")]
     inter = _uniform([_out_features(m) for m in ups], "MLP widths", notes)
     if inter is not None:
-        for attr in ("intermediate_size", "n_inner", "hidden_dim", "ffn_dim"):
-            if getattr(cfg, attr, None) is not None or attr == "n_inner" and hasattr(cfg, "n_inner"):
-                setattr(cfg, attr, inter)
-                break
+        names = cfg.to_dict()  # GPT-2's n_inner / DistilBERT's hidden_dim win over a stray intermediate_size
+        attr = next((a for a in ("n_inner", "hidden_dim", "intermediate_size", "ffn_dim") if a in names), None)
+        if attr is not None:
+            setattr(cfg, attr, inter)
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if emb is not None and hasattr(emb, "weight"):
         for attr in ("hidden_size", "dim"):
