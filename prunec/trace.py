@@ -1,6 +1,8 @@
 """torch.export → Program: an ATen fx graph plus the FQN of every lifted parameter/buffer."""
 from __future__ import annotations
 
+import re
+import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,14 +68,35 @@ def trace(model: torch.nn.Module, example_inputs: tuple[Any, ...],
     """Export ``model`` to an ATen graph with torch.export (non-strict)."""
     kwargs = dict(example_kwargs or {})
     model = model.eval()
-    try:
-        with torch.no_grad():
-            ep = torch.export.export(model, tuple(example_inputs), kwargs or None,
-                                     dynamic_shapes=dynamic_shapes, strict=False)
-    except Exception as err:  # export raises many types; name the failing place
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-        raise TraceError(f"torch.export could not trace {type(model).__name__}: "
-                         f"{type(err).__name__}: {first_line}",
-                         "make the forward traceable (no data-dependent Python control flow), "
-                         "or check --input-shape matches what the model expects") from err
-    return Program(ep, tuple(example_inputs), kwargs)
+    errors = []
+    for strict in (False, True):  # non-strict first; TorchDynamo (strict) as the fallback
+        try:
+            with torch.no_grad():
+                ep = torch.export.export(model, tuple(example_inputs), kwargs or None,
+                                         dynamic_shapes=dynamic_shapes, strict=strict)
+            return Program(ep, tuple(example_inputs), kwargs)
+        except Exception as err:  # export raises many types; keep the first for the message
+            errors.append(err)
+            if _is_input_mismatch(err):
+                break
+    err = errors[0]
+    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+    raise TraceError(f"torch.export could not trace {type(model).__name__}{_user_frame(err)}: "
+                     f"{type(err).__name__}: {first_line}",
+                     "make the forward traceable (no data-dependent Python control flow), "
+                     "or check --input-shape matches what the model expects") from err
+
+
+def _user_frame(err: Exception) -> str:
+    """' at FILE:LINE in FN' for the last frame of user code the export error mentions."""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\w+)', str(err))
+    frames += [(f.filename, str(f.lineno), f.name) for f in traceback.extract_tb(err.__traceback__)]
+    user = [f for f in frames if "site-packages" not in f[0] and "/torch/" not in f[0]
+            and "prunec" not in f[0]]
+    return f" (at {user[-1][0]}:{user[-1][1]} in {user[-1][2]})" if user else ""
+
+
+def _is_input_mismatch(err: Exception) -> bool:
+    """Shape/dtype errors from the model itself: a second (strict) trace would fail the same way."""
+    return isinstance(err, (RuntimeError, ValueError, TypeError)) and any(
+        s in str(err) for s in ("size mismatch", "shape", "expected input", "Expected"))

@@ -134,3 +134,16 @@ def test_verifier_catches_a_broken_rewrite(monkeypatch) -> None:
     model = torchvision.models.resnet18(num_classes=10).eval()
     with pytest.raises(prunec.PruneError, match="verification failed"):
         prunec.compile(model, X, channels=0.5)
+
+
+def test_untraceable_model_names_the_place() -> None:
+    class DataDependent(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.sum() > 0:  # data-dependent Python control flow
+                return x * 2
+            return x
+
+    with pytest.raises(prunec.TraceError) as info:
+        prunec.compile(DataDependent(), torch.randn(2, 3))
+    line = info.value.one_line()
+    assert "\n" not in line and "test_core_compile.py" in line and "in forward" in line
