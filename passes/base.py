@@ -81,10 +81,12 @@ def param_members(state: State, group_name: str) -> list[tuple[str, int, np.ndar
     return [(fqn, dim, rows) for (fqn, dim), rows in group.members.items() if fqn in params]
 
 
-def per_element(tensor: torch.Tensor, dim: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
-    """Reduce a tensor over every dim but ``dim`` with ``fn`` (applied to a (n, -1) view)."""
-    flat = tensor.detach().float().movedim(dim, 0).reshape(tensor.shape[dim], -1)
-    return fn(flat).cpu().numpy().astype(np.float64)
+def norm_along(tensor: torch.Tensor, dim: int, p: int) -> np.ndarray:
+    """The L``p`` norm of every slice ``tensor.select(dim, i)`` (one pass, no copies)."""
+    others = [d for d in range(tensor.dim()) if d != dim]
+    t = tensor.detach()
+    norms = torch.linalg.vector_norm(t, ord=p, dim=others) if others else t.abs()
+    return norms.double().cpu().numpy()
 
 
 def unit_scores(element_scores: list[np.ndarray], rows: list[np.ndarray]) -> np.ndarray:

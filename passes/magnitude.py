@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 
-from prunec.passes.base import Pass, PassResult, State, param_members, per_element, register_pass, unit_scores
+from prunec.passes.base import Pass, PassResult, State, norm_along, param_members, register_pass, unit_scores
 
 
 @register_pass("magnitude")
@@ -17,12 +17,11 @@ class Magnitude(Pass):
 
     def run(self, state: State) -> PassResult:
         tensors = state.program.state()
-        norm = (lambda f: f.abs().sum(1)) if self.p == 1 else (lambda f: f.pow(2).sum(1).sqrt())
         for group in state.coupling.groups:
             members = param_members(state, group.name)
             if not members:
                 continue
-            elems = [per_element(tensors[fqn], dim, norm) for fqn, dim, _ in members]
+            elems = [norm_along(tensors[fqn], dim, self.p) for fqn, dim, _ in members]
             state.scores[group.name] = unit_scores(elems, [rows for *_, rows in members])
         return PassResult(state, True)
 
