@@ -20,7 +20,7 @@ from prunec.passes.select import check_ratio
 from prunec.plan import Plan
 from prunec.program_module import ProgramModule, copy_graph
 from prunec.rewrite import rewrite
-from prunec.trace import Program, trace
+from prunec.trace import Program, eval_mode, trace
 from prunec.verify import compare, verify
 
 Progress = Callable[[str], None]
@@ -92,7 +92,7 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
     """
     timer = _Timer(progress)
     inputs, kwargs = _as_tuple(example_inputs), dict(example_kwargs or {})
-    model = model.eval()
+    model = eval_mode(model)
     with timer.stage("trace"):
         program = trace(model, inputs, kwargs)
     with timer.stage("analyze"):
@@ -189,7 +189,7 @@ def _sync(model: nn.Module, state: dict[str, torch.Tensor], program: ProgramModu
           dropped: Callable[[], list[str]] = list) -> tuple[nn.Module, bool, str]:
     """The user's module class with pruned tensors, if it runs and agrees with the program."""
     try:
-        module = synced_copy(model, state, dropped()).eval()
+        module = eval_mode(synced_copy(model, state, dropped()))
         with torch.no_grad():
             _, rel = compare(module(*inputs, **kwargs), program(*inputs, **kwargs))
     except Exception as err:  # any failure means the eager module can't follow: use the program

@@ -53,6 +53,14 @@ class Program:
                 if spec.kind == InputKind.PARAMETER}
 
 
+def eval_mode(model: torch.nn.Module) -> torch.nn.Module:
+    """``model.eval()``, except for modules that refuse it (an unlifted ExportedProgram)."""
+    try:
+        return model.eval()
+    except NotImplementedError:
+        return model
+
+
 def module_path(node: fx.Node) -> str:
     """The module path (FQN) an fx node came from, or '<top>'."""
     stack = node.meta.get("nn_module_stack") or {}
@@ -67,7 +75,7 @@ def trace(model: torch.nn.Module, example_inputs: tuple[Any, ...],
           dynamic_shapes: Any = None) -> Program:
     """Export ``model`` to an ATen graph with torch.export (non-strict)."""
     kwargs = dict(example_kwargs or {})
-    model = model.eval()
+    model = eval_mode(model)
     errors = []
     for strict in (False, True):  # non-strict first; TorchDynamo (strict) as the fallback
         try:

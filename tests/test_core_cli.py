@@ -102,3 +102,14 @@ def test_zoo_with_weights_file(files: dict[str, Path], tmp_path: Path) -> None:
     assert main(["zoo:convbn", "--weights", str(files["state"]), "-o", str(out)]) == 0
     bad = main(["torchvision:resnet18", "--weights", str(files["state"]), "-o", str(out)])
     assert bad == 2
+
+
+def test_pt2_model_input_uses_recorded_shape(tmp_path: Path) -> None:
+    model, inputs = models_zoo.build("convbn")
+    src = tmp_path / "dense.pt2"
+    torch.export.save(torch.export.export(model, inputs), src)
+    out = tmp_path / "pruned.pt2"
+    assert main([str(src), "--channels", "0.5", "--round-to", "1", "-o", str(out)]) == 0
+    pruned = torch.export.load(out)
+    assert pruned.state_dict["stem.0.weight"].shape[0] == 8  # 16 → 8: smaller dense tensors
+    assert pruned.module()(inputs[0]).shape == (2, 10)
