@@ -319,10 +319,18 @@ def table(rows: list[dict], with_tp: bool) -> list[str]:
     return out
 
 
-def write_doc(data: dict, argv: str) -> None:
+def planned() -> list[tuple[str, str]]:
+    import torchvision
+    todo = [("torchvision", n) for n in torchvision.models.list_models(module=torchvision.models)]
+    return todo + [("timm", n) for n in TIMM_MODELS]
+
+
+def write_doc(data: dict, argv: str, missing: list[tuple[str, str]] | None = None) -> None:
     rows = data["results"]
+    missing = missing or []
     lines = [BEGIN, "## Coverage sweep (prunec vs Torch-Pruning)", "",
              f"Command: `{argv}`  ",
+             *([f"Note: {data['note']}  "] if data.get("note") else []),
              f"Run: {data.get('started', '')} → {data.get('finished', '')}, host with 2 CPU cores, "
              f"{data.get('workers', 1)} model(s) in parallel × {data.get('threads', 1)} thread(s) each "
              "(compile times are therefore under contention; see docs/compile_time.md for clean timings).  ",
@@ -356,6 +364,10 @@ def write_doc(data: dict, argv: str) -> None:
             lines.append(f"- MACs after/before over verified models: median {macs[len(macs) // 2]:.2f}, "
                          f"min {macs[0]:.2f}, max {macs[-1]:.2f}")
         lines += [""] + table(sub, with_tp) + [""]
+        notrun = [n for lb, n in missing if lb == lib]
+        if notrun:
+            lines += [f"Not run ({len(notrun)}; the sweep was stopped at the session deadline — the host was "
+                      "shared and ~6× slower than idle): " + ", ".join(f"`{n}`" for n in notrun), ""]
     lines.append(END)
     block = "\n".join(lines)
     text = DOC.read_text() if DOC.exists() else "# Coverage\n\n"
@@ -388,7 +400,9 @@ def main() -> None:
 
     argv = "python " + " ".join([str(Path(sys.argv[0]))] + sys.argv[1:])
     if args.doc_only:
-        write_doc(load_results(), load_results().get("command", argv))
+        data = load_results()
+        done = {(r["lib"], r["name"]) for r in data["results"]}
+        write_doc(data, data.get("command", argv), [t for t in planned() if t not in done])
         return
     import torchvision
     if args.quick:
