@@ -113,6 +113,31 @@ def bench(name: str, channels: float, rounds: int, targets: tuple[str, ...]) -> 
     return row
 
 
+def to_markdown(rows: list[dict[str, Any]]) -> str:
+    """Tables for docs/backends.md from the JSON lines."""
+    mb = lambda r, t: f"{r[t]['bytes'] / 1e6:.1f}" if "bytes" in r.get(t, {}) else "fail"  # noqa: E731
+    err = lambda r, t: f"{r[t]['max_abs_err']:.1e} ({r[t]['rel_err']:.0e} rel)" \
+        if r.get(t, {}).get("rel_err") is not None else "fail" if "error" in r.get(t, {}) else "n/a"  # noqa: E731
+    lines = ["| model | params dense → pruned | " + " | ".join(f"{t} MB dense → pruned" for t in TARGETS) + " |",
+             "|---|---|" + "---|" * len(TARGETS)]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['params'][0] / 1e6:.1f}M → {r['params'][1] / 1e6:.1f}M | " +
+                     " | ".join(f"{mb(r['dense'], t)} → {mb(r['pruned'], t)}" for t in TARGETS) + " |")
+    lines += ["", "| model | onnxruntime max abs err dense / pruned | ExecuTorch max abs err dense / pruned |",
+              "|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {err(r['dense'], 'onnx')} / {err(r['pruned'], 'onnx')} | "
+                     f"{err(r['dense'], 'executorch')} / {err(r['pruned'], 'executorch')} |")
+    lines += ["", "| model | MACs dense → pruned | onnxruntime CPU ms dense → pruned (speedup) | "
+              "ExecuTorch XNNPACK ms dense → pruned (speedup) |", "|---|---|---|---|"]
+    for r in rows:
+        lat = lambda k: (f"{r[k]['dense_ms']} → {r[k]['pruned_ms']} ({r[k]['speedup']}×, n={r[k]['rounds']})"  # noqa: E731
+                         if k in r else "n/a")
+        lines.append(f"| {r['model']} | {r['macs'][0] / 1e9:.2f}G → {r['macs'][1] / 1e9:.2f}G | "
+                     f"{lat('onnxruntime_latency')} | {lat('executorch_latency')} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["resnet50", "mobilenet_v3_large", "vit_b_16"])
@@ -120,7 +145,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--targets", nargs="+", default=list(TARGETS))
     ap.add_argument("--jsonl", help="append one JSON line per model here")
+    ap.add_argument("--render", help="print markdown tables from this JSONL file and exit")
     args = ap.parse_args()
+    if args.render:
+        print(to_markdown([json.loads(line) for line in Path(args.render).read_text().splitlines() if line]))
+        return
     for name in args.models:
         row = bench(name, args.channels, args.rounds, tuple(args.targets))
         line = json.dumps(row, default=str)
