@@ -29,6 +29,9 @@ def write_executorch(result: Any, out: str | Path, options: dict[str, Any] | Non
     except ImportError as err:
         raise MissingDependency("executorch", "executorch") from err
     out = Path(out)
+    if (options or {}).get("sparsity"):
+        raise BackendError("--sparsity 2:4 has no ExecuTorch (XNNPACK) kernel: the .pte would run dense",
+                           "drop --sparsity, or use --target tensorrt / coreml")
     try:
         edge = to_edge_transform_and_lower(result.export(), partitioner=[XnnpackPartitioner()])
         delegated, other = _count_delegation(edge.exported_program().graph)

@@ -153,3 +153,9 @@ def test_executorch_runs_and_matches(convbn, tmp_path: Path) -> None:
     rep = BACKENDS["executorch"](convbn, tmp_path / "m.pte", {})
     assert (tmp_path / "m.pte").stat().st_size == rep["bytes"] > 0
     assert rep["delegated_calls"] >= 1 and rep["rel_err"] < 1e-4
+
+
+def test_executorch_refuses_2_4(convbn, tmp_path: Path) -> None:
+    pytest.importorskip("executorch.runtime")
+    with pytest.raises(BackendError, match="no ExecuTorch"):
+        BACKENDS["executorch"](convbn, tmp_path / "m.pte", {"sparsity": "2:4"})
