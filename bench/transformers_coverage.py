@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import sys
 import time
 import traceback
@@ -87,6 +88,23 @@ def _out(o: Any) -> torch.Tensor:
     return o[0] if isinstance(o, (tuple, list)) else o
 
 
+class _Limit:
+    """SIGALRM-based wall-clock limit for one tool run (Torch-Pruning hangs on some graphs)."""
+
+    def __init__(self, seconds: int) -> None:
+        self.seconds = seconds
+
+    def _raise(self, *_: Any) -> None:
+        raise TimeoutError(f"no result within {self.seconds} s")
+
+    def __enter__(self) -> None:
+        signal.signal(signal.SIGALRM, self._raise)
+        signal.alarm(self.seconds)
+
+    def __exit__(self, *exc: Any) -> None:
+        signal.alarm(0)
+
+
 def _short(err: BaseException) -> str:
     return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:110]}"
 
@@ -154,6 +172,7 @@ def run_tp(build: Callable, ratios: dict) -> dict:
     model, args, kwargs = build()
     example = kwargs if kwargs else args[0]
     heads = _tp_heads(model)
+    params_before = sum(p.numel() for p in model.parameters())
     mlp_leaf = re.compile(r"(intermediate\.dense|up_proj|gate_proj|fc1|lin1|c_fc|mlp\.0|mlp\.fc1|dense_h_to_4h)$")
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"]
     try:
@@ -173,7 +192,7 @@ def run_tp(build: Callable, ratios: dict) -> dict:
         pruner.step()
     except Exception as e:  # noqa: BLE001
         return {"compiled": False, "error": _short(e)}
-    row = {"compiled": True}
+    row = {"compiled": True, "params": sum(p.numel() for p in model.parameters()) / params_before}
     try:
         with torch.no_grad():
             row["forward"] = bool(torch.isfinite(_out(model(*args, **kwargs))).all())
@@ -187,7 +206,8 @@ def table(results: list[dict]) -> str:
     mark = lambda v: "✅" if v is True else "❌" if v is False else "–"
     rt = lambda v: "✅" if v == "ok" else "–" if str(v).startswith("n/a") else "❌"
     lines = ["| model | setting | compiled | verified | rel_err | fwd | synced | HF round-trip | MACs after/before "
-             "| TP pruned | TP fwd | TP HF round-trip | note |", "|" + "---|" * 13]
+             "| params after/before | TP pruned | TP params after/before | TP fwd | TP HF round-trip | note |",
+             "|" + "---|" * 15]
     for r in results:
         p, t = r["prunec"], r["tp"]
         note = p.get("error") or p.get("note") or ""
@@ -201,11 +221,12 @@ def table(results: list[dict]) -> str:
             f"| {r['model']} | {r['setting']} | ❌ | – | – | ")
         if p["compiled"]:
             lines[-1] += (f"{mark(p.get('forward'))} | {mark(p['synced'])} | {rt(p['roundtrip'])} | "
-                          f"{p['macs']:.2f} | ")
+                          f"{p['macs']:.2f} | {p['params']:.2f} | ")
         else:
-            lines[-1] += "– | – | – | – | "
-        lines[-1] += f"{mark(t['compiled'])} | {mark(t.get('forward'))} | {rt(t.get('roundtrip'))} | " \
-                     f"{note.replace('|', '/')[:160]} |"
+            lines[-1] += "– | – | – | – | – | "
+        tp_params = f"{t['params']:.2f}" if "params" in t else "–"
+        lines[-1] += f"{mark(t['compiled'])} | {tp_params} | {mark(t.get('forward'))} | " \
+                     f"{rt(t.get('roundtrip'))} | {note.replace('|', '/')[:160]} |"
     return "\n".join(lines)
 
 
@@ -260,13 +281,15 @@ def main() -> int:
         for setting, ratios in SETTINGS.items():
             torch.manual_seed(0)
             try:
-                p = run_prunec(build, ratios)
+                with _Limit(300):
+                    p = run_prunec(build, ratios)
             except Exception as e:  # noqa: BLE001
                 p = {"compiled": False, "error": _short(e)}
                 traceback.print_exc()
             torch.manual_seed(0)
             try:
-                t = run_tp(build, ratios)
+                with _Limit(90):
+                    t = run_tp(build, ratios)
             except Exception as e:  # noqa: BLE001
                 t = {"compiled": False, "error": _short(e)}
             results.append({"model": name, "setting": setting, "prunec": p, "tp": t})
