@@ -20,7 +20,7 @@ MAX_BATCH = 32
 
 BUILD_ENGINE = '''"""Build a TensorRT engine from model.onnx (written by prunec). Usage:
     python build_engine.py [--fp16/--no-fp16] [--int8] [--sparse] [--max-batch N]
-INT8 here uses no calibration data: scales are TensorRT defaults, fit for timing only."""
+INT8 here passes no calibration data or ranges: layers without scales may stay FP16; for timing only."""
 import argparse
 import json
 from pathlib import Path
@@ -98,7 +98,8 @@ def write_tensorrt(result: Any, out: str | Path, options: dict[str, Any] | None 
     if reason:
         report["reason"] = reason
     if int8:
-        report["int8_note"] = "no calibration data is passed to TensorRT: INT8 scales are placeholders, for timing"
+        report["int8_note"] = ("no calibration data or dynamic ranges are passed to TensorRT: layers without INT8 "
+                              "scales may stay FP16; the engine is for timing, not accuracy")
     return report
 
 
