@@ -163,3 +163,13 @@ def test_branches_found_per_block() -> None:
     branches = find_branches(program.graph, set(program.placeholder_fqns()))
     assert [b.name for b in branches] == ["transformer.h.0#0", "transformer.h.0#1",
                                           "transformer.h.1#0", "transformer.h.1#1"]
+
+
+def test_hidden_is_approximate_and_reported() -> None:
+    model, args, kwargs = build("llama")
+    result = prunec.compile(model, args, example_kwargs=kwargs, hidden=0.25, round_to=1)
+    v = result.report["verify"]
+    assert v["passed"] and not v["exact"] and v["approximate_groups"]
+    assert 0 < v["rel_err"] < 1  # norms read the residual stream: an error, reported, not hidden
+    assert result.report["module_synced"] and result.model.config.hidden_size == 48
+    assert result.model.model.embed_tokens.weight.shape == (96, 48)
