@@ -338,7 +338,7 @@ def write_doc(data: dict, argv: str, missing: list[tuple[str, str]] | None = Non
              "weights with every constant tensor (zero-init heads/biases, BN stats, norm affine, layer scale) "
              "perturbed by N(0, 0.1) noise so the check is not vacuous, batch 1. *verified* = prunec's verifier passed **and** rel_err ≤ 1e-4 (pruned program vs "
              "original with the removed units zeroed). *compile s* = trace+analyze+plan+rewrite+sync+cost+verify. "
-             "Torch-Pruning 1.6.1: `MagnitudePruner(pruning_ratio=0.3, importance=L1)`, classifier ignored, "
+             "Torch-Pruning (`torch_pruning.__version__` = 1.6.0): `MagnitudePruner(pruning_ratio=0.3, importance=L1)`, classifier ignored, "
              "otherwise default settings (no `num_heads` for attention); *TP fwd* = the pruned model's forward "
              "runs and returns a finite (1, num_classes) output — TP has no equivalence check.", ""]
     for lib, with_tp in (("torchvision", True), ("timm", False)):
