@@ -79,7 +79,7 @@ def sparsify_2_4(model: nn.Module, method: str = "magnitude", calib: Iterable[An
     batches = list(calib or [])
     if method != "magnitude" and not batches:
         raise InputError(f"--sparsity-method {method} needs calibration inputs", "use magnitude")
-    stats = _capture(model, layers, batches, method) if method != "magnitude" else {}
+    stats, uncalibrated = _capture(model, layers, batches, method) if method != "magnitude" else ({}, [])
     with torch.no_grad():
         for name, mod in layers.items():
             w = _to_groups_layout(mod.weight)
@@ -94,7 +94,10 @@ def sparsify_2_4(model: nn.Module, method: str = "magnitude", calib: Iterable[An
     return {"pattern": "2:4", "method": method, "layers_sparsified": len(layers),
             "layers_skipped": len(skipped), "skipped": skipped,
             "mean_sparsity": round(zeros / total, 4) if total else 0.0,
-            "calibration_batches": len(batches) if method != "magnitude" else 0}
+            "calibration_batches": len(batches) if method != "magnitude" else 0,
+            # layers whose forward never ran (e.g. nn.MultiheadAttention.out_proj, used via its
+            # .weight): their masks fell back to magnitude
+            "uncalibrated": uncalibrated}
 
 
 def _to_groups_layout(w: torch.Tensor) -> torch.Tensor:
@@ -130,7 +133,7 @@ def _columns(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _capture(model: nn.Module, layers: dict[str, nn.Module], batches: list[Any],
-             method: str) -> dict[str, torch.Tensor]:
+             method: str) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Run the calibration batches once; per layer: Σx² per column (wanda) or H = XᵀX (sparsegpt)."""
     acc: dict[str, torch.Tensor] = {}
 
@@ -149,11 +152,11 @@ def _capture(model: nn.Module, layers: dict[str, nn.Module], batches: list[Any],
     finally:
         for h in handles:
             h.remove()
-    for name, mod in layers.items():   # a layer the batches never reached: fall back to magnitude
-        if name not in acc:
-            cols = _to_groups_layout(mod.weight).shape[1]
-            acc[name] = torch.ones(cols) if method == "wanda" else torch.eye(cols)
-    return acc
+    missing = [name for name in layers if name not in acc]
+    for name in missing:   # the batches never reached it: ones / identity H = magnitude
+        cols = _to_groups_layout(layers[name].weight).shape[1]
+        acc[name] = torch.ones(cols) if method == "wanda" else torch.eye(cols)
+    return acc, missing
 
 
 def _sparsegpt(w: torch.Tensor, hessian: torch.Tensor, percdamp: float, block: int = 128) -> torch.Tensor:
