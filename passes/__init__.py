@@ -1,9 +1,20 @@
-"""Compiler passes: criteria (score), selection (plan)."""
+"""Compiler passes: criteria (score), selection (plan), refit, layer dropping, search."""
 from prunec.passes.base import PASSES, Pass, PassResult, State, register_pass, run_passes
+from prunec.passes.activation import Activation, ActivationVariance
 from prunec.passes.bn_scale import BNScale
+from prunec.passes.fisher import Fisher
+from prunec.passes.lasso import Lasso
 from prunec.passes.layer_drop import LayerDrop
 from prunec.passes.magnitude import L1, L2, Magnitude
+from prunec.passes.obd import OBD
 from prunec.passes.select import Select, keep_count
+from prunec.passes.sensitivity import Sensitivity
+from prunec.passes.target_search import TargetSearch
+from prunec.passes.taylor import Taylor
+from prunec.passes.thinet import LeastSquaresSelection, ThiNet
+from prunec.passes.wanda import Wanda
 
 __all__ = ["PASSES", "Pass", "PassResult", "State", "register_pass", "run_passes",
-           "Magnitude", "L1", "L2", "BNScale", "Select", "keep_count", "LayerDrop"]
+           "Magnitude", "L1", "L2", "BNScale", "Taylor", "Fisher", "OBD", "Activation",
+           "ActivationVariance", "Wanda", "ThiNet", "Lasso", "LeastSquaresSelection", "Select",
+           "keep_count", "LayerDrop", "Sensitivity", "TargetSearch"]

@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", help="replay a saved plan (JSON) instead of scoring")
     p.add_argument("--save-plan", help="write the plan (group → kept units) as JSON")
     p.add_argument("--no-verify", action="store_true", help="skip the equivalence check")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed for example inputs and calibration sampling")
+    p.add_argument("--calib", help="calibration data: image folder, .npy/.npz/.pt tensors, or .txt/.jsonl text")
+    p.add_argument("--calib-samples", type=int, default=64, help="calibration samples to draw (default 64)")
     return p
 
 
@@ -122,12 +124,13 @@ def _compile(argv: Sequence[str]) -> int:
         out = out or Path(f"{loaded.name.replace('/', '_').replace(':', '_')}.pruned.pt2")
         check_writable(out)
         plan = prunec.Plan.load(args.plan) if args.plan else None
+        calib = _calib(args, loaded)
         progress = (lambda stage: status.update(stage)) if status is not None else None
         result = prunec.compile(loaded.model, loaded.example_inputs, example_kwargs=loaded.example_kwargs,
                                 channels=args.channels, mlp=args.mlp, heads=args.heads, hidden=args.hidden,
                                 layers=args.layers,
                                 method=args.method, round_to=args.round_to, global_rank=args.global_rank,
-                                plan=plan, check=not args.no_verify, progress=progress)
+                                plan=plan, calib=calib, check=not args.no_verify, progress=progress)
         if progress:
             progress(f"writing {args.target} artifact")
         result.report["artifact"] = BACKENDS[args.target](result, out, {
@@ -141,6 +144,19 @@ def _compile(argv: Sequence[str]) -> int:
             Path(tmp).write_text(json.dumps(result.report, indent=1, default=str))
     _summary(result.report, out)
     return 0
+
+
+def _calib(args: argparse.Namespace, loaded: Any) -> list | None:
+    """Calibration batches for --calib (positional-input models)."""
+    if not args.calib:
+        return None
+    if args.calib_samples < 1:
+        raise InputError(f"--calib-samples {args.calib_samples} must be ≥ 1", "e.g. --calib-samples 64")
+    if loaded.example_kwargs:
+        raise InputError("--calib is not supported for keyword-input (hf:) models from the CLI yet",
+                         "pass calib= batches to prunec.compile in Python")
+    from prunec.calib import load_calib
+    return load_calib(args.calib, loaded.example_inputs, args.calib_samples, args.seed)
 
 
 class _null:

@@ -15,7 +15,7 @@ from prunec.coupling import Coupling
 from prunec.errors import InputError, PruneError
 from prunec.layers import blocks, find_branches
 from prunec.module_sync import synced_copy
-from prunec.passes import PASSES, LayerDrop, Pass, Select, State, run_passes
+from prunec.passes import PASSES, LayerDrop, LeastSquaresSelection, Pass, Select, State, run_passes
 from prunec.passes.select import check_ratio
 from prunec.plan import Plan
 from prunec.program_module import ProgramModule, copy_graph
@@ -69,12 +69,18 @@ def analyze(model: nn.Module, example_inputs: Any, example_kwargs: dict[str, Any
     return build_coupling(trace(model, _as_tuple(example_inputs), example_kwargs))
 
 
-def criterion(method: str) -> Pass:
-    """The scoring pass for a ``--method`` name."""
-    if method not in PASSES or method == "select":
+NOT_METHODS = ("select", "layer_drop", "target_search")
+
+
+def criterion(method: str, ratio: float = 0.5, round_to: int = 8) -> Pass:
+    """The scoring (or selecting) pass for a ``--method`` name."""
+    if method not in PASSES or method in NOT_METHODS:
         raise InputError(f"unknown pruning method '{method}'",
-                         f"use one of {sorted(n for n in PASSES if n != 'select')}")
-    return PASSES[method]()
+                         f"use one of {sorted(n for n in PASSES if n not in NOT_METHODS)}")
+    cls = PASSES[method]
+    if issubclass(cls, LeastSquaresSelection):  # ThiNet / LASSO select channels themselves
+        return cls(ratio=ratio, round_to=round_to)
+    return cls()
 
 
 def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp: float = 0.0,
@@ -101,7 +107,7 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
         if plan is None:
             ratios = {"channel": channels, "mlp": mlp or channels, "head": heads, "hidden": hidden}
             pipeline = list(passes) if passes is not None else [
-                criterion(method), Select(ratios, round_to=round_to, global_rank=global_rank)]
+                criterion(method, channels, round_to), Select(ratios, round_to=round_to, global_rank=global_rank)]
             if passes is None and layers:
                 pipeline.append(LayerDrop(check_ratio("layers", layers)))
             state = run_passes(pipeline, State(model, program, coupling, calib=calib))

@@ -113,3 +113,24 @@ def test_pt2_model_input_uses_recorded_shape(tmp_path: Path) -> None:
     pruned = torch.export.load(out)
     assert pruned.state_dict["stem.0.weight"].shape[0] == 8  # 16 → 8: smaller dense tensors
     assert pruned.module()(inputs[0]).shape == (2, 10)
+
+
+@pytest.mark.parametrize("method", ["thinet", "taylor"])
+def test_data_driven_method_with_calib_file(method: str, tmp_path: Path) -> None:
+    import numpy as np
+    calib = tmp_path / "calib.npy"
+    np.save(calib, np.random.default_rng(0).standard_normal((8, 1, 28, 28)).astype("float32"))
+    report = tmp_path / "r.json"
+    code = main(["zoo:convbn", "--channels", "0.5", "--method", method, "--calib", str(calib),
+                 "--calib-samples", "4", "--round-to", "1", "-o", str(tmp_path / "m.pt2"),
+                 "--report", str(report)])
+    assert code == 0
+    data = json.loads(report.read_text())
+    assert data["verify"]["passed"] and data["macs_after"] < 0.5 * data["macs_before"]
+    if method == "thinet":
+        assert any("refit" in n for n in data["notes"])
+
+
+def test_data_driven_method_without_calib_is_refused(capsys: pytest.CaptureFixture) -> None:
+    assert main(["zoo:convbn", "--channels", "0.5", "--method", "taylor"]) == 2
+    assert "needs calibration data" in capsys.readouterr().err
