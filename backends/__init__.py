@@ -5,13 +5,15 @@ from typing import Any, Callable
 
 Writer = Callable[..., dict[str, Any]]
 BACKENDS: dict[str, Writer] = {}
+ARTIFACTS: dict[str, tuple[str, bool]] = {}  # target → (default suffix, writes a directory)
 
 
-def register_backend(name: str) -> Callable[[Writer], Writer]:
+def register_backend(name: str, suffix: str = ".pt2", directory: bool = False) -> Callable[[Writer], Writer]:
     def wrap(fn: Writer) -> Writer:
         if name in BACKENDS:
             raise ValueError(f"duplicate backend {name}")
         BACKENDS[name] = fn
+        ARTIFACTS[name] = (suffix, directory)
         return fn
     return wrap
 

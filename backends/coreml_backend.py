@@ -24,7 +24,7 @@ WEIGHT_OPS = ("const", "constexpr_sparse_to_dense", "constexpr_lut_to_dense", "c
               "constexpr_blockwise_shift_scale", "constexpr_sparse_blockwise_shift_scale")
 
 
-@register_backend("coreml")
+@register_backend("coreml", ".mlpackage", directory=True)
 def write_coreml(result: Any, out: str | Path, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``out`` (.mlpackage directory) and check its spec."""
     try:

@@ -19,7 +19,7 @@ REL_TOL = 1e-3
 PAIRING = "executorch 1.5.1 with torch 2.14.1"
 
 
-@register_backend("executorch")
+@register_backend("executorch", ".pte")
 def write_executorch(result: Any, out: str | Path, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``out`` (.pte); refuse if the ExecuTorch runtime disagrees with torch."""
     try:

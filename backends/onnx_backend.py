@@ -22,7 +22,7 @@ DEFAULT_OPSET = 18
 REL_TOL = 1e-3
 
 
-@register_backend("onnx")
+@register_backend("onnx", ".onnx")
 def write_onnx(result: Any, out: str | Path, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``out`` (.onnx); apply 2:4 first if asked; refuse if onnxruntime disagrees with torch."""
     options = options or {}

@@ -74,7 +74,7 @@ if __name__ == "__main__":
 '''
 
 
-@register_backend("tensorrt")
+@register_backend("tensorrt", "_trt", directory=True)
 def write_tensorrt(result: Any, out: str | Path, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the directory ``out``; build model.engine only with TensorRT and a CUDA GPU."""
     options = options or {}

@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="state dict (safetensors or torch.save) for a zoo architecture")
     p.add_argument("--trust-pickle", action="store_true", help="allow loading a pickled module (runs its code)")
     p.add_argument("--target", default="torch", choices=sorted(BACKENDS) or ["torch"])
-    p.add_argument("-o", "--output", help="artifact path (default: NAME.pruned.pt2)")
+    p.add_argument("-o", "--output", help="artifact path (default: NAME.pruned + the target's suffix: .pt2, .onnx, _trt/, .mlpackage, .pte)")
     p.add_argument("--sparsity", default=None, help="semi-structured sparsity after pruning: 2:4 (onnx, tensorrt, coreml)")
     p.add_argument("--sparsity-method", default="magnitude", choices=["magnitude", "wanda", "sparsegpt"],
                    help="how 2:4 masks are chosen (wanda/sparsegpt calibrate on the example inputs)")
@@ -106,7 +106,7 @@ def _compile(argv: Sequence[str]) -> int:
 
     import prunec
     from prunec.atomic import atomic_path, check_writable
-    from prunec.backends import BACKENDS
+    from prunec.backends import ARTIFACTS, BACKENDS
     from prunec.load import load_model
     from prunec.passes.select import check_ratio
 
@@ -115,14 +115,17 @@ def _compile(argv: Sequence[str]) -> int:
     if args.round_to < 1:
         raise InputError(f"--round-to {args.round_to} must be ≥ 1", "use 1 (off), 8, 16 or 32")
     out = Path(args.output) if args.output else None
-    for path in (out, args.report, args.save_plan):
+    suffix, is_dir = ARTIFACTS.get(args.target, (".pt2", False))
+    if out:
+        check_writable(out, directory=is_dir)
+    for path in (args.report, args.save_plan):
         if path:
             check_writable(path)
     torch.manual_seed(args.seed)
     with console.status("loading", spinner="dots") if console.is_terminal else _null() as status:
         loaded = load_model(args.model, args.input_shape, args.weights, args.trust_pickle, args.seq_len)
-        out = out or Path(f"{loaded.name.replace('/', '_').replace(':', '_')}.pruned.pt2")
-        check_writable(out)
+        out = out or Path(f"{loaded.name.replace('/', '_').replace(':', '_')}.pruned{suffix}")
+        check_writable(out, directory=is_dir)
         plan = prunec.Plan.load(args.plan) if args.plan else None
         calib = _calib(args, loaded)
         progress = (lambda stage: status.update(stage)) if status is not None else None
@@ -182,9 +185,26 @@ def _summary(report: dict[str, Any], out: Path) -> None:
         f"{len(report['groups'])}; {len(report['frozen'])} tensor dims frozen",
         f"module  {'synced (your class, attributes updated)' if report['module_synced'] else report['module_note']}",
         f"time    {report['time_s']['total']:.2f}s ({', '.join(f'{k} {v:.2f}' for k, v in report['time_s'].items() if k != 'total')})",
+        *_artifact_lines(report.get("artifact") or {}),
         f"wrote   {out}",
     ]
     print("\n".join(lines))
+
+
+def _artifact_lines(artifact: dict[str, Any]) -> list[str]:
+    """What the backend checked with its runtime, and what it could not do."""
+    lines = []
+    if "runtime" in artifact and "max_abs_err" in artifact:
+        lines.append(f"runtime {artifact['runtime']}: max abs err vs torch {artifact['max_abs_err']:.3g}")
+    if "engine" in artifact and not artifact["engine"]:
+        lines.append(f"engine  not built: {artifact.get('reason', 'unknown reason')}")
+    if "prediction" in artifact:
+        lines.append(f"predict {artifact['prediction']}")
+    sparsity = artifact.get("sparsity")
+    if isinstance(sparsity, dict):
+        lines.append(f"2:4     {sparsity.get('method')}: {sparsity.get('layers_sparsified')} layers sparse, "
+                     f"{sparsity.get('layers_skipped')} skipped (too few or odd input channels)")
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -134,3 +134,13 @@ def test_data_driven_method_with_calib_file(method: str, tmp_path: Path) -> None
 def test_data_driven_method_without_calib_is_refused(capsys: pytest.CaptureFixture) -> None:
     assert main(["zoo:convbn", "--channels", "0.5", "--method", "taylor"]) == 2
     assert "needs calibration data" in capsys.readouterr().err
+
+
+def test_directory_target_reruns_and_default_suffix(tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "trt"
+    for _ in range(2):  # an existing artifact directory is replaced, not refused
+        assert main(["zoo:convbn", "--channels", "0.5", "--target", "tensorrt", "-o", str(out)]) == 0
+    assert (out / "model.onnx").exists() and (out / "build_engine.py").exists()
+    monkeypatch.chdir(tmp_path)
+    assert main(["zoo:convbn", "--channels", "0.5", "--target", "onnx"]) == 0
+    assert (tmp_path / "convbn.pruned.onnx").exists()
