@@ -187,11 +187,14 @@ def collect(program: Program | ProgramModule, calib: Iterable[Any],
 
 def grad_sums(model: nn.Module, calib: Iterable[Any], fn: Callable[[dict[str, torch.Tensor],
               dict[str, torch.Tensor]], None], labels: Iterable[torch.Tensor] | None = None,
-              hessian_probes: int = 0, seed: int = 0) -> None:
+              hessian_probes: int = 0, seed: int = 0,
+              loss_fn: Callable[[Any, Any, torch.Tensor | None], torch.Tensor] | None = None) -> None:
     """For each batch call ``fn(weights, grads)`` (FQN → tensor) of the loss on that batch.
 
-    Loss: cross-entropy against ``labels`` (one tensor per batch) when given, else half the
-    squared output norm averaged over the batch. With ``hessian_probes`` > 0, ``grads`` holds
+    A batch is a tuple of positional inputs, or a dict of keyword inputs (HF models; also as the
+    single element of a tuple). Loss: ``loss_fn(output, batch, label)`` when given, else
+    cross-entropy against ``labels`` (one tensor per batch) when given, else half the squared
+    output norm averaged over the batch. With ``hessian_probes`` > 0, ``grads`` holds
     Hutchinson estimates of the Hessian diagonal, E[v ⊙ Hv] over Rademacher probes v.
     Gradients go through ``torch.autograd.grad``: the module's ``.grad`` fields are untouched.
     """
@@ -203,11 +206,12 @@ def grad_sums(model: nn.Module, calib: Iterable[Any], fn: Callable[[dict[str, to
     model.eval()
     try:
         for i, batch in enumerate(calib):
-            batch = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+            args, kwargs = call_args(batch)
             with torch.enable_grad():
                 leaves = [t.detach().requires_grad_(True) for t in tensors]
-                loss = _loss(torch.func.functional_call(model, dict(zip(names, leaves)), batch),
-                             None if label_list is None else label_list[i])
+                output = torch.func.functional_call(model, dict(zip(names, leaves)), args, kwargs)
+                label = None if label_list is None else label_list[i]
+                loss = _loss(output, label) if loss_fn is None else loss_fn(output, batch, label)
                 create = hessian_probes > 0
                 grads = torch.autograd.grad(loss, leaves, create_graph=create, allow_unused=True)
                 grads = [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]
@@ -217,6 +221,17 @@ def grad_sums(model: nn.Module, calib: Iterable[Any], fn: Callable[[dict[str, to
                dict(zip(names, [g.detach() for g in grads])))
     finally:
         model.train(was_training)
+
+
+def call_args(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """(positional, keyword) inputs of one calibration batch: a dict (or a 1-tuple holding one)
+    is keyword inputs, anything else positional."""
+    if isinstance(batch, dict):
+        return (), dict(batch)
+    batch = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+    if len(batch) == 1 and isinstance(batch[0], dict):
+        return (), dict(batch[0])
+    return batch, {}
 
 
 def _loss(output: Any, labels: torch.Tensor | None) -> torch.Tensor:
