@@ -3,9 +3,11 @@ from prunec.passes.base import PASSES, Pass, PassResult, State, register_pass, r
 from prunec.passes.activation import Activation, ActivationVariance
 from prunec.passes.bn_scale import BNScale
 from prunec.passes.fisher import Fisher
+from prunec.passes.head_importance import HeadImportance
 from prunec.passes.lasso import Lasso
 from prunec.passes.layer_drop import LayerDrop
 from prunec.passes.magnitude import L1, L2, Magnitude
+from prunec.passes.movement import Movement
 from prunec.passes.obd import OBD
 from prunec.passes.select import Select, keep_count
 from prunec.passes.sensitivity import Sensitivity
@@ -17,4 +19,4 @@ from prunec.passes.wanda import Wanda
 __all__ = ["PASSES", "Pass", "PassResult", "State", "register_pass", "run_passes",
            "Magnitude", "L1", "L2", "BNScale", "Taylor", "Fisher", "OBD", "Activation",
            "ActivationVariance", "Wanda", "ThiNet", "Lasso", "LeastSquaresSelection", "Select",
-           "keep_count", "LayerDrop", "Sensitivity", "TargetSearch"]
+           "keep_count", "LayerDrop", "Sensitivity", "TargetSearch", "HeadImportance", "Movement"]
