@@ -275,6 +275,8 @@ def finish(builder: CouplingBuilder, program: Program) -> Coupling:
         head = any(u in head_labels for u in unit_labels.tolist())
         kind = "hidden" if approx else "head" if head else _channel_kind(program, members)
         name = f"{sig[0][0]}@{sig[0][1]}"
+        taken = sum(1 for g in groups if g.name.split("#")[0] == name)
+        name = f"{name}#{taken}" if taken else name  # a dim split between groups (cat/split)
         groups.append(Group(name, kind, unit_labels, members, approx))
 
     consumed = {(fqns[node.name], dim) for node, dim in builder.consumed

@@ -44,7 +44,8 @@ class ProgramModule(nn.Module):
         self._user_outputs = [i for i, s in enumerate(sig.output_specs)
                               if s.kind == OutputKind.USER_OUTPUT]
         self._out_spec = program.ep.call_spec.out_spec
-        object.__setattr__(self, "graph_module", fx.GraphModule(nn.Module(), graph))
+        # the exported module as root carries submodules of higher-order ops (cond, autocast, …)
+        object.__setattr__(self, "graph_module", fx.GraphModule(program.ep.graph_module, graph))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         leaves = iter(pytree.tree_leaves((args, kwargs)))

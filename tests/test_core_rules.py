@@ -148,3 +148,40 @@ def test_ratios_never_empty_groups(ratio: float) -> None:
     result = prunec.compile(Families().eval(), torch.randn(2, 3, 8, 8), channels=ratio, round_to=1)
     assert all(g["kept"] >= 1 for g in result.report["groups"])
     assert_verified(result)
+
+
+class StdConv(nn.Conv2d):
+    """Weight standardisation (timm ScaledStdConv2d): batch statistics over in-channels × kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = nn.functional.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                                     training=True, momentum=0.0, eps=1e-5).reshape_as(self.weight)
+        return nn.functional.conv2d(x, w, self.bias, padding=1)
+
+
+def test_weight_standardisation_makes_input_channels_approximate() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), StdConv(16, 8, 3),
+                          nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
+    result = prunec.compile(model, torch.randn(1, 3, 6, 6), channels=0.5, round_to=1)
+    assert_verified(result)
+    groups = {g["name"]: g for g in result.report["groups"]}
+    assert groups["0.weight@0"]["kind"] == "hidden" and "batch statistics" in groups["0.weight@0"]["approximate"]
+    assert groups["2.weight@0"]["kept"] == 4  # its output channels are still exact to prune
+
+
+def test_a_dim_split_between_groups_gets_unique_names() -> None:
+    class Mixed(nn.Module):  # MixNet: one conv's channels split to convs of different kernels
+        def __init__(self) -> None:
+            super().__init__()
+            self.pw = nn.Conv2d(3, 16, 1)
+            self.k3, self.k5 = nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 8, 5, padding=2, groups=8)
+            self.out = nn.Conv2d(16, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a, b = torch.split(self.pw(x), [8, 8], dim=1)
+            return self.out(torch.cat([self.k3(a), self.k5(b)], dim=1))
+
+    result = prunec.compile(Mixed().eval(), torch.randn(1, 3, 8, 8), channels=0.5, round_to=1)
+    names = [g["name"] for g in result.report["groups"]]
+    assert len(names) == len(set(names)) and "pw.weight@0#1" in names
+    assert_verified(result)

@@ -28,6 +28,13 @@ def batch_norm(node: fx.Node, g: CouplingBuilder) -> None:
         return
     params = [arg(node, i) for i in (1, 2, 3, 4)]
     g.tie((x, 1), *((p, 0) for p in params))
+    batch_stats = node.target is aten.instance_norm.default or (
+        node.target is aten.batch_norm.default and (arg(node, 5, "training") or params[2] is None))
+    if batch_stats:  # statistics computed in forward read every dim but the channel dim
+        first = 2 if node.target is aten.instance_norm.default else 0
+        for d in range(first, ndim(x)):
+            if d != 1:
+                g.approx(x, d, "batch statistics computed in forward read this dim")
 
 
 @coupling_rule(aten.layer_norm.default)

@@ -32,9 +32,12 @@ def pool(node: fx.Node, g: CouplingBuilder) -> None:
         g.tie((x, d), (out, d))
 
 
+DIM_ARG = {aten.linalg_vector_norm.default: 2}  # where `dim` sits when it is not argument 1
+
+
 def _reduced_dims(node: fx.Node) -> list[int]:
     n = ndim(arg(node, 0))
-    dims = arg(node, 1, "dim")
+    dims = arg(node, DIM_ARG.get(node.target, 1), "dim")
     if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
         return list(range(n))
     dims = [dims] if isinstance(dims, int) else dims
@@ -44,12 +47,12 @@ def _reduced_dims(node: fx.Node) -> list[int]:
 @coupling_rule(aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default,
                aten.var.correction, aten.std.correction, aten.mean.default, aten.sum.default,
                aten.var.dim, aten.std.dim, aten.max.dim, aten.min.dim, aten.argmax.default,
-               aten.logsumexp.default, aten.norm.ScalarOpt_dim)
+               aten.logsumexp.default, aten.norm.ScalarOpt_dim, aten.linalg_vector_norm.default)
 def reduce(node: fx.Node, g: CouplingBuilder) -> None:
     """y = reduce over some dims: kept dims tie; a reduced dim reads every element (approximate)."""
     x = arg(node, 0)
     reduced = _reduced_dims(node)
-    keepdim = bool(arg(node, 2, "keepdim", False)) if node.target not in (
+    keepdim = bool(arg(node, DIM_ARG.get(node.target, 1) + 1, "keepdim", False)) if node.target not in (
         aten.mean.default, aten.sum.default) else False
     if node.target in (aten.var.correction, aten.std.correction):
         keepdim = bool(node.kwargs.get("keepdim", False))
