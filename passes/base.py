@@ -28,6 +28,12 @@ class State:
     # new values (in the *pruned* shape) for state tensors, e.g. a least-squares refit of the
     # layer that consumes pruned channels; applied after the structural rewrite is verified
     updates: dict[str, torch.Tensor] = field(default_factory=dict)
+    # group kinds the selection will prune (None: all); criteria skip the others
+    kinds: set[str] | None = None
+
+    def groups_to_score(self) -> list:
+        """The coupling groups a criterion needs to score."""
+        return [g for g in self.coupling.groups if self.kinds is None or g.kind in self.kinds]
 
 
 @dataclass

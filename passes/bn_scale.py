@@ -17,7 +17,7 @@ class BNScale(Pass):
         bn_weights = {f"{name}.weight" for name, m in state.model.named_modules()
                       if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.affine}
         fallback = []
-        for group in state.coupling.groups:
+        for group in state.groups_to_score():
             members = [(fqn, rows) for (fqn, dim), rows in group.members.items() if fqn in bn_weights]
             if not members:
                 fallback.append(group.name)

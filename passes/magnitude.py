@@ -17,7 +17,7 @@ class Magnitude(Pass):
 
     def run(self, state: State) -> PassResult:
         tensors = state.program.state()
-        for group in state.coupling.groups:
+        for group in state.groups_to_score():
             members = param_members(state, group.name)
             if not members:
                 continue

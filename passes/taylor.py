@@ -37,7 +37,7 @@ class GradientCriterion(Pass):
                     sums[(fqn, dim)] = sums.get((fqn, dim), 0) + stat
 
         grad_sums(state.model, calib, accumulate, self.labels, self.hessian_probes, self.seed)
-        for group in state.coupling.groups:
+        for group in state.groups_to_score():
             members = [(f, d, r) for f, d, r in param_members(state, group.name) if (f, d) in sums]
             if members:
                 elems = [sums[(f, d)].numpy().astype(np.float64) for f, d, _ in members]

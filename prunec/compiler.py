@@ -110,7 +110,8 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
                 criterion(method, channels, round_to), Select(ratios, round_to=round_to, global_rank=global_rank)]
             if passes is None and layers:
                 pipeline.append(LayerDrop(check_ratio("layers", layers)))
-            state = run_passes(pipeline, State(model, program, coupling, calib=calib))
+            kinds = {k for k, v in ratios.items() if v} if passes is None else None
+            state = run_passes(pipeline, State(model, program, coupling, calib=calib, kinds=kinds))
             plan, notes, updates = state.plan, state.notes, state.updates
         else:
             notes, updates = [], {}
