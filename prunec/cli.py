@@ -138,7 +138,8 @@ def _compile(argv: Sequence[str]) -> int:
             progress(f"writing {args.target} artifact")
         result.report["artifact"] = BACKENDS[args.target](result, out, {
             "loaded": loaded, "sparsity": args.sparsity, "sparsity_method": args.sparsity_method,
-            "coreml_target": args.coreml_target, "int8": args.int8, "opset": args.opset})
+            "coreml_target": args.coreml_target, "int8": args.int8, "opset": args.opset,
+            "calib": [(tuple(batch), {}) for batch in calib] if calib else None})
     if args.save_plan:
         with atomic_path(args.save_plan) as tmp:
             result.plan.save(tmp)

@@ -99,7 +99,7 @@ def _user_frame(err: Exception) -> str:
     """' at FILE:LINE in FN' for the last frame of user code the export error mentions."""
     frames = re.findall(r'File "([^"]+)", line (\d+), in (\w+)', str(err))
     frames += [(f.filename, str(f.lineno), f.name) for f in traceback.extract_tb(err.__traceback__)]
-    user = [f for f in frames if "site-packages" not in f[0] and "/torch/" not in f[0]
+    user = [f for f in frames if "site-packages" not in f[0] and "/torch/" not in f[0] and not f[0].startswith("<")
             and "prunec" not in f[0]]
     return f" (at {user[-1][0]}:{user[-1][1]} in {user[-1][2]})" if user else ""
 
