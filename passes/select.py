@@ -49,6 +49,11 @@ class Select(Pass):
 
     def run(self, state: State) -> PassResult:
         for kind, ratio in self.ratios.items():
+            unscored = [g for g in state.coupling.groups if g.kind == kind and g.name not in state.scores
+                        and g.name not in state.plan.kept]
+            if unscored:
+                state.notes.append(f"{len(unscored)} {kind} group(s) have no score from the criterion "
+                                   "and were kept whole")
             groups = [g for g in state.coupling.groups if g.kind == kind and g.name in state.scores]
             counts = self._global_counts(state, groups, ratio) if self.global_rank else \
                 {g.name: keep_count(g.size, ratio, self._round(state, g.name)) for g in groups}

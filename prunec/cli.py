@@ -186,6 +186,7 @@ def _summary(report: dict[str, Any], out: Path) -> None:
         f"{len(report['groups'])}; {len(report['frozen'])} tensor dims frozen",
         f"module  {'synced (your class, attributes updated)' if report['module_synced'] else report['module_note']}",
         f"time    {report['time_s']['total']:.2f}s ({', '.join(f'{k} {v:.2f}' for k, v in report['time_s'].items() if k != 'total')})",
+        *(f"note    {note}" for note in report.get("notes", [])),
         *_artifact_lines(report.get("artifact") or {}),
         f"wrote   {out}",
     ]
