@@ -123,6 +123,15 @@ def drop_branches(graph: fx.Graph, nodes: dict[str, fx.Node], branches: list[Bra
         graph.eliminate_dead_code(is_impure_node=_keeps_effect)
 
 
+def _fresh(node: object) -> bool:
+    """A tensor some graph op allocated (not an input, not a view of anything)."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return False
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and not schema.is_mutable and bool(schema.returns) and all(
+        r.alias_info is None for r in schema.returns)
+
+
 def _keeps_effect(node: fx.Node) -> bool:
     """DCE keeps placeholders, outputs, mutating ops and checks on live values; inference-mode
     dropout (which fx counts as impure: it is random in training) goes with its branch."""
@@ -131,8 +140,9 @@ def _keeps_effect(node: fx.Node) -> bool:
     schema = getattr(node.target, "_schema", None)
     if schema is None:
         return False
-    if schema.is_mutable:
-        return True
+    if schema.is_mutable:  # removable only if it mutates a fresh tensor nothing else reads
+        target = node.args[0] if node.args else None
+        return not _fresh(target) or len(target.users) > 1
     if not schema.returns:  # a runtime check: keep it while what it checks is still used
         return any(len(a.users) > 1 for a in node.all_input_nodes)
     return False

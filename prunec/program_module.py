@@ -34,7 +34,10 @@ class ProgramModule(nn.Module):
         sig = program.ep.graph_signature
         self._inputs: list[tuple[str, str | None]] = []
         params = program.param_fqns()
+        present = {n.name for n in graph.nodes if n.op == "placeholder"}
         for spec in sig.input_specs:
+            if spec.kind != InputKind.USER_INPUT and spec.arg.name not in present:
+                continue  # state that only removed code read (e.g. a dropped block)
             if spec.kind == InputKind.USER_INPUT:
                 self._inputs.append(("user", None))
             else:

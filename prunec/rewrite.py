@@ -170,6 +170,10 @@ def rewrite(coupling: Coupling, plan: Plan) -> tuple[ProgramModule, dict[str, to
     branches = dropped_branches(coupling, plan)
     if branches:
         drop_branches(graph, {old.name: new for old, new in node_map.items()}, branches)
+        fqns = coupling.program.placeholder_fqns()
+        for node in list(graph.nodes):  # tensors only dropped branches read leave the program
+            if node.op == "placeholder" and node.name in fqns and not node.users:
+                graph.erase_node(node)
     state = slice_state(coupling, dropped)
     graph.lint()
     return ProgramModule(coupling.program, graph, state), state, sizes

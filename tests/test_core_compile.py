@@ -147,3 +147,15 @@ def test_untraceable_model_names_the_place() -> None:
         prunec.compile(DataDependent(), torch.randn(2, 3))
     line = info.value.one_line()
     assert "\n" not in line and "test_core_compile.py" in line and "in forward" in line
+
+
+def test_dropped_residual_block_leaves_program_and_module() -> None:
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    result = prunec.compile(model, X, layers=0.25)
+    assert_verified(result)
+    dropped = result.plan.meta["dropped_layers"]
+    assert dropped and result.report["module_synced"]
+    program_params = sum(p.numel() for p in result.program.parameters())
+    assert program_params == result.report["params_after"] < result.report["params_before"]
+    block = dropped[0].split("#")[0]  # e.g. layer1.0: its tensors are gone from the program
+    assert not any(k.startswith(block + ".") for k in result.program.state_dict())
