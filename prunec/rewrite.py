@@ -133,7 +133,9 @@ def slice_state(coupling: Coupling, dropped: dict[Key, np.ndarray]) -> dict[str,
             continue
         tensor = _state_tensor(coupling, fqns[node.name])
         for dim, idx in by_node.get(node, []):
-            keep = np.setdiff1d(np.arange(tensor.shape[dim]), idx)
+            mask = np.ones(tensor.shape[dim], dtype=bool)
+            mask[idx] = False
+            keep = np.nonzero(mask)[0]
             tensor = tensor.index_select(dim, torch.as_tensor(keep, dtype=torch.long))
         out[fqns[node.name]] = tensor.detach().clone() if node not in by_node else tensor.detach()
     return out
