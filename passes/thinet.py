@@ -31,12 +31,14 @@ class Reconstruction:
         self.gram = np.zeros((n, n))
         self.cross = np.zeros(n)            # ⟨Z_u, Y⟩ / ‖Y‖²
         for c, x, w, shape in zip(cons, xs, self.w2d, self.shapes):
-            z = torch.stack([x[:, cols] @ w[:, cols].T for cols in self.unit_cols(c, shape)])
-            z = z.reshape(n, -1)
-            y = z.sum(0)
-            scale = float(y.pow(2).sum()) or 1.0
-            self.gram += (z @ z.T).numpy() / scale
-            self.cross += (z @ y).numpy() / scale
+            # ⟨Z_u, Z_v⟩ = Σ_{i∈u, j∈v} (XᵀX)[i, j] · (WᵀW)[i, j]: never materialise Z (units × samples × out)
+            cols = torch.stack(self.unit_cols(c, shape))
+            m = cols.shape[1]
+            xs_, ws_ = x[:, cols.reshape(-1)], w[:, cols.reshape(-1)]
+            gram = ((xs_.T @ xs_) * (ws_.T @ ws_)).reshape(n, m, n, m).sum((1, 3))
+            scale = float(gram.sum()) or 1.0   # ‖Y‖², Y = Σ_u Z_u
+            self.gram += gram.numpy() / scale
+            self.cross += gram.sum(1).numpy() / scale
 
     @staticmethod
     def unit_cols(c: Consumer, shape: tuple[int, ...]) -> list[torch.Tensor]:
