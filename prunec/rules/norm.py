@@ -37,29 +37,18 @@ def batch_norm(node: fx.Node, g: CouplingBuilder) -> None:
                 g.approx(x, d, "batch statistics computed in forward read this dim")
 
 
-@coupling_rule(aten.layer_norm.default)
+@coupling_rule(aten.layer_norm.default, aten.rms_norm.default)
 def layer_norm(node: fx.Node, g: CouplingBuilder) -> None:
-    """y = (x − mean(x[..., D])) / std(x[..., D]) · γ[D] + β[D]  (statistics read every d ∈ D)"""
-    x, normalized = arg(node, 0), arg(node, 1)
-    w, b = arg(node, 2, "weight"), arg(node, 3, "bias")
+    """y = (x − mean(x[..., D])) / std(x[..., D]) · γ[D] + β[D]; rms_norm: y = x / rms(x[..., D]) · γ[D]
+    (the statistics read every d ∈ D: approximate)"""
+    x, normalized, w = arg(node, 0), arg(node, 1), arg(node, 2, "weight")
+    b = arg(node, 3, "bias") if node.target is aten.layer_norm.default else None
     _tie_same(x, node, g)
     n = ndim(x)
     for j in range(len(normalized)):
         d = n - len(normalized) + j
         g.tie((x, d), (w, j), (b, j))
-        g.approx(x, d, "layer_norm statistics read this dim")
-
-
-@coupling_rule(aten.rms_norm.default)
-def rms_norm(node: fx.Node, g: CouplingBuilder) -> None:
-    """y = x / rms(x[..., D]) · γ[D]  (statistics read every d ∈ D)"""
-    x, normalized, w = arg(node, 0), arg(node, 1), arg(node, 2, "weight")
-    _tie_same(x, node, g)
-    n = ndim(x)
-    for j in range(len(normalized)):
-        d = n - len(normalized) + j
-        g.tie((x, d), (w, j))
-        g.approx(x, d, "rms_norm statistics read this dim")
+        g.approx(x, d, f"{node.target.__name__.split('.')[0]} statistics read this dim")
 
 
 @coupling_rule(aten.group_norm.default)
