@@ -131,7 +131,7 @@ def slice_state(coupling: Coupling, dropped: dict[Key, np.ndarray]) -> dict[str,
     for node in coupling.program.graph.nodes:
         if node.op != "placeholder" or node.name not in fqns:
             continue
-        tensor = _state_tensor(coupling, fqns[node.name])
+        tensor = coupling.program.tensor(fqns[node.name])
         for dim, idx in by_node.get(node, []):
             mask = np.ones(tensor.shape[dim], dtype=bool)
             mask[idx] = False
@@ -139,11 +139,6 @@ def slice_state(coupling: Coupling, dropped: dict[Key, np.ndarray]) -> dict[str,
             tensor = tensor.index_select(dim, torch.as_tensor(keep, dtype=torch.long))
         out[fqns[node.name]] = tensor.detach().clone() if node not in by_node else tensor.detach()
     return out
-
-
-def _state_tensor(coupling: Coupling, fqn: str) -> torch.Tensor:
-    ep = coupling.program.ep
-    return ep.state_dict[fqn] if fqn in ep.state_dict else ep.constants[fqn]
 
 
 def dropped_branches(coupling: Coupling, plan: Plan) -> list[Branch]:

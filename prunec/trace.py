@@ -33,16 +33,13 @@ class Program:
         return {spec.arg.name: spec.target for spec in self.ep.graph_signature.input_specs
                 if spec.kind in STATE_KINDS}
 
+    def tensor(self, fqn: str) -> torch.Tensor:
+        """One lifted parameter/buffer/constant (non-persistent buffers live in ``constants``)."""
+        return self.ep.state_dict[fqn] if fqn in self.ep.state_dict else self.ep.constants[fqn]
+
     def state(self) -> dict[str, torch.Tensor]:
         """FQN → tensor for every lifted parameter, buffer and tensor constant."""
-        out: dict[str, torch.Tensor] = {}
-        for spec in self.ep.graph_signature.input_specs:
-            if spec.kind == InputKind.PARAMETER or spec.kind == InputKind.BUFFER:
-                out[spec.target] = (self.ep.state_dict[spec.target] if spec.target in self.ep.state_dict
-                                    else self.ep.constants[spec.target])
-            elif spec.kind == InputKind.CONSTANT_TENSOR:
-                out[spec.target] = self.ep.constants[spec.target]
-        return out
+        return {fqn: self.tensor(fqn) for fqn in self.placeholder_fqns().values()}
 
     def user_input_names(self) -> list[str]:
         return [spec.arg.name for spec in self.ep.graph_signature.input_specs

@@ -36,10 +36,7 @@ def reference_module(coupling: Coupling, plan: Plan) -> ProgramModule:
     dropped_labels = plan.dropped_labels(coupling)
     dropped = coupling.dropped_by_key(dropped_labels)
     fqns = coupling.program.placeholder_fqns()
-    ep = coupling.program.ep
-    state = {}
-    for fqn in fqns.values():
-        state[fqn] = ep.state_dict[fqn] if fqn in ep.state_dict else ep.constants[fqn]
+    state = coupling.program.state()
     for (node, dim), idx in dropped.items():
         fqn = fqns.get(node.name) if node.op == "placeholder" else None
         if fqn is not None and (fqn, dim) in coupling.consumed:
