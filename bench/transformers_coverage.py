@@ -278,6 +278,18 @@ def write_doc(results: list[dict], command: str, started: str) -> None:
     DOC.write_text(text)
 
 
+def _guarded(run: Any, build: Any, ratios: dict, limit: int, show_traceback: bool = False) -> dict:
+    """One tool on one case, seeded, under a time limit; an error becomes the result."""
+    torch.manual_seed(0)
+    try:
+        with _Limit(limit):
+            return run(build, ratios)
+    except Exception as e:  # noqa: BLE001
+        if show_traceback:
+            traceback.print_exc()
+        return {"compiled": False, "error": _short(e)}
+
+
 def main() -> int:
     warnings.filterwarnings("ignore")
     ap = argparse.ArgumentParser()
@@ -295,19 +307,8 @@ def main() -> int:
         if args.only and not any(s.lower() in name.lower() for s in args.only.split(",")):
             continue
         for setting, ratios in SETTINGS.items():
-            torch.manual_seed(0)
-            try:
-                with _Limit(300):
-                    p = run_prunec(build, ratios)
-            except Exception as e:  # noqa: BLE001
-                p = {"compiled": False, "error": _short(e)}
-                traceback.print_exc()
-            torch.manual_seed(0)
-            try:
-                with _Limit(90):
-                    t = run_tp(build, ratios)
-            except Exception as e:  # noqa: BLE001
-                t = {"compiled": False, "error": _short(e)}
+            p = _guarded(run_prunec, build, ratios, limit=300, show_traceback=True)
+            t = _guarded(run_tp, build, ratios, limit=90)
             results.append({"model": name, "setting": setting, "prunec": p, "tp": t})
             print(f"{name:34s} {setting:12s} prunec {p.get('verified')} {p.get('synced')} "
                   f"{p.get('roundtrip')} {p.get('error', '')} | TP {t.get('compiled')} {t.get('forward')} "
