@@ -30,6 +30,10 @@ class PruneError(PrunecError):
     """The model cannot be pruned safely as asked."""
 
 
+class RecoverError(PrunecError):
+    """Recovery training could not go on (e.g. the loss became NaN)."""
+
+
 class BackendError(PrunecError):
     """An artifact could not be written or checked."""
 

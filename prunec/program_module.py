@@ -10,6 +10,9 @@ from torch.export.graph_signature import InputKind, OutputKind
 
 from prunec.trace import Program
 
+# ops whose behaviour depends on train/eval: the position of their ``training`` argument
+TRAINING_ARG = {torch.ops.aten.batch_norm.default: 5, torch.ops.aten.dropout.default: 2}
+
 
 def set_by_path(root: nn.Module, fqn: str, tensor: torch.Tensor, is_param: bool) -> None:
     """Register ``tensor`` at dotted path ``fqn``, creating empty parent modules."""
@@ -49,6 +52,21 @@ class ProgramModule(nn.Module):
         self._out_spec = program.ep.call_spec.out_spec
         # the exported module as root carries submodules of higher-order ops (cond, autocast, …)
         object.__setattr__(self, "graph_module", fx.GraphModule(program.ep.graph_module, graph))
+
+    def train(self, mode: bool = True) -> "ProgramModule":
+        """Like ``nn.Module.train``, and switch the graph's BatchNorm and dropout ops to training
+        behaviour (batch statistics, running stats updated in place; dropout on): the graph was
+        exported in eval mode, so without this a recovering program would never see batch stats."""
+        super().train(mode)
+        changed = False
+        for node in self.graph_module.graph.nodes:
+            where = TRAINING_ARG.get(node.target) if node.op == "call_function" else None
+            if where is not None and len(node.args) > where and node.args[where] != mode:
+                node.args = (*node.args[:where], mode, *node.args[where + 1:])
+                changed = True
+        if changed:
+            self.graph_module.recompile()
+        return self
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         leaves = iter(pytree.tree_leaves((args, kwargs)))
