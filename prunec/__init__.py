@@ -3,7 +3,8 @@ from prunec.compiler import CompileResult, analyze, apply_plan, compile
 from prunec.errors import InputError, PrunecError, PruneError, TraceError
 from prunec.plan import Plan
 from prunec.recover import Recovery, recover
+from prunec.schedule import Gradual
 
-__all__ = ["compile", "analyze", "apply_plan", "CompileResult", "Plan", "recover", "Recovery",
+__all__ = ["compile", "analyze", "apply_plan", "CompileResult", "Plan", "recover", "Recovery", "Gradual",
            "PrunecError", "InputError", "PruneError", "TraceError"]
 __version__ = "0.1.0"

@@ -88,14 +88,20 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
             global_rank: bool = False, passes: Sequence[Pass] | None = None,
             plan: Plan | None = None, calib: Iterable[Any] | None = None,
             check: bool = True, example_kwargs: dict[str, Any] | None = None,
-            progress: Progress | None = None) -> CompileResult:
+            progress: Progress | None = None, schedule: Any = None,
+            recover: dict[str, Any] | None = None) -> CompileResult:
     """Prune ``model`` and return a CompileResult.
 
     ``channels`` applies to conv/linear channel groups (and MLP groups unless ``mlp`` is
     given); ``heads``/``hidden`` to attention heads and the residual stream; ``layers`` is the
     fraction of residual blocks to drop (scored by angular distance on the example inputs). Give ``passes``
-    to compose your own pipeline, or ``plan`` to replay a saved plan.
+    to compose your own pipeline, or ``plan`` to replay a saved plan. ``schedule`` (a
+    ``prunec.schedule.Gradual``) prunes step by step, distilling with ``recover`` options between steps.
     """
+    if schedule is not None:
+        from prunec.schedule import compile_gradual
+        return compile_gradual(model, example_inputs, schedule, recover, method=method, round_to=round_to,
+                               calib=calib, check=check, example_kwargs=example_kwargs, progress=progress)
     timer = _Timer(progress)
     inputs, kwargs = _as_tuple(example_inputs), dict(example_kwargs or {})
     model = eval_mode(model)
