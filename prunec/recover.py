@@ -157,7 +157,8 @@ class _Loop:
         warm = max(1, round(cfg.warmup * self.steps)) if cfg.warmup > 0 else 0
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: _lr_factor(s, warm, self.steps))
         eval_steps = [split_batch(b, cfg.labeled) for b in cfg.eval_data] if cfg.eval_data is not None else []
-        before = evaluate(model, self.teacher, eval_steps, cfg.temperature, cfg.loss) if eval_steps else None
+        with self._data_errors():
+            before = evaluate(model, self.teacher, eval_steps, cfg.temperature, cfg.loss) if eval_steps else None
         resumed = self._resume()
         self.ddp = _wrap_ddp(model) if self.world > 1 else model
         pairs = [(f, f) if isinstance(f, str) else tuple(f) for f in cfg.features]
@@ -200,16 +201,10 @@ class _Loop:
     def _train_step(self, step: Step) -> None:
         cfg = self.cfg
         kwargs = dict(step.kwargs, labels=step.kw_labels) if step.kw_labels is not None else step.kwargs
-        try:
+        with self._data_errors():
             with torch.no_grad():
                 t_out = logits_of(self.teacher(*step.args, **step.kwargs), "teacher")
             out = self.ddp(*step.args, **kwargs)
-        except (RuntimeError, TypeError, ValueError) as err:
-            if self.checked_inputs:
-                raise
-            raise InputError(f"the models cannot run a data batch: {type(err).__name__}: "
-                             f"{str(err).strip().splitlines()[0][:160]}",
-                             "batches must match the model's inputs (shape, dtype, keyword names)") from None
         self.checked_inputs = True
         s_out = logits_of(out, "student")
         loss = kd_loss(s_out, t_out, cfg.temperature, cfg.loss)
@@ -238,6 +233,20 @@ class _Loop:
         self.sched.step()
         self.step += 1
         self.history.append(float(loss.detach()))
+
+    @contextmanager
+    def _data_errors(self) -> Iterator[None]:
+        """Errors on the first batch are the data's (shape, dtype, names): one line, not a traceback."""
+        try:
+            yield
+        except (RuntimeError, TypeError, ValueError, IndexError) as err:
+            if self.checked_inputs or isinstance(err, InputError):
+                raise
+            static = " (an exported program has the example's static shapes)" \
+                if isinstance(self.student, ProgramModule) else ""
+            raise InputError(f"the models cannot run a data batch: {type(err).__name__}: "
+                             f"{str(err).strip().splitlines()[0][:160]}",
+                             f"batches must match the model's inputs{static}: shape, dtype, keyword names") from None
 
     def _stop_if_not_finite(self, loss: torch.Tensor) -> None:
         bad = torch.tensor(0.0 if torch.isfinite(loss.detach()).all() else 1.0)
