@@ -232,7 +232,12 @@ class _Loop:
         self.opt.step()
         self.sched.step()
         self.step += 1
-        self.history.append(float(loss.detach()))
+        logged = loss.detach().clone()
+        if self.world > 1:  # the curve of the global batch: the mean of the ranks' losses
+            import torch.distributed as dist
+            dist.all_reduce(logged)
+            logged /= self.world
+        self.history.append(float(logged))
 
     @contextmanager
     def _data_errors(self) -> Iterator[None]:
