@@ -30,7 +30,7 @@ from prunec.distill import (Features, Step, cycle, evaluate, kd_loss, logits_of,
 from prunec.errors import InputError, MissingDependency, RecoverError
 from prunec.program_module import ProgramModule
 
-Progress = Callable[[int, int, float], None]
+Progress = Callable[[int, float], None]  # (steps done, loss)
 CHECKPOINT = "last.pt"
 
 
