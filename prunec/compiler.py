@@ -243,6 +243,14 @@ def _sync(model: nn.Module, state: dict[str, torch.Tensor], program: ProgramModu
     return module, True, ""
 
 
+def sensitivity(model: nn.Module, example_inputs: Any, analysis: Pass, *, calib: Iterable[Any] | None = None,
+                example_kwargs: dict[str, Any] | None = None) -> Pass:
+    """Run an analysis pass (e.g. ``Sensitivity``) on ``model`` without pruning; returns the pass."""
+    program = trace(eval_mode(model), _as_tuple(example_inputs), dict(example_kwargs or {}))
+    run_passes([analysis], State(model, program, build_coupling(program), calib=calib))
+    return analysis
+
+
 def apply_plan(model: nn.Module, example_inputs: Any, plan: Plan | str, *, check: bool = True,
                example_kwargs: dict[str, Any] | None = None) -> CompileResult:
     """Replay a saved plan (a Plan or a path to its JSON) on ``model``."""

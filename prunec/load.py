@@ -264,14 +264,14 @@ def _model_file(path: Path, shape: tuple[int, ...] | None, trust_pickle: bool) -
 
 
 def load_model(spec: str, input_shape: str | None = None, weights: str | None = None,
-               trust_pickle: bool = False, seq_len: int | None = None) -> Loaded:
+               trust_pickle: bool = False, seq_len: int | None = None, trust_remote_code: bool = False) -> Loaded:
     """Resolve a MODEL argument into a module and example inputs."""
     shape = parse_shape(input_shape) if input_shape else None
     if spec.startswith(ZOO_PREFIXES):
         loaded = _zoo(spec, shape)
     elif spec.startswith("hf:"):
         from prunec.hf import load_hf  # transformers models (optional extra)
-        return load_hf(spec[3:], input_shape, seq_len)
+        return load_hf(spec[3:], input_shape, seq_len, trust_remote_code)
     else:
         path = Path(spec)
         if not path.exists():
