@@ -447,7 +447,7 @@ def _load_student(args: argparse.Namespace, teacher: Any) -> tuple[Any, tuple[An
         ep = torch.export.load(path)
     except Exception as err:
         raise InputError(f"{path} is not a readable .pt2 ({type(err).__name__})", "write it with prunec") from None
-    inputs = load_model(str(path), args.input_shape).example_inputs
+    inputs = teacher.example_inputs  # the pruned model takes the original's inputs
     program = Program(ep, inputs)
     return ProgramModule(program, copy_graph(ep.graph)[0], program.state()), inputs
 
