@@ -16,7 +16,7 @@ from prunec.dynamic import DynamicProgram, describe_spec, export_program, export
 from prunec.errors import InputError, PruneError
 from prunec.layers import blocks, find_branches
 from prunec.module_sync import synced_copy
-from prunec.passes import PASSES, LayerDrop, LeastSquaresSelection, Pass, Select, State, run_passes
+from prunec.passes import PASSES, ConfigHeads, LayerDrop, LeastSquaresSelection, Pass, Select, State, run_passes
 from prunec.passes.select import check_ratio
 from prunec.plan import Plan
 from prunec.program_module import ProgramModule, copy_graph
@@ -72,7 +72,7 @@ def analyze(model: nn.Module, example_inputs: Any, example_kwargs: dict[str, Any
     return build_coupling(trace(model, _as_tuple(example_inputs), example_kwargs))
 
 
-NOT_METHODS = ("select", "layer_drop", "target_search")
+NOT_METHODS = ("select", "layer_drop", "target_search", "config_heads")
 
 
 def criterion(method: str, ratio: float = 0.5, round_to: int = 8) -> Pass:
@@ -114,6 +114,8 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
             ratios = {"channel": channels, "mlp": mlp or channels, "head": heads, "hidden": hidden}
             pipeline = list(passes) if passes is not None else [
                 criterion(method, channels, round_to), Select(ratios, round_to=round_to, global_rank=global_rank)]
+            if passes is None and heads and hasattr(getattr(model, "config", None), "num_attention_heads"):
+                pipeline.append(ConfigHeads())  # HF models: head counts their config can express
             if passes is None and layers:
                 pipeline.append(LayerDrop(check_ratio("layers", layers)))
             kinds = {k for k, v in ratios.items() if v} if passes is None else None
