@@ -91,13 +91,14 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
             global_rank: bool = False, passes: Sequence[Pass] | None = None,
             plan: Plan | None = None, calib: Iterable[Any] | None = None,
             check: bool = True, example_kwargs: dict[str, Any] | None = None,
-            progress: Progress | None = None, static: bool = False,
+            progress: Progress | None = None, static: bool = False, layer_method: str = "angular",
             dynamic_shapes: Any = None) -> CompileResult:
     """Prune ``model`` and return a CompileResult.
 
     ``channels`` applies to conv/linear channel groups (and MLP groups unless ``mlp`` is
     given); ``heads``/``hidden`` to attention heads and the residual stream; ``layers`` is the
-    fraction of residual blocks to drop (scored by angular distance on the example inputs). Give ``passes``
+    fraction of residual blocks to drop (``layer_method``: angular distance on the example and calibration
+    inputs, alias block-influence; or position). Give ``passes``
     to compose your own pipeline, or ``plan`` to replay a saved plan. The result accepts any batch
     size (and sequence length for token inputs) unless ``static``; ``dynamic_shapes`` (torch.export
     format) names other dynamic dims, e.g. the ones a loaded ``.pt2`` recorded.
@@ -117,7 +118,7 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
             if passes is None and heads and hasattr(getattr(model, "config", None), "num_attention_heads"):
                 pipeline.append(ConfigHeads())  # HF models: head counts their config can express
             if passes is None and layers:
-                pipeline.append(LayerDrop(check_ratio("layers", layers)))
+                pipeline.append(LayerDrop(check_ratio("layers", layers), by=layer_method))
             kinds = {k for k, v in ratios.items() if v} if passes is None else None
             state = run_passes(pipeline, State(model, program, coupling, calib=calib, kinds=kinds))
             plan, notes, updates = state.plan, state.notes, state.updates
