@@ -12,6 +12,9 @@ Recovery: prunec.recover, logit KL at T=2 from the dense model, AdamW + warm-up/
 of a 200-step run has seen a higher LR than a 50-step run would). Modes: full fine-tuning, and
 LoRA r=--lora on every untied Linear (merged back at the end). Peak RSS = VmHWM reset just before
 recovery starts (teacher + student + optimizer + activations).
+
+Status: written for issue 10 but NOT yet run to completion — the shared 2-core machine was at load
+12–16 that session and a 2-step smoke run did not finish loading in 8 minutes; see docs/recovery.md.
 """
 from __future__ import annotations
 
