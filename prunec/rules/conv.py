@@ -5,10 +5,21 @@ import numpy as np
 from torch import fx
 
 from prunec.coupling import CouplingBuilder, shape_of
-from prunec.rules import arg, aten, coupling_rule, ndim
+from prunec.rules import NewSizes, arg, aten, coupling_rule, ndim, no_sizes, set_arg
 
 
-@coupling_rule(aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution.default)
+def fix_conv_groups(old: fx.Node, new: fx.Node, sizes: NewSizes) -> None:
+    """groups' = groups · C_out' / C_out (whole conv groups are the units)."""
+    index = 8 if old.target is aten.convolution.default else 6
+    groups = arg(old, index, "groups", 1)
+    if groups == 1:
+        return
+    c_out_old = shape_of(arg(old, 1))[0]
+    c_out_new = sizes.shape(arg(old, 1))[0]
+    set_arg(new, index, "groups", groups * c_out_new // c_out_old)
+
+
+@coupling_rule(aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution.default, fix=fix_conv_groups)
 def conv(node: fx.Node, g: CouplingBuilder) -> None:
     """y[n, o, …] = Σ_{i in group(o)} x[n, i, …] ⋆ W[o, i - group_start, …] + b[o]"""
     x, w, b = arg(node, 0), arg(node, 1), arg(node, 2)
@@ -42,7 +53,7 @@ def conv(node: fx.Node, g: CouplingBuilder) -> None:
     g.tie_map((node, c_dim), (node, c_dim), o, (o // out_per_group) * out_per_group)
 
 
-@coupling_rule(aten.linear.default)
+@coupling_rule(aten.linear.default, fix=no_sizes)
 def linear(node: fx.Node, g: CouplingBuilder) -> None:
     """y[..., o] = Σ_i x[..., i] · W[o, i] + b[o]"""
     x, w, b = arg(node, 0), arg(node, 1), arg(node, 2)
@@ -53,7 +64,7 @@ def linear(node: fx.Node, g: CouplingBuilder) -> None:
     g.consume(w, 1)
 
 
-@coupling_rule(aten.matmul.default, aten.mm.default, aten.bmm.default)
+@coupling_rule(aten.matmul.default, aten.mm.default, aten.bmm.default, fix=no_sizes)
 def matmul(node: fx.Node, g: CouplingBuilder) -> None:
     """y[..., n, m] = Σ_k a[..., n, k] · b[..., k, m]"""
     a, b = arg(node, 0), arg(node, 1)
@@ -78,7 +89,7 @@ def matmul(node: fx.Node, g: CouplingBuilder) -> None:
         g.approx(a, na - 1, "matmul of two activations sums over this dim")
 
 
-@coupling_rule(aten.addmm.default)
+@coupling_rule(aten.addmm.default, fix=no_sizes)
 def addmm(node: fx.Node, g: CouplingBuilder) -> None:
     """y[n, m] = β·c[n?, m] + α·Σ_k a[n, k] · b[k, m]  (GPT-2 Conv1D: b is a (in, out) weight)"""
     c, a, b = arg(node, 0), arg(node, 1), arg(node, 2)
@@ -98,7 +109,7 @@ def addmm(node: fx.Node, g: CouplingBuilder) -> None:
         g.approx(a, 1, "addmm of two activations sums over this dim")
 
 
-@coupling_rule(aten.embedding.default)
+@coupling_rule(aten.embedding.default, fix=no_sizes)
 def embedding(node: fx.Node, g: CouplingBuilder) -> None:
     """y[..., d] = W[idx[...], d]"""
     w, idx = arg(node, 0), arg(node, 1)

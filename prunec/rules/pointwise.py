@@ -6,7 +6,7 @@ import operator
 from torch import fx
 
 from prunec.coupling import CouplingBuilder, shape_of
-from prunec.rules import aten, coupling_rule
+from prunec.rules import NewSizes, arg, aten, coupling_rule, no_sizes, set_arg
 
 
 def tie_broadcast(node: fx.Node, g: CouplingBuilder) -> None:
@@ -35,19 +35,25 @@ def tie_broadcast(node: fx.Node, g: CouplingBuilder) -> None:
                aten._to_copy.default, aten.mish.default, aten.mish_.default, aten.silu_.default,
                aten.gelu_.default, aten.relu6.default, aten.copy.default,
                aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default,
-               aten.full_like.default, aten.to.device, aten.to.other, aten.to.prim_dtype)
+               aten.full_like.default, aten.to.device, aten.to.other, aten.to.prim_dtype, fix=no_sizes)
 def pointwise(node: fx.Node, g: CouplingBuilder) -> None:
     """out[..., i] = f(x[..., i], y[..., i]) — broadcasting dims of size 1 are not tied."""
     tie_broadcast(node, g)
 
 
-@coupling_rule(operator.getitem)
+@coupling_rule(operator.getitem, fix=no_sizes)
 def getitem(node: fx.Node, g: CouplingBuilder) -> None:
     """Outputs of multi-output ops are tied by the producer's rule (split, unbind)."""
     return None
 
 
-@coupling_rule(aten._assert_tensor_metadata.default)
+def fix_checked_size(old: fx.Node, new: fx.Node, sizes: NewSizes) -> None:
+    """A checked size follows the checked tensor (the rule freezes it, so this is a no-op today)."""
+    if arg(old, 1, "size") is not None:
+        set_arg(new, 1, "size", sizes.shape(arg(old, 0)))
+
+
+@coupling_rule(aten._assert_tensor_metadata.default, fix=fix_checked_size)
 def assert_tensor_metadata(node: fx.Node, g: CouplingBuilder) -> None:
     """A runtime check of dtype/device/layout: it couples nothing; a checked size is frozen."""
     x = node.args[0] if node.args else None

@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import fx
 
 from prunec.coupling import CouplingBuilder
-from prunec.rules import arg, aten, coupling_rule, ndim
+from prunec.rules import arg, aten, coupling_rule, ndim, no_sizes
 
 POOL_SPATIAL = {
     aten.max_pool1d.default: 1, aten.avg_pool1d.default: 1, aten.adaptive_avg_pool1d.default: 1,
@@ -16,7 +16,7 @@ POOL_SPATIAL = {
 }
 
 
-@coupling_rule(*POOL_SPATIAL)
+@coupling_rule(*POOL_SPATIAL, fix=no_sizes)
 def pool(node: fx.Node, g: CouplingBuilder) -> None:
     """y[n, c, …] = pool(x[n, c, …]): batch and channel dims tie, spatial dims do not."""
     x = arg(node, 0)
@@ -47,7 +47,8 @@ def _reduced_dims(node: fx.Node) -> list[int]:
 @coupling_rule(aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default,
                aten.var.correction, aten.std.correction, aten.mean.default, aten.sum.default,
                aten.var.dim, aten.std.dim, aten.max.dim, aten.min.dim, aten.argmax.default,
-               aten.logsumexp.default, aten.norm.ScalarOpt_dim, aten.linalg_vector_norm.default)
+               aten.logsumexp.default, aten.norm.ScalarOpt_dim, aten.linalg_vector_norm.default,
+               fix=no_sizes)
 def reduce(node: fx.Node, g: CouplingBuilder) -> None:
     """y = reduce over some dims: kept dims tie; a reduced dim reads every element (approximate)."""
     x = arg(node, 0)
@@ -72,7 +73,7 @@ def reduce(node: fx.Node, g: CouplingBuilder) -> None:
 
 
 @coupling_rule(aten.softmax.int, aten._softmax.default, aten.log_softmax.int,
-               aten._log_softmax.default)
+               aten._log_softmax.default, fix=no_sizes)
 def softmax(node: fx.Node, g: CouplingBuilder) -> None:
     """y = softmax over one dim: all dims tie; the softmax dim is read whole (approximate)."""
     x, dim = arg(node, 0), arg(node, 1) % ndim(arg(node, 0))
@@ -82,7 +83,7 @@ def softmax(node: fx.Node, g: CouplingBuilder) -> None:
 
 
 @coupling_rule(aten.pad.default, aten.constant_pad_nd.default, aten.roll.default,
-               aten.flip.default)
+               aten.flip.default, fix=no_sizes)
 def pad(node: fx.Node, g: CouplingBuilder) -> None:
     """Padding/rolling/flipping moves indices along some dims: those are frozen, others tie."""
     x = arg(node, 0)
