@@ -21,17 +21,51 @@ def module_sync(*types: type) -> Callable[[Sync], Sync]:
     return wrap
 
 
+def _weight_shape(m: nn.Module) -> torch.Size:
+    """The weight's shape, also under the hook-based weight_norm/spectral_norm, whose ``weight``
+    attribute is only recomputed on the next forward (the parametrized ``weight`` is live)."""
+    if isinstance(getattr(m, "weight_g", None), torch.Tensor):  # weight_norm: weight_v is the weight
+        return m.weight_v.shape
+    if isinstance(getattr(m, "weight_orig", None), torch.Tensor):  # spectral_norm
+        return m.weight_orig.shape
+    return m.weight.shape
+
+
 @module_sync(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def _conv(m: nn.Conv2d) -> None:
+    shape = _weight_shape(m)
     old_out = m.out_channels
-    m.out_channels = m.weight.shape[0]
+    m.out_channels = shape[0]
     m.groups = m.groups * m.out_channels // old_out if m.groups > 1 else 1
-    m.in_channels = m.weight.shape[1] * m.groups
+    m.in_channels = shape[1] * m.groups
+
+
+@module_sync(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+def _conv_transpose(m: nn.ConvTranspose2d) -> None:
+    """Weight (in, out/groups, k…): whole groups go, so groups follows the input channels."""
+    shape = _weight_shape(m)
+    old_in = m.in_channels
+    m.in_channels = shape[0]
+    m.groups = m.groups * m.in_channels // old_in if m.groups > 1 else 1
+    m.out_channels = shape[1] * m.groups
+
+
+@module_sync(nn.PReLU)
+def _prelu(m: nn.PReLU) -> None:
+    m.num_parameters = m.weight.numel()
+
+
+@module_sync(nn.RNNBase)
+def _recurrent(m: nn.RNNBase) -> None:
+    """LSTM/GRU/RNN: sizes from layer 0's weights; the flat weight list is rebuilt."""
+    m.hidden_size = m.weight_hh_l0.shape[1]
+    m.input_size = m.weight_ih_l0.shape[1]
+    m._init_flat_weights()
 
 
 @module_sync(nn.Linear)
 def _linear(m: nn.Linear) -> None:
-    m.out_features, m.in_features = m.weight.shape
+    m.out_features, m.in_features = _weight_shape(m)
 
 
 @module_sync(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d)
@@ -139,6 +173,10 @@ def synced_copy(model: nn.Module, state: dict[str, torch.Tensor],
             memo[id(b)] = state[name]
             if state[name].shape != b.shape:
                 changed_owners.add(name.rpartition(".")[0])
+    for mod in model.modules():  # hook-based weight_norm/spectral_norm keep a non-leaf `weight`
+        for value in vars(mod).values():  # that deepcopy refuses; the next forward recomputes it
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                memo[id(value)] = value.detach()
     new = copy.deepcopy(model, memo)
     for owner in list(changed_owners):  # parents too: attention modules own no weight of their own
         while owner:

@@ -95,6 +95,43 @@ def ndim(value: Any) -> int:
     return len(shape) if shape is not None else -1
 
 
+# ops through which a weight keeps its values up to a scalar factor (parametrizations: clone,
+# flatten, W / σ): zeroing the state's slice zeroes the same slice of the result
+_SAME_VALUES = (aten.clone.default, aten.alias.default, aten.detach.default, aten.contiguous.default,
+                aten._to_copy.default, aten.lift_fresh_copy.default, aten.to.dtype, aten.flatten.using_ints,
+                aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+_SCALED = (aten.div.Tensor, aten.mul.Tensor)
+
+
+def state_root(g: CouplingBuilder, value: Any) -> fx.Node | None:
+    """The state placeholder ``value`` is (up to a scalar factor and same-shape copies), or None."""
+    for _ in range(8):
+        if not isinstance(value, fx.Node) or g.is_state(value):
+            break
+        if value.op != "call_function":
+            return None
+        first = arg(value, 0)
+        if value.target in _SAME_VALUES and shape_of(first) == shape_of(value):
+            value = first
+        elif value.target in _SCALED and len(shape_of(arg(value, 1)) or ()) == 0 and shape_of(first) == shape_of(value):
+            value = first
+        elif value.target is aten.expand.default and len(shape_of(first) or ()) == len(shape_of(value) or ()):
+            value = first  # broadcasting a weight over the batch keeps its other dims in place
+        elif value.target is aten.mul.Tensor and len(shape_of(first) or ()) == 0:
+            value = arg(value, 1)
+        else:
+            return None
+    return value if isinstance(value, fx.Node) and g.is_state(value) else None
+
+
+def consume(g: CouplingBuilder, value: Any, dim: int) -> bool:
+    """Mark a summed dim consumed on the state ``value`` comes from; False if it is an activation."""
+    root = state_root(g, value)
+    if root is not None:
+        g.consume(root, dim)
+    return root is not None
+
+
 def rule_for(node: fx.Node) -> OpRule | None:
     """The rule for a call_function node (pointwise tag shares one), or None."""
     target = node.target
@@ -118,4 +155,5 @@ def covered_ops() -> list[str]:
     return sorted({str(op) for op in RULES})
 
 
-from prunec.rules import conv, norm, pointwise, pool, shape, attention  # noqa: E402,F401
+from prunec.rules import (  # noqa: E402,F401
+    attention, contraction, conv, factory, lookup, norm, pointwise, pool, recurrent, shape)

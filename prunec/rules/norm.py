@@ -75,3 +75,19 @@ def group_norm(node: fx.Node, g: CouplingBuilder) -> None:
     per = c // groups
     idx = np.arange(c)
     g.tie_map((x, 1), (x, 1), idx, (idx // per) * per)
+
+
+@coupling_rule(aten._weight_norm.default, fix=no_sizes)
+def weight_norm(node: fx.Node, g: CouplingBuilder) -> None:
+    """w = g · v / ‖v‖, the norm over every dim of v but ``dim`` (−1: over all of v). The norm reads
+    those dims of the state v, so they are consumed: v with dropped entries zeroed has exactly the
+    norm of the pruned v."""
+    v, gain, dim = arg(node, 0), arg(node, 1), arg(node, 2, "dim", 0)
+    n = ndim(v)
+    _tie_same(v, node, g)
+    if dim is not None and dim != -1:
+        dim %= n
+        g.tie((v, dim), (gain, dim))
+    for d in range(n):
+        if d != dim:
+            g.consume(v, d)

@@ -30,7 +30,7 @@ def tie_broadcast(node: fx.Node, g: CouplingBuilder) -> None:
                aten.hardsigmoid_.default, aten.dropout.default, aten.dropout_.default,
                aten.alpha_dropout.default, aten.feature_dropout.default,
                aten.alias.default, aten.contiguous.default, aten.clone.default,
-               aten.detach.default, aten.lift_fresh_copy.default, aten.fill_.Tensor,
+               aten.detach.default, aten.detach_.default, aten.lift_fresh_copy.default, aten.fill_.Tensor,
                aten.fill_.Scalar, aten.type_as.default, aten.to.dtype, aten.to.dtype_layout,
                aten._to_copy.default, aten.mish.default, aten.mish_.default, aten.silu_.default,
                aten.gelu_.default, aten.relu6.default, aten.copy.default,
@@ -59,3 +59,18 @@ def assert_tensor_metadata(node: fx.Node, g: CouplingBuilder) -> None:
     x = node.args[0] if node.args else None
     if node.kwargs.get("size") is not None or len(node.args) > 1 and node.args[1] is not None:
         g.freeze_all(x, "_assert_tensor_metadata checks this size")
+
+
+@coupling_rule(aten.prelu.default, aten._prelu_kernel.default, fix=no_sizes)
+def prelu(node: fx.Node, g: CouplingBuilder) -> None:
+    """y[n, c, …] = max(0, x) + a[c] · min(0, x); a single weight (numel 1) is shared by all c."""
+    x, a = arg(node, 0), arg(node, 1)
+    if node.target is aten._prelu_kernel.default:  # weight already shaped to broadcast
+        tie_broadcast(node, g)
+        return
+    shape = shape_of(x) or ()
+    for d in range(len(shape)):
+        g.tie((x, d), (node, d))
+    a_shape = shape_of(a) or ()
+    if a_shape and a_shape[0] > 1:
+        g.tie((x, 1 if len(shape) >= 2 else 0), (a, 0))

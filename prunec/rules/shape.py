@@ -325,3 +325,20 @@ def index(node: fx.Node, g: CouplingBuilder) -> None:
             g.freeze_all(t, "index positions")
     for d in range(len(used), n):
         g.tie((x, d), (node, idx_nd + d - len(used)))
+
+
+@coupling_rule(aten.pixel_shuffle.default, aten.pixel_unshuffle.default, fix=no_sizes)
+def pixel_shuffle(node: fx.Node, g: CouplingBuilder) -> None:
+    """shuffle: y[…, c, h·r + i, w·r + j] = x[…, c·r² + i·r + j, h, w] — channel c of y is the block
+    of r² channels c·r² … c·r²+r²−1 of x; unshuffle is the inverse. Spatial dims are frozen."""
+    x, r = arg(node, 0), arg(node, 1)
+    n = ndim(x)
+    for d in range(n - 3):
+        g.tie((x, d), (node, d))
+    shuffled = (x, n - 3) if node.target is aten.pixel_shuffle.default else (node, n - 3)
+    merged = (node, n - 3) if node.target is aten.pixel_shuffle.default else (x, n - 3)
+    i = np.arange(shape_of(shuffled[0])[n - 3])
+    g.tie_map(shuffled, merged, i, i // (r * r))
+    for d in (n - 2, n - 1):
+        g.freeze(x, d, f"{node.target.__name__.split('.')[0]} moves pixels along this dim")
+        g.freeze(node, d, f"{node.target.__name__.split('.')[0]} moves pixels along this dim")
