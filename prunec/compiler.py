@@ -12,6 +12,7 @@ from torch import nn
 from prunec.analyze import build_coupling
 from prunec.cost import count_macs, count_params
 from prunec.coupling import Coupling
+from prunec.diagnose import check_finite, shortfall
 from prunec.errors import InputError, PruneError
 from prunec.layers import blocks, find_branches
 from prunec.module_sync import synced_copy
@@ -101,11 +102,14 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
     model = eval_mode(model)
     with timer.stage("trace"):
         program = trace(model, inputs, kwargs)
+        check_finite(model, inputs, kwargs)  # a NaN/Inf output is the model's, not prunec's
     with timer.stage("analyze"):
         coupling = build_coupling(program)
+    ratios = {"channel": channels, "mlp": mlp or channels, "head": heads, "hidden": hidden}
+    asked = ({"channel": channels, "mlp": mlp, "head": heads, "hidden": hidden, "layers": layers}
+             if plan is None else {})  # what the user asked for (a replayed plan asks nothing)
     with timer.stage("plan"):
         if plan is None:
-            ratios = {"channel": channels, "mlp": mlp or channels, "head": heads, "hidden": hidden}
             pipeline = list(passes) if passes is not None else [
                 criterion(method, channels, round_to), Select(ratios, round_to=round_to, global_rank=global_rank)]
             if passes is None and layers:
@@ -116,7 +120,11 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
         else:
             notes, updates = [], {}
         plan.check(coupling)
-    return finish_compile(model, program, coupling, plan, timer, notes, check, updates)
+    result = finish_compile(model, program, coupling, plan, timer, notes, check, updates)
+    r = result.report
+    r["shortfall"] = shortfall(coupling, asked, plan.n_dropped(), len(plan.meta.get("dropped_layers") or []),
+                               r["macs_before"], r["macs_after"])
+    return result
 
 
 def finish_compile(model: nn.Module, program: Program, coupling: Coupling, plan: Plan,
