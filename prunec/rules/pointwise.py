@@ -35,7 +35,9 @@ def tie_broadcast(node: fx.Node, g: CouplingBuilder) -> None:
                aten._to_copy.default, aten.mish.default, aten.mish_.default, aten.silu_.default,
                aten.gelu_.default, aten.relu6.default, aten.copy.default,
                aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default,
-               aten.full_like.default, aten.to.device, aten.to.other, aten.to.prim_dtype, fix=no_sizes)
+               aten.full_like.default, aten.to.device, aten.to.other, aten.to.prim_dtype,
+               aten.__and__.Tensor, aten.__or__.Tensor, aten.__and__.Scalar, aten.__or__.Scalar,
+               fix=no_sizes)
 def pointwise(node: fx.Node, g: CouplingBuilder) -> None:
     """out[..., i] = f(x[..., i], y[..., i]) — broadcasting dims of size 1 are not tied."""
     tie_broadcast(node, g)
