@@ -300,6 +300,16 @@ def measure(build: Build, meta: bool) -> dict[str, Any]:
             "total_s": round(time.perf_counter() - t0, 1), "meta": meta}
 
 
+def _has_rule(op_name: str) -> bool:
+    """Whether an op recorded as 'aten.name.overload' has a rule now."""
+    parts = op_name.split(".")
+    if len(parts) != 3 or parts[0] != "aten":
+        return False
+    packet = getattr(torch.ops.aten, parts[1], None)
+    op = getattr(packet, parts[2], None) if packet is not None else None
+    return op is not None and rule_for(fx.Graph().call_function(op)) is not None
+
+
 def _keys_of(node: fx.Node, key_index: dict[Any, int]) -> list[Any]:
     out = []
     d = 0
@@ -396,8 +406,9 @@ def main() -> None:
         for corpus in args.only.split(","):
             for group, name, build, meta in CORPORA[corpus]():
                 key = f"{corpus}/{group}:{name}"
-                if args.resume and key in data["models"] and "error" not in data["models"][key]:
-                    continue
+                old = data["models"].get(key)
+                if args.resume and old and "error" not in old and not any(_has_rule(op) for op in old["missing"]):
+                    continue  # done, and no op it lacked has gained a rule since
                 try:
                     with time_limit(args.limit):
                         try:

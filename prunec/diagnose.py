@@ -102,7 +102,7 @@ def shortfall(coupling: Coupling, asked: dict[str, float], dropped_units: int, d
     kinds = {k for k, v in asked.items() if v and k in FLAGS}
     if "channel" in kinds:
         kinds.add("mlp")  # --channels covers MLP groups unless --mlp is given
-    reasons = [r for r in held_back(coupling, kinds or None) if r.share > 0][:3]
+    reasons = [r for r in held_back(coupling, kinds or None) if r.share >= 0.005][:3]
     if status == "nothing" and any(g.kind in kinds for g in coupling.groups):
         reasons.insert(0, Reason("the ratios round to zero units in every group", 0.0, "",
                                  "raise the ratio or lower --round-to (default 8)"))
