@@ -12,10 +12,12 @@ from typing import Any, Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
 from torch import nn
 from torch.nn.utils import parametrizations
 
 import prunec
+from prunec.rules.contraction import parse_einsum
 from tests.conftest import assert_verified
 
 
@@ -224,3 +226,42 @@ def test_layer_is_pruned_verified_and_synced(case: Case) -> None:
         torch.testing.assert_close(synced(x), result.program(x), rtol=1e-4, atol=1e-5)
         y, want = synced(other), model(other)  # the synced class is a real module: any batch size
     assert y.shape == want.shape and bool(torch.isfinite(y).all())
+
+
+# -- index maps, checked by filling tensors with arange (each value is its own index) ------------
+
+@settings(max_examples=12, derandomize=True, deadline=None)
+@given(st.integers(2, 3), st.integers(1, 3), st.booleans())
+def test_pixel_shuffle_units_are_where_arange_lands(c: int, r: int, unshuffle: bool) -> None:
+    """Each unit of the coupling owns exactly the r² shuffled channels that one merged channel's
+    values land in (found by shuffling an arange)."""
+    shape = (1, c, 2 * r, 2 * r) if unshuffle else (1, c * r * r, 2, 2)
+    x = torch.arange(float(torch.Size(shape).numel())).view(shape)
+    y = F.pixel_unshuffle(x, r) if unshuffle else F.pixel_shuffle(x, r)
+    shuffled, merged = (y, x) if unshuffle else (x, y)
+    channel_of = {float(v): ch for ch in range(shuffled.shape[1]) for v in shuffled[0, ch].flatten()}
+    landed = sorted(tuple(sorted({channel_of[float(v)] for v in merged[0, k].flatten()}))
+                    for k in range(merged.shape[1]))
+    layer = nn.PixelUnshuffle(r) if unshuffle else nn.PixelShuffle(r)
+    model = Sandwich(conv(2, 3, shape[1]), layer, conv(2, y.shape[1], 4)).eval()
+    coupling = prunec.analyze(model, torch.randn(*shape[:1], 3, *shape[2:]))
+    side = ("last.weight", 1) if unshuffle else ("first.weight", 0)  # the shuffled side's weight dim
+    group = next(g for g in coupling.groups if side in g.members)
+    assert sorted(tuple(sorted(u)) for u in group.members[side].tolist()) == landed
+
+
+@pytest.mark.parametrize("equation, shapes", [
+    ("bqhd,bkhd->bhqk", [(2, 3, 4, 5), (2, 6, 4, 5)]),
+    ("ij,jk", [(2, 3), (3, 4)]),
+    ("...ij,...jk->...ik", [(5, 2, 3), (5, 3, 4)]),
+    ("b...d,d->b...", [(2, 3, 4, 6), (6,)]),
+    ("ii->i", [(3, 3)]),
+])
+def test_parse_einsum_gives_the_output_labels_torch_uses(equation: str, shapes: list[tuple[int, ...]]) -> None:
+    """The labelled output dims have the sizes torch.einsum produces."""
+    ops = [torch.randn(*s) for s in shapes]
+    parsed = parse_einsum(equation, [len(s) for s in shapes])
+    assert parsed is not None
+    inputs, out = parsed
+    size = {lab: s[d] for labels, s in zip(inputs, shapes) for d, lab in enumerate(labels)}
+    assert tuple(size[lab] for lab in out) == tuple(torch.einsum(equation, *ops).shape)
