@@ -55,6 +55,12 @@ def _prelu(m: nn.PReLU) -> None:
     m.num_parameters = m.weight.numel()
 
 
+@module_sync(nn.RNNCellBase)
+def _recurrent_cell(m: nn.RNNCellBase) -> None:
+    m.hidden_size = m.weight_hh.shape[1]
+    m.input_size = m.weight_ih.shape[1]
+
+
 @module_sync(nn.RNNBase)
 def _recurrent(m: nn.RNNBase) -> None:
     """LSTM/GRU/RNN: sizes from layer 0's weights; the flat weight list is rebuilt."""

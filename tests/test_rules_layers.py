@@ -47,6 +47,25 @@ class Recurrent(nn.Module):
         return self.head(y)
 
 
+class CellLoop(nn.Module):
+    """nn.LSTMCell / GRUCell / RNNCell stepped over time in Python (unrolled by torch.export)."""
+
+    def __init__(self, cell: nn.RNNCellBase) -> None:
+        super().__init__()
+        self.embed, self.cell, self.head = nn.Linear(5, cell.input_size), cell, nn.Linear(cell.hidden_size, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.zeros(x.shape[0], self.cell.hidden_size)
+        c = torch.zeros_like(h)
+        for t in range(x.shape[1]):
+            step = torch.tanh(self.embed(x[:, t]))
+            if isinstance(self.cell, nn.LSTMCell):
+                h, c = self.cell(step, (h, c))
+            else:
+                h = self.cell(step, h)
+        return self.head(h)
+
+
 class EinsumAttention(nn.Module):
     """Attention written with einsum, heads split by view (as in many research codebases)."""
 
@@ -162,6 +181,13 @@ CASES = [
          lambda m: m.rnn.hidden_size < 16),
     Case("rnn_relu", lambda: Recurrent(nn.RNN(8, 16, nonlinearity="relu", bidirectional=True), 3), (4, 2, 5),
          [("rnn.weight_hh_l0_reverse", 1)], lambda m: m.rnn.hidden_size < 16),
+    Case("lstm_cell", lambda: CellLoop(nn.LSTMCell(8, 16)), (2, 3, 5),
+         [("cell.weight_ih", 0), ("cell.weight_hh", 1), ("cell.weight_ih", 1)],
+         lambda m: m.cell.hidden_size < 16 and m.cell.input_size < 8),
+    Case("gru_cell", lambda: CellLoop(nn.GRUCell(8, 16)), (2, 3, 5), [("cell.weight_hh", 0)],
+         lambda m: m.cell.hidden_size < 16),
+    Case("rnn_cell", lambda: CellLoop(nn.RNNCell(8, 16)), (2, 3, 5), [("cell.bias_hh", 0)],
+         lambda m: m.cell.hidden_size < 16),
     Case("einsum_heads", EinsumAttention, (2, 5, 16), [("q.weight", 0), ("v.weight", 0), ("o.weight", 1)],
          options={"heads": 0.5}),
     Case("einsum_weight", EinsumAttention, (2, 5, 16), [("up.weight", 0), ("down.weight", 1)]),

@@ -64,3 +64,31 @@ def recurrent(node: fx.Node, g: CouplingBuilder) -> None:
         else:
             for d in range(dirs):
                 g.tie_map((w_ih, 1), anchor, d * hidden + u, u)
+
+
+CELL_GATES = {aten.lstm_cell.default: 4, aten.gru_cell.default: 3, aten.rnn_tanh_cell.default: 1,
+              aten.rnn_relu_cell.default: 1}
+
+
+@coupling_rule(*CELL_GATES, fix=no_sizes)
+def recurrent_cell(node: fx.Node, g: CouplingBuilder) -> None:
+    """One step of nn.LSTMCell/GRUCell/RNNCell: hidden unit u owns rows g·H + u of w_ih, w_hh and
+    the biases, column u of w_hh and index u of h, c and the new state(s); input feature i ↔
+    column i of w_ih. Column sums are consumed: dropping is exact."""
+    x, hx, w_ih, w_hh = arg(node, 0), arg(node, 1), arg(node, 2), arg(node, 3)
+    biases = [arg(node, 4), arg(node, 5)]
+    hx = list(hx) if isinstance(hx, (list, tuple)) else [hx]
+    outs = [node] if shape_of(node) is not None else list(node.users)
+    hidden, gates = shape_of(w_hh)[1], CELL_GATES[node.target]
+    anchor, u = (w_hh, 1), np.arange(hidden)
+    batched = ndim(x) == 2
+    for rows in (w_ih, w_hh, *biases):
+        for gate in range(gates):
+            g.tie_map((rows, 0), anchor, gate * hidden + u, u)
+    for state in (*hx, *outs):
+        g.tie((state, 1 if batched else 0), anchor)
+        if batched:
+            g.tie((state, 0), (x, 0))
+    g.tie((x, 1 if batched else 0), (w_ih, 1))
+    g.consume(w_ih, 1)
+    g.consume(w_hh, 1)
