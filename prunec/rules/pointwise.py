@@ -37,6 +37,7 @@ def tie_broadcast(node: fx.Node, g: CouplingBuilder) -> None:
                aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default,
                aten.full_like.default, aten.to.device, aten.to.other, aten.to.prim_dtype,
                aten.__and__.Tensor, aten.__or__.Tensor, aten.__and__.Scalar, aten.__or__.Scalar,
+               aten.copy_.default, aten.zero_.default,
                fix=no_sizes)
 def pointwise(node: fx.Node, g: CouplingBuilder) -> None:
     """out[..., i] = f(x[..., i], y[..., i]) — broadcasting dims of size 1 are not tied."""
