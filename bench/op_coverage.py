@@ -320,15 +320,26 @@ def _keys_of(node: fx.Node, key_index: dict[Any, int]) -> list[Any]:
 
 
 # ----------------------------------------------------------------------------- report
-def load() -> dict[str, Any]:
-    return json.loads(RESULTS.read_text()) if RESULTS.exists() else {"models": {}}
+def load(path: Path = RESULTS) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {"models": {}}
 
 
-def save(data: dict[str, Any]) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".tmp")
+def save(data: dict[str, Any], path: Path = RESULTS) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, RESULTS)
+    os.replace(tmp, path)
+
+
+def load_all() -> dict[str, Any]:
+    """Every results file (a sweep split over processes writes op_coverage*.json), merged."""
+    data: dict[str, Any] = {"models": {}}
+    for path in sorted(RESULTS.parent.glob("op_coverage*.json")):
+        part = load(path)
+        data["models"].update(part["models"])
+        data["when"] = max(data.get("when", ""), part.get("when", ""))
+        data["load"] = max(data.get("load", 0.0), part.get("load", 0.0))
+    return data
 
 
 def write_doc(data: dict[str, Any], command: str) -> None:
@@ -346,7 +357,8 @@ def write_doc(data: dict[str, Any], command: str) -> None:
     for key, r in sorted(rows.items()):
         by_group[r["group"]].append((key.split("/", 1)[1], r))
     lines = [BEGIN, "## Op coverage (bench/op_coverage.py)", "",
-             f"Command: `{command}`  ", f"Run: {data.get('when', '?')}, host load: {data.get('load', '?')}.  ",
+             f"Command: `{command}`  ", f"Last model measured: {data.get('when', '?')}; highest 1-min load average seen: {data.get('load', '?')} "
+             "on 2 shared cores (times are under that contention).  ",
              "Models are traced with `torch.export` (on the meta device where the model allows: shapes only), "
              "analysed by the rule table, and each call_function node's MACs counted with `FlopCounterMode`. "
              "*prunable MACs* = MACs of nodes that have (or whose operands have) a dim in some group; "
@@ -399,9 +411,11 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="skip models already in the results")
     ap.add_argument("--limit", type=int, default=150, help="seconds per model")
     ap.add_argument("--doc-only", action="store_true", help="rewrite the doc from the saved results")
+    ap.add_argument("--results", default=str(RESULTS), help="results file (several may run in parallel)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    data = load()
+    results = Path(args.results)
+    data = load(results)
     if not args.doc_only:
         for corpus in args.only.split(","):
             for group, name, build, meta in CORPORA[corpus]():
@@ -425,9 +439,9 @@ def main() -> None:
                 data["models"][key] = row
                 print(key, {k: v for k, v in row.items() if k not in ("ops",)}, flush=True)
                 data["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-                data["load"] = os.getloadavg()[0]
-                save(data)
-    write_doc(data, "python " + " ".join(sys.argv))
+                data["load"] = max(data.get("load", 0.0), os.getloadavg()[0])
+                save(data, results)
+    write_doc(load_all(), "python " + " ".join(sys.argv))
 
 
 if __name__ == "__main__":

@@ -107,8 +107,8 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
     inputs, kwargs = _as_tuple(example_inputs), dict(example_kwargs or {})
     model = eval_mode(model)
     with timer.stage("trace"):
-        program = trace(model, inputs, kwargs)
         check_finite(model, inputs, kwargs)  # a NaN/Inf output is the model's, not prunec's
+        program = trace(model, inputs, kwargs)  # (after: tracing may leave fake tensors in module caches)
     with timer.stage("analyze"):
         coupling = build_coupling(program)
     ratios = {"channel": channels, "mlp": mlp or channels, "head": heads, "hidden": hidden}

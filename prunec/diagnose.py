@@ -18,8 +18,11 @@ KERNEL = "convolution kernel dim"
 
 def check_finite(model: torch.nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> None:
     """Refuse a model whose own output on the example is NaN/Inf: no pruned result could be checked."""
-    with torch.no_grad():
-        out = model(*inputs, **(kwargs or {}))
+    try:
+        with torch.no_grad():
+            out = model(*inputs, **(kwargs or {}))
+    except Exception:  # noqa: BLE001 - a model that does not run is trace's to report, with its frame
+        return
     leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
     bad = [i for i, t in enumerate(leaves) if not bool(torch.isfinite(t).all())]
     if bad:

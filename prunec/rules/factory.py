@@ -38,3 +38,18 @@ def arange(node: fx.Node, g: CouplingBuilder) -> None:
 def scalar_tensor(node: fx.Node, g: CouplingBuilder) -> None:
     """A 0-d tensor: no dims."""
     return None
+
+
+@coupling_rule(aten.meshgrid.default, aten.meshgrid.indexing, fix=no_sizes)
+def meshgrid(node: fx.Node, g: CouplingBuilder) -> None:
+    """grid_k[i_0, …, i_{n−1}] = x_k[i_k] ('ij'); 'xy' swaps the first two output dims."""
+    inputs = list(node.args[0])
+    xy = (node.args[1] if len(node.args) > 1 else node.kwargs.get("indexing", "ij")) == "xy"
+    order = list(range(len(inputs)))
+    if xy and len(order) >= 2:
+        order[0], order[1] = 1, 0
+    for out in node.users:
+        if out.op != "call_function" or len(out.args) != 2:
+            continue
+        for d, k in enumerate(order):  # output dim d runs over input k
+            g.tie((inputs[k], 0), (out, d))

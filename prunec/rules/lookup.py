@@ -59,3 +59,9 @@ def sort(node: fx.Node, g: CouplingBuilder) -> None:
         for d in range(n):
             if d != dim:
                 g.tie((x, d), (out, d))
+
+
+@coupling_rule(aten.item.default, aten._local_scalar_dense.default, fix=no_sizes)
+def item(node: fx.Node, g: CouplingBuilder) -> None:
+    """A Python number read out of a (one-element) tensor: its dims are read by position."""
+    g.freeze_all(arg(node, 0), "item reads one element")
