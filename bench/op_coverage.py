@@ -195,7 +195,8 @@ def diffusers_corpus() -> Iterator[tuple[str, str, Build, bool]]:
     def unet2d_cond() -> tuple[torch.nn.Module, tuple[Any, ...], dict[str, Any]]:
         model = diffusers.UNet2DConditionModel(
             sample_size=16, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             norm_num_groups=8, attention_head_dim=8)
         return model, (torch.randn(1, 4, 16, 16), torch.tensor([10]), torch.randn(1, 5, 32)), {}
     yield "diffusers", "UNet2DModel", unet2d, False
@@ -357,7 +358,8 @@ def write_doc(data: dict[str, Any], command: str) -> None:
     for key, r in sorted(rows.items()):
         by_group[r["group"]].append((key.split("/", 1)[1], r))
     lines = [BEGIN, "## Op coverage (bench/op_coverage.py)", "",
-             f"Command: `{command}`  ", f"Last model measured: {data.get('when', '?')}; highest 1-min load average seen: {data.get('load', '?')} "
+             f"Command: `{command}`  ",
+             f"Last model measured: {data.get('when', '?')}; highest 1-min load average seen: {data.get('load', '?')} "
              "on 2 shared cores (times are under that contention).  ",
              "Models are traced with `torch.export` (on the meta device where the model allows: shapes only), "
              "analysed by the rule table, and each call_function node's MACs counted with `FlopCounterMode`. "
@@ -412,15 +414,17 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=150, help="seconds per model")
     ap.add_argument("--doc-only", action="store_true", help="rewrite the doc from the saved results")
     ap.add_argument("--results", default=str(RESULTS), help="results file (several may run in parallel)")
+    ap.add_argument("--reverse", action="store_true", help="walk each corpus from its end (a second process)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     results = Path(args.results)
     data = load(results)
     if not args.doc_only:
         for corpus in args.only.split(","):
-            for group, name, build, meta in CORPORA[corpus]():
+            items = list(CORPORA[corpus]())
+            for group, name, build, meta in reversed(items) if args.reverse else items:
                 key = f"{corpus}/{group}:{name}"
-                old = data["models"].get(key)
+                old = data["models"].get(key) or load_all()["models"].get(key)  # another process may have it
                 if args.resume and old and "error" not in old and not any(_has_rule(op) for op in old["missing"]):
                     continue  # done, and no op it lacked has gained a rule since
                 try:
@@ -434,7 +438,8 @@ def main() -> None:
                                 raise
                             row = measure(build, False)  # data-dependent code needs real tensors
                 except Exception as err:  # record and go on: one model never stops the sweep
-                    row = {"error": f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"}
+                    text = str(err).strip()
+                    row = {"error": f"{type(err).__name__}: {text.splitlines()[0][:200] if text else ''}"}
                 row["group"] = group
                 data["models"][key] = row
                 print(key, {k: v for k, v in row.items() if k not in ("ops",)}, flush=True)

@@ -77,7 +77,8 @@ def test_approximate_groups_not_asked_are_a_reason() -> None:
     class Residual(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.inp, self.norm, self.f, self.out = nn.Linear(8, 64), nn.LayerNorm(64), nn.Linear(64, 64), nn.Linear(64, 4)
+            self.inp, self.norm = nn.Linear(8, 64), nn.LayerNorm(64)
+            self.f, self.out = nn.Linear(64, 64), nn.Linear(64, 4)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             h = self.inp(x)
@@ -109,7 +110,8 @@ def _pt2(model: nn.Module, x: torch.Tensor, path: Path) -> Path:
 
 def test_cli_prints_shortfall_line_and_exits_zero(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     model = _pt2(Unruled(), torch.randn(2, 8), tmp_path / "unruled.pt2")
-    code = main([str(model), "--channels", "0.5", "-o", str(tmp_path / "out.pt2"), "--report", str(tmp_path / "r.json")])
+    code = main([str(model), "--channels", "0.5", "-o", str(tmp_path / "out.pt2"),
+                 "--report", str(tmp_path / "r.json")])
     out = capsys.readouterr().out
     assert code == 0
     first = out.splitlines()[0]

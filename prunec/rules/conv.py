@@ -25,7 +25,8 @@ def fix_conv_groups(old: fx.Node, new: fx.Node, sizes: NewSizes) -> None:
                fix=fix_conv_groups)
 def conv(node: fx.Node, g: CouplingBuilder) -> None:
     """y[n, o, …] = Σ_{i in group(o)} x[n, i, …] ⋆ W[o, i - group_start, …] + b[o];
-    transposed: W is (in, out/groups, k…): y[n, o, …] = Σ_{i in group(o)} x[n, i, …] ⋆ᵀ W[i, o - group_start, …] + b[o]"""
+    transposed, W is (in, out/groups, k…):
+    y[n, o, …] = Σ_{i in group(o)} x[n, i, …] ⋆ᵀ W[i, o - group_start, …] + b[o]"""
     x, w, b = arg(node, 0), arg(node, 1), arg(node, 2)
     if node.target is aten.convolution.default:
         transposed, groups = bool(arg(node, 6, "transposed")), arg(node, 8, "groups", 1)
