@@ -14,7 +14,7 @@ from prunec.cost import count_macs, count_params
 from prunec.coupling import Coupling
 from prunec.errors import InputError, PruneError
 from prunec.layers import blocks, find_branches
-from prunec.module_sync import synced_copy
+from prunec.module_sync import keep_whole, synced_copy
 from prunec.passes import PASSES, LayerDrop, LeastSquaresSelection, Pass, Select, State, run_passes
 from prunec.passes.select import check_ratio
 from prunec.plan import Plan
@@ -103,6 +103,7 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
         program = trace(model, inputs, kwargs)
     with timer.stage("analyze"):
         coupling = build_coupling(program)
+        keep_whole(model, coupling)  # groups the user's classes can't express pruned
     with timer.stage("plan"):
         if plan is None:
             ratios = {"channel": channels, "mlp": mlp or channels, "head": heads, "hidden": hidden}
