@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -201,10 +202,19 @@ def _sync(model: nn.Module, state: dict[str, torch.Tensor], program: ProgramModu
         with torch.no_grad():
             _, rel = compare(module(*inputs, **kwargs), program(*inputs, **kwargs))
     except Exception as err:  # any failure means the eager module can't follow: use the program
-        return program, False, f"user module not synced: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        return program, False, f"user module not synced: {_first_line(err)}"
     if rel > 1e-5:
         return program, False, f"user module not synced: its output differs from the program (rel {rel:.2g})"
     return module, True, ""
+
+
+def _first_line(err: BaseException) -> str:
+    """'Type: first line of the message', or where it was raised when the message is empty."""
+    lines = str(err).strip().splitlines()
+    if lines:
+        return f"{type(err).__name__}: {lines[0][:200]}"
+    tb = traceback.extract_tb(err.__traceback__)
+    return f"{type(err).__name__} at {tb[-1].filename}:{tb[-1].lineno} ({tb[-1].line})" if tb else type(err).__name__
 
 
 def apply_plan(model: nn.Module, example_inputs: Any, plan: Plan | str, *, check: bool = True,
