@@ -13,7 +13,7 @@ from torch import nn
 from prunec.analyze import build_coupling
 from prunec.cost import count_macs, count_params
 from prunec.coupling import Coupling
-from prunec.errors import InputError, PruneError
+from prunec.errors import InputError, PruneError, TraceError
 from prunec.layers import blocks, find_branches
 from prunec.module_sync import keep_whole, synced_copy
 from prunec.passes import PASSES, LayerDrop, LeastSquaresSelection, Pass, Select, State, run_passes
@@ -89,19 +89,28 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
             global_rank: bool = False, passes: Sequence[Pass] | None = None,
             plan: Plan | None = None, calib: Iterable[Any] | None = None,
             check: bool = True, example_kwargs: dict[str, Any] | None = None,
-            progress: Progress | None = None) -> CompileResult:
+            progress: Progress | None = None, parts: bool = True) -> Any:
     """Prune ``model`` and return a CompileResult.
 
     ``channels`` applies to conv/linear channel groups (and MLP groups unless ``mlp`` is
     given); ``heads``/``hidden`` to attention heads and the residual stream; ``layers`` is the
     fraction of residual blocks to drop (scored by angular distance on the example inputs). Give ``passes``
-    to compose your own pipeline, or ``plan`` to replay a saved plan.
+    to compose your own pipeline, or ``plan`` to replay a saved plan. If the whole model can't be
+    traced and ``parts`` is on, the submodules that trace are pruned instead (a ``PartsResult``).
     """
     timer = _Timer(progress)
     inputs, kwargs = _as_tuple(example_inputs), dict(example_kwargs or {})
     model = eval_mode(model)
-    with timer.stage("trace"):
-        program = trace(model, inputs, kwargs)
+    try:
+        with timer.stage("trace"):
+            program = trace(model, inputs, kwargs)
+    except TraceError as err:
+        if not parts or plan is not None or passes is not None:
+            raise
+        from prunec.partial import compile_parts  # prune what traces
+        return compile_parts(model, inputs, kwargs, compile, err.message, channels=channels, mlp=mlp,
+                             heads=heads, hidden=hidden, layers=layers, method=method, round_to=round_to,
+                             global_rank=global_rank, calib=calib, check=check, progress=progress)
     with timer.stage("analyze"):
         coupling = build_coupling(program)
         keep_whole(model, coupling)  # groups the user's classes can't express pruned
