@@ -23,6 +23,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
+from prunec.cost import count_macs, count_params
 from prunec.errors import PruneError, TraceError
 from prunec.trace import eval_mode, keep_attributes
 
@@ -135,10 +136,12 @@ def compile_parts(model: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, A
         _load_matching(reference.get_submodule(path), ref_state)
     with torch.no_grad(), keep_attributes(pruned), keep_attributes(reference):
         abs_err, rel_err = compare(pruned(*inputs, **kwargs), reference(*inputs, **kwargs))
+        macs = {"macs_before": count_macs(model, inputs, kwargs), "macs_after": count_macs(pruned, inputs, kwargs)}
     if rel_err > 1e-4:
         raise PruneError(f"end-to-end check failed: pruned parts differ from the zeroed reference by rel. "
                          f"err {rel_err:.3g}", "this is a prunec bug; report it with the model")
     report = {
+        **macs, "params_before": count_params(model), "params_after": count_params(pruned),
         "parts": rows, "left_dense": left, "frozen_boundaries": boundaries(parts, calls),
         "whole_model_trace_error": why_whole,
         "macs_parts_before": sum(r["macs_before"] for r in rows),
