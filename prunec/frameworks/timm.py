@@ -1,4 +1,6 @@
-"""timm: attention head counts, and the split sizes that res2net / CSP / SK / TResNet blocks keep."""
+"""timm: attention head counts, and the split sizes / widths that res2net (``Bottle2neck.width``),
+CSPNet (``CrossStage.expand_chs``), SK (``SelectiveKernel.in_channels``) and TResNet
+(``BlurPool2d.channels``) keep in attributes their forward reads."""
 from __future__ import annotations
 
 from torch import nn
@@ -17,10 +19,58 @@ def sync_attention(m: nn.Module) -> None:
         m.attn_dim = m.num_heads * head_dim
 
 
+def sync_bottle2neck(m: nn.Module) -> None:
+    """res2net ``Bottle2neck``: ``torch.split(conv1(x), width)`` into ``scale`` equal pieces."""
+    pieces = [c.in_channels for c in m.convs]
+    if m.scale > 1:
+        pieces.append(m.conv1.out_channels - sum(pieces))
+    if len(set(pieces)) > 1:
+        raise ValueError(f"Bottle2neck.width: split pieces kept {pieces} channels, "
+                         "but its forward splits conv1's output into equal pieces of width")
+    m.width = pieces[0]
+
+
+def _first_conv_in(mod: nn.Module) -> int:
+    return next(m.in_channels for m in mod.modules() if isinstance(m, nn.Conv2d))
+
+
+def sync_cross_stage(m: nn.Module) -> None:
+    """cspnet ``CrossStage(3)``: ``conv_exp(x).split(expand_chs // 2)`` into two equal halves."""
+    total = next(c for c in m.conv_exp.modules() if isinstance(c, nn.Conv2d)).out_channels
+    half = _first_conv_in(m.blocks)
+    if 2 * half != total:
+        raise ValueError(f"{type(m).__name__}.expand_chs: conv_exp's halves kept {total - half} and {half} "
+                         "channels, but its forward splits them equally (split(expand_chs // 2))")
+    m.expand_chs = total
+
+
+def sync_selective_kernel(m: nn.Module) -> None:
+    """``SelectiveKernel``: the input is split into ``num_paths`` equal pieces of in_channels."""
+    pieces = [_first_conv_in(p) for p in m.paths]
+    if m.split_input and len(set(pieces)) > 1:
+        raise ValueError(f"SelectiveKernel.in_channels: path inputs kept {pieces} channels, "
+                         "but its forward splits the input equally")
+    m.in_channels = sum(pieces) if m.split_input else pieces[0]
+    m.out_channels = next(c for c in m.paths[0].modules() if isinstance(c, nn.Conv2d)).out_channels
+
+
+def sync_blur_pool(m: nn.Module) -> None:
+    """``BlurPool2d`` (TResNet): a depthwise blur with one filter per channel in ``filt``."""
+    if m.channels is not None:
+        m.channels = m.filt.shape[0]
+
+
 def register() -> None:
     """Add the timm classes of this install to the module_sync table."""
     from timm.layers.attention import Attention
     module_sync(Attention)(sync_attention)
+    from timm.layers.blur_pool import BlurPool2d
+    from timm.layers.selective_kernel import SelectiveKernel
+    from timm.models import cspnet, res2net
+    module_sync(res2net.Bottle2neck)(sync_bottle2neck)
+    module_sync(cspnet.CrossStage, cspnet.CrossStage3)(sync_cross_stage)
+    module_sync(SelectiveKernel)(sync_selective_kernel)
+    module_sync(BlurPool2d)(sync_blur_pool)
     try:
         from timm.models.swin_transformer import WindowAttention
         module_sync(WindowAttention)(sync_attention)
