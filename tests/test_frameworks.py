@@ -51,6 +51,22 @@ def _vae() -> tuple[torch.nn.Module, tuple]:
     return model.eval(), (torch.randn(1, 3, 32, 32),)
 
 
+def _timm(name: str, **kwargs: Any) -> Callable[[], tuple[torch.nn.Module, tuple]]:
+    def build() -> tuple[torch.nn.Module, tuple]:
+        timm = pytest.importorskip("timm")
+        return timm.create_model(name, pretrained=False, **kwargs).eval(), (torch.randn(1, 3, 64, 64),)
+    return build
+
+
+def _res2net() -> tuple[torch.nn.Module, tuple]:
+    """A one-block-per-stage Res2Net (the Bottle2neck split is what is tested)."""
+    pytest.importorskip("timm")
+    from timm.models.res2net import Bottle2neck
+    from timm.models.resnet import ResNet
+    model = ResNet(block=Bottle2neck, layers=[1, 1, 1, 1], base_width=26, block_args={"scale": 4})
+    return model.eval(), (torch.randn(1, 3, 64, 64),)
+
+
 def _first(out: Any) -> torch.Tensor:
     """The main tensor of a framework output (YOLO tuple, diffusers ``.sample``)."""
     out = getattr(out, "sample", out)
@@ -86,6 +102,15 @@ def _diffusers_roundtrip(result: prunec.CompileResult, tmp_path) -> None:
         torch.testing.assert_close(_first(reloaded(*result.example_inputs)), _first(result.model(*result.example_inputs)))
 
 
+def _pickle_roundtrip(result: prunec.CompileResult, tmp_path) -> None:
+    """timm has no config for pruned widths: the synced module pickles and reloads as is."""
+    torch.save(result.model, tmp_path / "model.pt")
+    reloaded = torch.load(tmp_path / "model.pt", weights_only=False).eval()
+    assert type(reloaded) is type(result.model)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(*result.example_inputs), result.model(*result.example_inputs))
+
+
 CASES: dict[str, tuple[Callable[[], tuple], dict[str, float], Callable]] = {
     "yolov8n": (lambda: _yolo("yolov8n.yaml"), {"channels": 0.3}, _yolo_roundtrip),
     "yolo11n": (lambda: _yolo("yolo11n.yaml"), {"channels": 0.3}, _yolo_roundtrip),
@@ -93,6 +118,12 @@ CASES: dict[str, tuple[Callable[[], tuple], dict[str, float], Callable]] = {
     "unet2d": (_unet, {"channels": 0.3, "heads": 0.3}, _diffusers_roundtrip),
     "unet2d_condition": (_unet_cond, {"channels": 0.3, "heads": 0.3}, _diffusers_roundtrip),
     "autoencoder_kl": (_vae, {"channels": 0.3, "heads": 0.3}, _diffusers_roundtrip),
+    # timm families whose forward reads split sizes / widths from attributes
+    "res2net": (_res2net, {"channels": 0.3}, _pickle_roundtrip),
+    "cs3darknet_focus_s": (_timm("cs3darknet_focus_s"), {"channels": 0.3}, _pickle_roundtrip),
+    "mixnet_s": (_timm("mixnet_s"), {"channels": 0.3}, _pickle_roundtrip),
+    "skresnet18": (_timm("skresnet18"), {"channels": 0.3}, _pickle_roundtrip),
+    "tresnet_m": (_timm("tresnet_m"), {"channels": 0.3}, _pickle_roundtrip),
 }
 
 

@@ -1,5 +1,5 @@
 """timm: attention head counts, and the split sizes / widths that res2net (``Bottle2neck.width``),
-CSPNet (``CrossStage.expand_chs``), SK (``SelectiveKernel.in_channels``) and TResNet
+CSPNet (``CrossStage.expand_chs``), MixNet (``MixedConv2d.splits``), SK (``SelectiveKernel.in_channels``) and TResNet
 (``BlurPool2d.channels``) keep in attributes their forward reads."""
 from __future__ import annotations
 
@@ -60,17 +60,27 @@ def sync_blur_pool(m: nn.Module) -> None:
         m.channels = m.filt.shape[0]
 
 
+def sync_mixed_conv(m: nn.Module) -> None:
+    """``MixedConv2d`` (MixNet): ``torch.split(x, splits)`` over one conv per kernel size."""
+    convs = list(m.values())
+    m.splits = [c.in_channels for c in convs]
+    m.in_channels = sum(m.splits)
+    m.out_channels = sum(c.out_channels for c in convs)
+
+
 def register() -> None:
     """Add the timm classes of this install to the module_sync table."""
     from timm.layers.attention import Attention
     module_sync(Attention)(sync_attention)
     from timm.layers.blur_pool import BlurPool2d
+    from timm.layers.mixed_conv2d import MixedConv2d
     from timm.layers.selective_kernel import SelectiveKernel
     from timm.models import cspnet, res2net
     module_sync(res2net.Bottle2neck)(sync_bottle2neck)
     module_sync(cspnet.CrossStage, cspnet.CrossStage3)(sync_cross_stage)
     module_sync(SelectiveKernel)(sync_selective_kernel)
     module_sync(BlurPool2d)(sync_blur_pool)
+    module_sync(MixedConv2d)(sync_mixed_conv)
     try:
         from timm.models.swin_transformer import WindowAttention
         module_sync(WindowAttention)(sync_attention)
