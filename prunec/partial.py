@@ -114,7 +114,7 @@ def compile_parts(model: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, A
 
     def compile_part(part: nn.Module, path: str) -> Any:
         args, kw, _ = calls[path]
-        return compile_fn(part, args, example_kwargs=kw, parts=False, **options)
+        return compile_fn(part, args, example_kwargs=kw, parts=False, static=True, **options)
 
     results, left = find_parts(model, calls, compile_part)
     parts = list(results)
