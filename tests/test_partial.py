@@ -46,7 +46,8 @@ def test_detector_parts_pruned_and_checked_end_to_end() -> None:
     assert all(p["synced"] and p["rel_err"] <= 1e-4 for p in report["parts"]), report["parts"]
     assert "backbone → rpn.head" in report["frozen_boundaries"]
     assert "GuardOnDataDependentSymNode" in report["whole_model_trace_error"]
-    assert report["verify_end_to_end"]["rel_err"] <= 1e-4
+    assert report["verify_end_to_end"]["rel_err"] <= 1e-4 and report["verify_end_to_end"]["outputs_equal"]
+    assert report["verify_end_to_end"]["parts_in_context_rel_err"] <= 1e-4
     assert report["macs_after"] < 0.8 * report["macs_before"]
     assert type(result.model) is type(model)
     assert isinstance(result.model.roi_heads.box_head.fc6, nn.Linear)
