@@ -90,7 +90,10 @@ def bench_detector(name: str) -> dict[str, Any]:
             "parts": [f"{p['part']} ({p['macs_after'] / max(p['macs_before'], 1):.2f}{'' if p['synced'] else ', not synced'})"
                       for p in rep["parts"]],
             "left_dense": rep["left_dense"], "frozen_boundaries": rep["frozen_boundaries"],
-            "end_to_end_rel_err": rep["verify_end_to_end"]["rel_err"], "vs_dense_rel_err": dense_rel,
+            "end_to_end_rel_err": rep["verify_end_to_end"]["rel_err"],
+            "outputs_equal": rep["verify_end_to_end"].get("outputs_equal"),
+            "parts_in_context_rel_err": rep["verify_end_to_end"].get("parts_in_context_rel_err"),
+            "vs_dense_rel_err": dense_rel,
             "detections": len(pruned_out[0]["boxes"]), "other_size_runs": bool(len(other)),
             "synced": rep["module_synced"]}
 
@@ -142,13 +145,57 @@ def run_one(name: str) -> dict[str, Any]:
     return bench_detector(name)
 
 
+def _fmt(x: Any) -> str:
+    if isinstance(x, bool):
+        return "✅" if x else "❌"
+    if isinstance(x, float):
+        return f"{x:.2g}" if abs(x) < 0.01 and x else f"{x:.3g}"
+    return str(x)
+
+
+def to_markdown(rows: list[dict[str, Any]]) -> str:
+    """Three tables (YOLO, diffusers, detectors) from the JSON rows; the latest row per model wins."""
+    latest = {r["model"]: r for r in rows}
+    out = []
+    tables = [
+        ("YOLO (ultralytics, 320×320)", YOLO, ["macs_ratio", "params_ratio", "verify_rel_err", "synced", "class",
+                                               "onnx_export", "onnx_rel_err", "ort_ms_dense", "ort_ms_pruned",
+                                               "ort_speedup", "compile_s"]),
+        ("diffusers (small configs)", DIFFUSERS, ["macs_ratio", "params_ratio", "verify_rel_err", "synced", "class",
+                                                  "reload_max_abs_diff", "eager_ms_dense", "eager_ms_pruned",
+                                                  "speedup", "plain_from_pretrained", "compile_s"]),
+        ("torchvision detectors (prune what traces, 320×320)", DETECTORS,
+         ["prunable_share", "macs_ratio", "params_ratio", "parts", "frozen_boundaries", "end_to_end_rel_err",
+          "outputs_equal", "parts_in_context_rel_err", "vs_dense_rel_err", "detections", "other_size_runs", "synced", "compile_s"]),
+    ]
+    for title, names, cols in tables:
+        out += [f"### {title}", "", "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        for n in names:
+            r = latest.get(n)
+            if r is None:
+                out.append(f"| `{n}` | " + " | ".join(["not run"] + [""] * (len(cols) - 1)) + " |")
+            elif "error" in r:
+                out.append(f"| `{n}` | " + " | ".join([f"error: {r['error']}"] + [""] * (len(cols) - 1)) + " |")
+            else:
+                cells = [", ".join(map(str, r.get(c) or [])) if isinstance(r.get(c), list) else _fmt(r.get(c, ""))
+                         for c in cols]
+                out.append(f"| `{n}` | " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("names", nargs="*", default=YOLO + DIFFUSERS + DETECTORS)
     ap.add_argument("--out", default="bench/results/detection.jsonl")
     ap.add_argument("--one", action="store_true", help="run one model in this process (internal)")
     ap.add_argument("--timeout", type=int, default=1200)
+    ap.add_argument("--md", help="print the tables for the rows in --out and exit")
     args = ap.parse_args()
+    if args.md:
+        rows = [json.loads(ln) for ln in Path(args.out).read_text().splitlines() if ln.strip()]
+        Path(args.md).write_text(to_markdown(rows) + "\n")
+        return
     if args.one:
         print("RESULT " + json.dumps(run_one(args.names[0]), default=str), flush=True)
         return
