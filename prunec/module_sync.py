@@ -117,7 +117,10 @@ def _register_optional() -> None:
     for package, module in FRAMEWORKS.items():
         if package in sys.modules and package not in _REGISTERED:
             _REGISTERED.add(package)
-            importlib.import_module(module).register()
+            try:
+                importlib.import_module(module).register()
+            except (ImportError, AttributeError):  # another version of the framework: generic path only
+                pass
 
 
 def _drop_blocks(model: nn.Module, blocks: list[str]) -> list[int] | None:
