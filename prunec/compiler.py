@@ -114,7 +114,7 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
         if not parts or plan is not None or passes is not None:
             raise
         from prunec.partial import compile_parts  # prune what traces
-        return compile_parts(model, inputs, kwargs, compile, err.message, channels=channels, mlp=mlp,
+        return compile_parts(model, inputs, kwargs, compile, err, channels=channels, mlp=mlp,
                              heads=heads, hidden=hidden, layers=layers, method=method, round_to=round_to,
                              global_rank=global_rank, calib=calib, check=check, progress=progress)
     with timer.stage("analyze"):

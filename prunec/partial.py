@@ -109,10 +109,15 @@ def boundaries(parts: list[str], calls: dict[str, tuple]) -> list[str]:
 
 
 def compile_parts(model: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any],
-                  compile_fn: Compile, why_whole: str, **options: Any) -> PartsResult:
-    """Prune the parts of ``model`` that trace (see the module docstring)."""
+                  compile_fn: Compile, whole_error: TraceError, **options: Any) -> PartsResult:
+    """Prune the parts of ``model`` that trace (see the module docstring). ``whole_error`` (why the
+    whole model didn't trace) is raised again if the model doesn't even run on the inputs."""
     model = eval_mode(model)
-    calls = record_calls(model, inputs, kwargs)
+    why_whole = whole_error.message
+    try:
+        calls = record_calls(model, inputs, kwargs)
+    except Exception:  # wrong inputs: the trace error already says so
+        raise whole_error from None
 
     def compile_part(part: nn.Module, path: str) -> Any:
         args, kw, _ = calls[path]
@@ -121,8 +126,7 @@ def compile_parts(model: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, A
     results, left = find_parts(model, calls, compile_part)
     parts = list(results)
     if not parts:
-        raise TraceError(f"torch.export could not trace {type(model).__name__} or any submodule with "
-                         f"parameters ({why_whole})", "make the forward traceable")
+        raise whole_error
     pruned, reference = copy.deepcopy(model), copy.deepcopy(model)
     rows = []
     for path, result in results.items():
