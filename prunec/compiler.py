@@ -17,7 +17,7 @@ from prunec.dynamic import DynamicProgram, describe_spec, export_program, export
 from prunec.errors import InputError, PruneError, TraceError
 from prunec.layers import blocks, find_branches
 from prunec.module_sync import keep_whole, synced_copy
-from prunec.passes import PASSES, LayerDrop, LeastSquaresSelection, Pass, Select, State, run_passes
+from prunec.passes import PASSES, ConfigHeads, LayerDrop, LeastSquaresSelection, Pass, Select, State, run_passes
 from prunec.passes.select import check_ratio
 from prunec.plan import Plan
 from prunec.program_module import ProgramModule, copy_graph
@@ -73,7 +73,7 @@ def analyze(model: nn.Module, example_inputs: Any, example_kwargs: dict[str, Any
     return build_coupling(trace(model, _as_tuple(example_inputs), example_kwargs))
 
 
-NOT_METHODS = ("select", "layer_drop", "target_search")
+NOT_METHODS = ("select", "layer_drop", "target_search", "config_heads")
 
 
 def criterion(method: str, ratio: float = 0.5, round_to: int = 8) -> Pass:
@@ -92,13 +92,14 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
             global_rank: bool = False, passes: Sequence[Pass] | None = None,
             plan: Plan | None = None, calib: Iterable[Any] | None = None,
             check: bool = True, example_kwargs: dict[str, Any] | None = None,
-            progress: Progress | None = None, static: bool = False,
+            progress: Progress | None = None, static: bool = False, layer_method: str = "angular",
             dynamic_shapes: Any = None, parts: bool = True) -> Any:
     """Prune ``model`` and return a CompileResult.
 
     ``channels`` applies to conv/linear channel groups (and MLP groups unless ``mlp`` is
     given); ``heads``/``hidden`` to attention heads and the residual stream; ``layers`` is the
-    fraction of residual blocks to drop (scored by angular distance on the example inputs). Give ``passes``
+    fraction of residual blocks to drop (``layer_method``: angular distance on the example and calibration
+    inputs, alias block-influence; or position). Give ``passes``
     to compose your own pipeline, or ``plan`` to replay a saved plan. The result accepts any batch
     size (and sequence length for token inputs) unless ``static``; ``dynamic_shapes`` (torch.export
     format) names other dynamic dims, e.g. the ones a loaded ``.pt2`` recorded. If the whole model
@@ -116,7 +117,8 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
         from prunec.partial import compile_parts  # prune what traces
         return compile_parts(model, inputs, kwargs, compile, err, channels=channels, mlp=mlp,
                              heads=heads, hidden=hidden, layers=layers, method=method, round_to=round_to,
-                             global_rank=global_rank, calib=calib, check=check, progress=progress)
+                             global_rank=global_rank, calib=calib, check=check, progress=progress,
+                             layer_method=layer_method)
     with timer.stage("analyze"):
         coupling = build_coupling(program)
         keep_whole(model, coupling)  # groups the user's classes can't express pruned
@@ -125,8 +127,10 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
             ratios = {"channel": channels, "mlp": mlp or channels, "head": heads, "hidden": hidden}
             pipeline = list(passes) if passes is not None else [
                 criterion(method, channels, round_to), Select(ratios, round_to=round_to, global_rank=global_rank)]
+            if passes is None and heads and hasattr(getattr(model, "config", None), "num_attention_heads"):
+                pipeline.append(ConfigHeads())  # HF models: head counts their config can express
             if passes is None and layers:
-                pipeline.append(LayerDrop(check_ratio("layers", layers)))
+                pipeline.append(LayerDrop(check_ratio("layers", layers), by=layer_method))
             kinds = {k for k, v in ratios.items() if v} if passes is None else None
             state = run_passes(pipeline, State(model, program, coupling, calib=calib, kinds=kinds))
             plan, notes, updates = state.plan, state.notes, state.updates
