@@ -198,7 +198,8 @@ def _compile(argv: Sequence[str]) -> int:
                                 method=method, layer_method=layer_method, round_to=args.round_to,
                                 global_rank=args.global_rank,
                                 plan=plan, calib=calib, check=not args.no_verify, progress=progress,
-                                static=args.static, dynamic_shapes=loaded.extra.get("dynamic_shapes"))
+                                static=args.static, dynamic_shapes=loaded.extra.get("dynamic_shapes"),
+                                parts=False)  # artifacts need the whole program: untraceable stays an error
         if progress:
             progress(f"writing {args.target} artifact")
         result.report["artifact"] = BACKENDS[args.target](result, out, {

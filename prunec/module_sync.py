@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import copy
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 Sync = Callable[[nn.Module], None]
 SYNC: dict[type, Sync] = {}
+# A class whose forward can't follow some pruned dims names the groups to keep whole:
+# (module, its path, groups by member (fqn, dim), groups already kept whole) → {group: reason}
+Constraint = Callable[[nn.Module, str, dict, set], dict[str, str]]
+CONSTRAINTS: dict[type, Constraint] = {}
 
 
 def module_sync(*types: type) -> Callable[[Sync], Sync]:
@@ -29,6 +33,40 @@ def _weight_shape(m: nn.Module) -> torch.Size:
     if isinstance(getattr(m, "weight_orig", None), torch.Tensor):  # spectral_norm
         return m.weight_orig.shape
     return m.weight.shape
+
+
+def sync_constraint(*types: type) -> Callable[[Constraint], Constraint]:
+    """Register which groups a module type needs kept whole for its attributes to follow."""
+    def wrap(fn: Constraint) -> Constraint:
+        for t in types:
+            CONSTRAINTS[t] = fn
+        return fn
+    return wrap
+
+
+def keep_whole(model: nn.Module, coupling: Any) -> dict[str, str]:
+    """Take out of ``coupling.groups`` (into ``coupling.frozen``) the groups the model's classes
+    can't express pruned, so the pruned model stays the user's class. Returns group → reason."""
+    _register_optional()
+    by_member: dict[tuple[str, int], list[str]] = {}
+    for g in coupling.groups:
+        for member in g.members:
+            by_member.setdefault(member, []).append(g.name)
+    whole: dict[str, str] = {}
+    for _ in range(4):  # a kept-whole group can force its neighbours (both halves of a split)
+        before = len(whole)
+        for path, mod in model.named_modules():
+            rule = next((CONSTRAINTS[t] for t in type(mod).__mro__ if t in CONSTRAINTS), None)
+            if rule is not None:
+                for name, reason in rule(mod, path, by_member, set(whole)).items():
+                    whole.setdefault(name, f"{path} ({type(mod).__name__}): {reason}")
+        if len(whole) == before:
+            break
+    for g in coupling.groups:
+        if g.name in whole:
+            coupling.frozen.update({f"{fqn}@{dim}": whole[g.name] for fqn, dim in g.members})
+    coupling.groups = [g for g in coupling.groups if g.name not in whole]
+    return whole
 
 
 @module_sync(nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -104,35 +142,25 @@ def _mha(m: nn.MultiheadAttention) -> None:
     raise ValueError("nn.MultiheadAttention cannot express a pruned head or embedding dim")
 
 
-def _timm_attention(m: nn.Module) -> None:
-    """timm (Window)Attention: qkv = Linear(dim, 3 · num_heads · head_dim)."""
-    head_dim = getattr(m, "head_dim", None)
-    if head_dim is None:  # Swin: head_dim is implied by the relative-position table's heads
-        head_dim = m.qkv.weight.shape[0] // (3 * m.num_heads)
-        m.num_heads = m.relative_position_bias_table.shape[1]
-        return
-    m.num_heads = m.qkv.weight.shape[0] // (3 * head_dim)
-    if hasattr(m, "attn_dim"):
-        m.attn_dim = m.num_heads * head_dim
+FRAMEWORKS = {  # imported package → module whose register() adds its classes to the table
+    "timm": "prunec.frameworks.timm",
+    "transformers": "prunec.hf",
+    "ultralytics": "prunec.frameworks.ultralytics",
+    "diffusers": "prunec.frameworks.diffusers",
+}
+_REGISTERED: set[str] = set()
 
 
 def _register_optional() -> None:
     """Table entries for libraries the model came from (only those already imported)."""
-    if "timm" in sys.modules:
-        from timm.layers.attention import Attention
-        SYNC.setdefault(Attention, _timm_attention)
-        try:
-            from timm.models.swin_transformer import WindowAttention
-            SYNC.setdefault(WindowAttention, _timm_attention)
-        except ImportError:
-            pass
-    if "transformers" in sys.modules and not _REGISTERED:
-        from prunec import hf
-        hf.register()
-        _REGISTERED.append(True)
-
-
-_REGISTERED: list[bool] = []
+    import importlib
+    for package, module in FRAMEWORKS.items():
+        if package in sys.modules and package not in _REGISTERED:
+            _REGISTERED.add(package)
+            try:
+                importlib.import_module(module).register()
+            except (ImportError, AttributeError):  # another version of the framework: generic path only
+                pass
 
 
 def _drop_blocks(model: nn.Module, blocks: list[str]) -> list[int] | None:
