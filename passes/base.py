@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from prunec.coupling import Coupling
+from prunec.errors import add_note
 from prunec.plan import Plan
 from prunec.trace import Program
 
@@ -75,7 +76,7 @@ def run_passes(passes: Iterable[Pass], state: State) -> State:
         try:
             state = p(state).state
         except Exception as err:
-            err.add_note(f"in prunec pass '{p.name}'")
+            add_note(err, f"in prunec pass '{p.name}'")
             raise
     return state
 

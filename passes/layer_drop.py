@@ -8,6 +8,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import fx
 
+from prunec.calib import calls
 from prunec.errors import InputError
 from prunec.layers import Branch, blocks, find_branches
 from prunec.passes.base import Pass, PassResult, State, register_pass
@@ -73,11 +74,9 @@ class LayerDrop(Pass):
         module = ProgramModule(program, copy_graph(program.graph)[0], program.state())
         wanted = {n for bs in by_block.values() for n in (bs[0].skip, bs[-1].add)}
         total = np.zeros(len(by_block))
-        batches = [(program.example_inputs, program.example_kwargs)]
-        for batch in state.calib or ():
-            batches.append((tuple(batch) if isinstance(batch, (tuple, list)) else (batch,), {}))
-        for args, kwargs in batches:
-            leaves = iter(pytree.tree_leaves((args, kwargs)))
+        batches = [(program.example_inputs, program.example_kwargs), *calls(state.calib or ())]
+        for batch in batches:
+            leaves = iter(pytree.tree_leaves(batch))
             flat = [next(leaves) if kind == "user" else getattr_path(module, fqn)
                     for kind, fqn in module._inputs]
             rec = _Recorder(module.graph_module, wanted)

@@ -7,10 +7,10 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
-import torch.utils._pytree as pytree
 from torch import nn
 
 from prunec.atomic import atomic_path
+from prunec.calib import Call, calls, flat_output, run
 from prunec.errors import InputError
 from prunec.passes.base import PASSES, Pass, PassResult, State, run_passes
 from prunec.passes.select import keep_count
@@ -22,21 +22,15 @@ RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 Metric = Callable[[nn.Module], float]
 
 
-def output_error(reference: nn.Module, batches: list[tuple[Any, ...]]) -> Metric:
+def output_error(reference: nn.Module, batches: list[Call]) -> Metric:
     """Metric: mean over batches of ‖f(x) − f_ref(x)‖ / ‖f_ref(x)‖ (lower is better)."""
-    with torch.no_grad():
-        wanted = [_flat(reference(*b)) for b in batches]
+    wanted = [flat_output(run(reference, b)) for b in batches]
 
     def metric(model: nn.Module) -> float:
-        with torch.no_grad():
-            errs = [float((_flat(model(*b)) - w).norm() / (w.norm() + 1e-12)) for b, w in zip(batches, wanted)]
+        errs = [float((flat_output(run(model, b)) - w).norm() / (w.norm() + 1e-12))
+                for b, w in zip(batches, wanted)]
         return float(np.mean(errs))
     return metric
-
-
-def _flat(out: Any) -> torch.Tensor:
-    return torch.cat([t.detach().float().reshape(-1) for t in pytree.tree_leaves(out)
-                      if isinstance(t, torch.Tensor)])
 
 
 def scored_state(state: State, method: str | Pass) -> State:
@@ -74,7 +68,8 @@ def analyse(state: State, ratios: Iterable[float] = RATIOS, metric: Metric | Non
         raise InputError(f"sensitivity by '{by}' is unknown", "use by='group' or by='kind'")
     ratios = [float(r) for r in ratios]
     scored = scored_state(state, method)
-    batches = [tuple(b) for b in state.calib] if state.calib is not None else [state.program.example_inputs]
+    program = state.program
+    batches = calls(state.calib) if state.calib is not None else [(program.example_inputs, program.example_kwargs)]
     if metric is None:
         measure, baseline, name = output_error(state.model, batches), 0.0, "relative output error"
         drop = measure

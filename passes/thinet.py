@@ -10,6 +10,7 @@ from torch import fx
 
 from prunec.calib import collect, require_calib
 from prunec.coupling import Group
+from prunec.cut import Cut
 from prunec.passes.activation import Consumer, consumers
 from prunec.passes.base import Pass, PassResult, State, register_pass
 from prunec.passes.select import check_ratio, keep_count
@@ -134,16 +135,6 @@ def greedy_drop(rec: Reconstruction, n_drop: int) -> np.ndarray:
     return np.sort(np.asarray(dropped, dtype=np.int64))
 
 
-def pruned_update(state: State, fqn: str, value: torch.Tensor, done_dim: int) -> torch.Tensor:
-    """Slice ``value`` along every other dim of ``fqn`` that the plan prunes (pruned shape)."""
-    for g in state.coupling.groups:
-        for (f, dim), rows in g.members.items():
-            if f == fqn and dim != done_dim and g.name in state.plan.kept:
-                kept = np.sort(rows[np.asarray(state.plan.kept[g.name])].ravel())
-                value = value.index_select(dim, torch.as_tensor(kept, dtype=torch.long))
-    return value
-
-
 class LeastSquaresSelection(Pass):
     """Shared driver: pick kept units per group (``choose``), plan them, refit consumers."""
 
@@ -160,6 +151,8 @@ class LeastSquaresSelection(Pass):
 
     def run(self, state: State) -> PassResult:
         calib = require_calib(self.calib if self.calib is not None else state.calib, f"'{self.name}'")
+        if state.calib is None:  # compile checks the refit on the data it was fit on
+            state.calib = calib
         groups = [g for g in state.coupling.groups if g.kind in self.kinds]
         recs = reconstructions(state, calib, groups, self.samples, self.seed)
         for name, rec in recs.items():
@@ -169,10 +162,11 @@ class LeastSquaresSelection(Pass):
             if n_keep < g.size:
                 state.plan.kept[name] = np.sort(self.choose(rec, n_keep)).tolist()
                 state.plan.sizes[name] = g.size
-        if self.do_refit:
+        if self.do_refit and any(name in state.plan.kept for name in recs):
+            cut = Cut.of(state.coupling, state.plan)   # the rewriter's slicing, for the other dims
             for name, rec in recs.items():
                 if name in state.plan.kept:
-                    self._refit(state, rec, np.asarray(state.plan.kept[name]))
+                    self._refit(state, cut, rec, np.asarray(state.plan.kept[name]))
         state.plan.meta.update({"ratios": {k: self.ratio for k in self.kinds}, "round_to": self.round_to,
                                 "selection": self.name})
         skipped = len(groups) - len(recs)
@@ -180,9 +174,10 @@ class LeastSquaresSelection(Pass):
             state.notes.append(f"{self.name}: {skipped} groups without dense conv/linear consumers kept")
         return PassResult(state, True)
 
-    def _refit(self, state: State, rec: Reconstruction, kept: np.ndarray) -> None:
+    def _refit(self, state: State, cut: Cut, rec: Reconstruction, kept: np.ndarray) -> None:
         for c, (weight, before, after) in zip(rec.cons, rec.refit(kept)):
-            state.updates[c.fqn] = pruned_update(state, c.fqn, weight.to(state.program.state()[c.fqn].dtype), 1)
+            weight = weight.to(state.program.tensor(c.fqn).dtype)
+            state.updates[c.fqn] = cut.slice(c.fqn, weight, skip=(1,))  # dim 1 is already refit
             self.errors[c.fqn] = (before, after)
             state.notes.append(f"{self.name}: refit {c.fqn}: rel. reconstruction error "
                                f"{before:.4g} → {after:.4g}")

@@ -12,8 +12,9 @@ from torch import nn
 from prunec.analyze import build_coupling
 from prunec.cost import count_macs, count_params
 from prunec.coupling import Coupling
-from prunec.errors import InputError, PruneError
-from prunec.layers import blocks, find_branches
+from prunec.calib import calls
+from prunec.cut import Cut
+from prunec.errors import InputError, InternalError
 from prunec.module_sync import synced_copy
 from prunec.passes import PASSES, LayerDrop, LeastSquaresSelection, Pass, Select, State, run_passes
 from prunec.passes.select import check_ratio
@@ -21,10 +22,11 @@ from prunec.plan import Plan
 from prunec.program_module import ProgramModule, copy_graph
 from prunec.rewrite import rewrite
 from prunec.trace import Program, eval_mode, trace
-from prunec.verify import compare, verify
+from prunec.verify import check_refit, compare, verify
 
 Progress = Callable[[str], None]
 METHODS = ("l1", "l2", "bn")
+REFIT_CHECK_BATCHES = 8  # calibration batches the refit-vs-no-refit check runs
 
 
 @dataclass
@@ -112,35 +114,55 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
                 pipeline.append(LayerDrop(check_ratio("layers", layers)))
             kinds = {k for k, v in ratios.items() if v} if passes is None else None
             state = run_passes(pipeline, State(model, program, coupling, calib=calib, kinds=kinds))
-            plan, notes, updates = state.plan, state.notes, state.updates
+            plan, notes, updates, passes_ran = state.plan, state.notes, state.updates, True
         else:
-            notes, updates = [], {}
+            notes, updates, passes_ran = [], {}, False
         plan.check(coupling)
-    return finish_compile(model, program, coupling, plan, timer, notes, check, updates)
+    return finish_compile(model, program, coupling, plan, timer, notes, check, updates,
+                          state.calib if passes_ran else calib)
 
 
 def finish_compile(model: nn.Module, program: Program, coupling: Coupling, plan: Plan,
                    timer: _Timer, notes: list[str], check: bool,
-                   updates: dict[str, torch.Tensor] | None = None) -> CompileResult:
+                   updates: dict[str, torch.Tensor] | None = None,
+                   calib: Iterable[Any] | None = None) -> CompileResult:
+    """Rewrite, sync, verify, refit check and cost; an InternalError carries the plan."""
+    try:
+        return _finish(model, program, coupling, plan, timer, notes, check, updates or {}, calib)
+    except InternalError as err:
+        err.context.setdefault("plan", plan.to_json())
+        raise
+
+
+def _finish(model: nn.Module, program: Program, coupling: Coupling, plan: Plan, timer: _Timer,
+            notes: list[str], check: bool, updates: dict[str, torch.Tensor],
+            calib: Iterable[Any] | None) -> CompileResult:
     inputs, kwargs = program.example_inputs, program.example_kwargs
     with timer.stage("rewrite"):
-        pruned_program, state, _ = rewrite(coupling, plan)
+        cut = Cut.of(coupling, plan)
+        pruned_program, state, _ = rewrite(cut)
     with timer.stage("sync"):
-        pruned, synced, sync_note = _sync(model, state, pruned_program, inputs, kwargs,
-                                          lambda: dropped_blocks(coupling, plan))
+        pruned, synced, sync_note = _sync(model, state, pruned_program, inputs, kwargs, cut.blocks)
     verify_result = None
     if check:
         with timer.stage("verify"):
-            verify_result = verify(coupling, plan, pruned_program, inputs, kwargs)
+            verify_result = verify(cut, pruned_program, inputs, kwargs)
         if not verify_result.passed:
-            raise PruneError(
-                f"verification failed: pruned model differs from the reference by rel. err "
-                f"{verify_result.rel_err:.3g} (max abs {verify_result.max_abs_err:.3g})",
-                "this is a prunec bug; rerun with --no-verify to inspect, and report it")
+            raise InternalError(
+                f"verification failed: the pruned program differs from the reference with its exact "
+                f"units zeroed by rel. err {verify_result.rel_err:.3g} (max abs "
+                f"{verify_result.max_abs_err:.3g}, tolerance {verify_result.tolerance:g})")
     if updates:
-        _apply_updates(state, updates)
-        notes = [*notes, f"refit {len(updates)} tensors after the verified rewrite: "
-                 "outputs now differ from the zeroed reference by design"]
+        with timer.stage("refit check"):
+            batches = calls(calib)[:REFIT_CHECK_BATCHES] if calib is not None else [(inputs, kwargs)]
+            refit = check_refit(pruned_program, original_program(coupling), state, updates, batches)
+        notes = [*notes, (f"refit {refit['tensors']} tensors after the verified rewrite: output error vs the "
+                          f"original on {refit['batches']} calibration batch(es) {refit['rel_err_before']:.4g} → "
+                          f"{refit['rel_err_after']:.4g}") if refit["applied"] else
+                 (f"refit not applied: it made the output error vs the original worse on the calibration "
+                  f"data ({refit['rel_err_before']:.4g} → {refit['rel_err_after']:.4g})")]
+        if verify_result is not None:
+            verify_result.refit = refit
     with timer.stage("cost"):
         report = {
             "params_before": count_params(model), "params_after": count_params(pruned),
@@ -161,34 +183,10 @@ def finish_compile(model: nn.Module, program: Program, coupling: Coupling, plan:
     return CompileResult(pruned, pruned_program, plan, report, coupling, inputs, kwargs)
 
 
-def _apply_updates(state: dict[str, torch.Tensor], updates: dict[str, torch.Tensor]) -> None:
-    """Write refit values into the pruned tensors in place (program and module share them)."""
-    for fqn, value in updates.items():
-        if fqn not in state or state[fqn].shape != value.shape:
-            raise PruneError(f"a pass refit '{fqn}' with shape {tuple(value.shape)}, but the pruned "
-                             f"tensor is {tuple(state[fqn].shape) if fqn in state else 'missing'}",
-                             "this is a bug in that pass")
-        with torch.no_grad():
-            state[fqn].copy_(value)
-
-
 def original_program(coupling: Coupling) -> ProgramModule:
     """The unpruned program as a module (MACs are counted on the same ops before and after)."""
     program = coupling.program
     return ProgramModule(program, copy_graph(program.graph)[0], program.state())
-
-
-def dropped_blocks(coupling: Coupling, plan: Plan) -> list[str]:
-    """Module paths of residual blocks whose every branch the plan drops."""
-    names = set(plan.meta.get("dropped_layers") or [])
-    if not names:
-        return []
-    program = coupling.program
-    by_block = blocks(find_branches(program.graph, set(program.placeholder_fqns())))
-    partial = [b for b, bs in by_block.items() if 0 < sum(x.name in names for x in bs) < len(bs)]
-    if partial:
-        raise ValueError(f"block {partial[0]} is only partly dropped: its module can't express that")
-    return [b for b, bs in by_block.items() if all(x.name in names for x in bs)]
 
 
 def _sync(model: nn.Module, state: dict[str, torch.Tensor], program: ProgramModule,
@@ -200,7 +198,8 @@ def _sync(model: nn.Module, state: dict[str, torch.Tensor], program: ProgramModu
         with torch.no_grad():
             _, rel = compare(module(*inputs, **kwargs), program(*inputs, **kwargs))
     except Exception as err:  # any failure means the eager module can't follow: use the program
-        return program, False, f"user module not synced: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        return program, False, f"user module not synced: {type(err).__name__}: {first}".rstrip(": ")
     if rel > 1e-5:
         return program, False, f"user module not synced: its output differs from the program (rel {rel:.2g})"
     return module, True, ""

@@ -1,0 +1,86 @@
+"""The layered verifier: the exact part of a mixed plan is proven; bugs are InternalErrors."""
+import pytest
+import torch
+from torch import nn
+
+import prunec
+from prunec.errors import InternalError
+from tests.conftest import assert_verified
+
+
+class Mixed(nn.Module):
+    """A residual stream read by a LayerNorm (approximate 'hidden' group) around an MLP (exact)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.norm = nn.Linear(8, 32), nn.LayerNorm(32)
+        self.fc1, self.fc2, self.head = nn.Linear(32, 64), nn.Linear(64, 32), nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        h = h + self.fc2(torch.relu(self.fc1(self.norm(h))))
+        return self.head(h)
+
+
+X = torch.randn(3, 5, 8)
+
+
+def test_mixed_plan_verifies_exact_part_and_reports_approximate() -> None:
+    result = prunec.compile(Mixed().eval(), X, mlp=0.5, hidden=0.25, round_to=1)
+    v = result.report["verify"]
+    assert v["passed"] and not v["exact"], v
+    assert v["rel_err"] <= v["tolerance"] <= 1e-4
+    assert v["approximate"]["groups"] == v["approximate_groups"] and v["approximate"]["rel_err"] > 1e-4
+    assert {g["kind"] for g in result.report["groups"] if g["kept"] < g["size"]} == {"mlp", "hidden"}
+    assert v["batch_sizes"][0] == 3
+
+
+def test_corrupted_exact_group_is_caught_while_an_approximate_group_is_cut(monkeypatch) -> None:
+    """fc2's input columns belong to the exact MLP group: scramble them after slicing."""
+    from prunec import rewrite as rw
+
+    original = rw.slice_state
+
+    def broken(cut):
+        state = original(cut)
+        state["fc2.weight"] = torch.roll(state["fc2.weight"], 1, dims=1)
+        return state
+
+    monkeypatch.setattr(rw, "slice_state", broken)
+    with pytest.raises(InternalError, match="verification failed") as info:
+        prunec.compile(Mixed().eval(), X, mlp=0.5, hidden=0.25, round_to=1)
+    assert "plan" in info.value.context and "prunec bug" in info.value.one_line()
+
+
+def test_second_batch_size_is_checked() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 4, 3)).eval()
+    result = prunec.compile(model, torch.randn(2, 3, 12, 12), channels=0.5, round_to=1)
+    assert_verified(result)
+    assert result.report["verify"]["batch_sizes"] == [2, 3]
+
+
+def test_rewrite_that_bakes_the_batch_size_is_an_internal_error(monkeypatch) -> None:
+    """A fixer that writes the example's batch into a view breaks batch 3: caught."""
+    from prunec import rewrite as rw
+
+    class Flat(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 16), nn.Linear(16, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.relu(self.a(x)).reshape(-1, 16))
+
+    original = rw.rewrite_graph
+
+    def baking(cut):
+        graph, node_map = original(cut)
+        for node in graph.nodes:
+            if node.target in (torch.ops.aten.view.default, torch.ops.aten.reshape.default):
+                node.args = (node.args[0], [2, -1])
+        return graph, node_map
+
+    monkeypatch.setattr(rw, "rewrite_graph", baking)
+    x = torch.randn(2, 6)
+    with pytest.raises(InternalError, match="batch 3"):
+        prunec.compile(Flat().eval(), x, channels=0.5, round_to=1)
