@@ -84,3 +84,48 @@ def test_rewrite_that_bakes_the_batch_size_is_an_internal_error(monkeypatch) -> 
     x = torch.randn(2, 6)
     with pytest.raises(InternalError, match="batch 3"):
         prunec.compile(Flat().eval(), x, channels=0.5, round_to=1)
+
+
+def test_cli_internal_error_exits_3_with_a_repro_bundle(monkeypatch, tmp_path, capsys) -> None:
+    """A prunec bug (here: a corrupted slicer) → exit 3, one line, a bundle next to the output."""
+    import json
+
+    from prunec import rewrite as rw
+    from prunec.cli import main
+
+    original = rw.slice_state
+
+    def broken(cut):
+        state = original(cut)
+        for fqn in state:
+            if fqn.endswith("weight") and state[fqn].dim() == 4 and state[fqn].shape[1] > 1:
+                state[fqn] = torch.roll(state[fqn], 1, dims=1)
+        return state
+
+    monkeypatch.setattr(rw, "slice_state", broken)
+    out = tmp_path / "out" / "m.pt2"
+    out.parent.mkdir()
+    code = main(["zoo:convbn", "--channels", "0.5", "--round-to", "1", "-o", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 3 and not out.exists()
+    assert len(err.splitlines()) == 1 and "prunec bug" in err and "repro bundle in" in err
+    bundles = list(out.parent.glob("prunec-bug-*"))
+    assert len(bundles) == 1
+    files = {p.name for p in bundles[0].iterdir()}
+    assert files == {"plan.json", "command.json", "versions.json", "traceback.txt"}
+    assert json.loads((bundles[0] / "plan.json").read_text())["groups"]
+    assert json.loads((bundles[0] / "command.json").read_text())["model"] == "zoo:convbn"
+    assert "torch" in json.loads((bundles[0] / "versions.json").read_text())
+
+
+def test_empty_exception_message_does_not_break_sync() -> None:
+    """compiler._sync reports a failing eager module even when its error has no message."""
+    from prunec.compiler import _sync
+
+    class Fails(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError()
+
+    program = nn.Identity()
+    module, synced, note = _sync(Fails(), {}, program, (torch.zeros(1),), {}, list)
+    assert module is program and not synced and note == "user module not synced: RuntimeError"
