@@ -111,7 +111,8 @@ def reconstructions(state: State, calib: list[tuple[Any, ...]], groups: list[Gro
     for g in groups:
         cons = consumers(state, g)
         n_consumed = sum(1 for key in g.members if key in state.coupling.consumed)
-        if cons and len({c.fqn for c in cons}) == n_consumed:
+        whole = all(c.rows.size == tensors[c.fqn].shape[1] for c in cons)  # no other group feeds them
+        if cons and whole and len({c.fqn for c in cons}) == n_consumed == len(cons):  # each called once
             found[g.name] = cons
     all_cons = [c for cs in found.values() for c in cs]
     xs = sample_inputs(state, calib, all_cons, samples, seed) if all_cons else {}
