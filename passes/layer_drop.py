@@ -44,6 +44,8 @@ class LayerDrop(Pass):
     Before: y = x + attn(x); z = y + mlp(y)      After: z = x   (block dropped)
     Writes plan.meta["dropped_layers"]: branch names, replayed by the rewriter."""
 
+    provides = ("plan",)
+
     def __init__(self, ratio: float, by: str = "angular", keep_last: bool = True) -> None:
         if by not in CRITERIA:
             raise InputError(f"unknown layer criterion '{by}'", f"use one of {CRITERIA}")

@@ -15,8 +15,6 @@ from prunec.errors import InputError
 from prunec.passes.base import PASSES, Pass, PassResult, State, run_passes
 from prunec.passes.select import keep_count
 from prunec.plan import Plan
-from prunec.program_module import ProgramModule
-from prunec.rewrite import rewrite
 
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 Metric = Callable[[nn.Module], float]
@@ -36,7 +34,7 @@ def output_error(reference: nn.Module, batches: list[Call]) -> Metric:
 def scored_state(state: State, method: str | Pass) -> State:
     """``state`` with scores from a criterion (a pass or a registered name), plan emptied."""
     crit = PASSES[method]() if isinstance(method, str) else method
-    fresh = State(state.model, state.program, state.coupling, calib=state.calib)
+    fresh = State(state.model, state.program, state.coupling, calib=state.calib, services=state.services)
     return run_passes([crit], fresh)
 
 
@@ -54,9 +52,9 @@ def group_plan(state: State, names: list[str], ratio: float, round_to: int) -> P
     return plan
 
 
-def prune_with(state: State, plan: Plan) -> ProgramModule:
+def prune_with(state: State, plan: Plan) -> nn.Module:
     """The state's program rewritten with ``plan`` (no re-trace, no verify: trials only)."""
-    return rewrite(state.coupling, plan)[0].eval()
+    return state.need_services("trying a plan").prune(plan).eval()
 
 
 def analyse(state: State, ratios: Iterable[float] = RATIOS, metric: Metric | None = None,
@@ -118,8 +116,10 @@ def save(result: dict[str, Any], json_path: str | Path, png_path: str | Path | N
 
 class Sensitivity(Pass):
     """Prune each group alone at ``ratios`` and record the metric drop (Li et al., 2017, §4).
-    Before: any state.  After: state unchanged except ``self.result`` and a note; the JSON
+    Before: any state.  After: ``state.results["sensitivity"]`` and a note; the JSON
     (and PNG) written when ``out`` is given. Analysis only: the plan is not touched."""
+
+    provides = ("analysis",)
 
     name = "sensitivity"
 
@@ -128,13 +128,13 @@ class Sensitivity(Pass):
                  method: str | Pass = "l1", round_to: int = 1) -> None:
         self.ratios, self.metric, self.out, self.plot = list(ratios), metric, out, plot
         self.by, self.method, self.round_to = by, method, round_to
-        self.result: dict[str, Any] = {}
 
     def run(self, state: State) -> PassResult:
-        self.result = analyse(state, self.ratios, self.metric, self.by, self.method, self.round_to)
+        result = analyse(state, self.ratios, self.metric, self.by, self.method, self.round_to)
+        state.results[self.name] = result
         if self.out is not None:
-            save(self.result, self.out, self.plot)
-        worst = max(self.result["units"].items(), key=lambda kv: kv[1]["drop"][-1], default=None)
+            save(result, self.out, self.plot)
+        worst = max(result["units"].items(), key=lambda kv: kv[1]["drop"][-1], default=None)
         if worst:
             state.notes.append(f"sensitivity: most sensitive {self.by} is {worst[0]} "
                                f"(drop {worst[1]['drop'][-1]:.3g} at ratio {self.ratios[-1]})")

@@ -139,13 +139,14 @@ def greedy_drop(rec: Reconstruction, n_drop: int) -> np.ndarray:
 class LeastSquaresSelection(Pass):
     """Shared driver: pick kept units per group (``choose``), plan them, refit consumers."""
 
+    provides = ("plan", "refits")
+
     def __init__(self, ratio: float = 0.5, calib: Iterable[Any] | None = None, samples: int = 2048,
                  round_to: int = 8, kinds: tuple[str, ...] = ("channel", "mlp"), seed: int = 0,
                  refit: bool = True) -> None:
         self.ratio = check_ratio("channels", ratio)
         self.calib, self.samples, self.round_to = calib, samples, round_to
         self.kinds, self.seed, self.do_refit = kinds, seed, refit
-        self.errors: dict[str, tuple[float, float]] = {}   # consumer fqn → (before, after refit)
 
     def choose(self, rec: Reconstruction, n_keep: int) -> np.ndarray:
         raise NotImplementedError
@@ -179,7 +180,8 @@ class LeastSquaresSelection(Pass):
         for c, (weight, before, after) in zip(rec.cons, rec.refit(kept)):
             weight = weight.to(state.program.tensor(c.fqn).dtype)
             state.updates[c.fqn] = cut.slice(c.fqn, weight, skip=(1,))  # dim 1 is already refit
-            self.errors[c.fqn] = (before, after)
+            # consumer fqn → (before, after refit): relative reconstruction error on the samples
+            state.results.setdefault(self.name, {}).setdefault("errors", {})[c.fqn] = (before, after)
             state.notes.append(f"{self.name}: refit {c.fqn}: rel. reconstruction error "
                                f"{before:.4g} → {after:.4g}")
 

@@ -17,6 +17,7 @@ from prunec.cut import Cut
 from prunec.errors import InputError, InternalError
 from prunec.module_sync import synced_copy
 from prunec.passes import PASSES, LayerDrop, LeastSquaresSelection, Pass, Select, State, run_passes
+from prunec.passes.base import Services
 from prunec.passes.select import check_ratio
 from prunec.plan import Plan
 from prunec.program_module import ProgramModule, copy_graph
@@ -71,23 +72,34 @@ def analyze(model: nn.Module, example_inputs: Any, example_kwargs: dict[str, Any
     return build_coupling(trace(model, _as_tuple(example_inputs), example_kwargs))
 
 
-NOT_METHODS = ("select", "layer_drop", "target_search")
+def methods() -> list[str]:
+    """``--method`` names: registered passes that score units (or select and refit them)."""
+    return sorted(n for n, cls in PASSES.items()
+                  if ("scores" in cls.provides and "plan" not in cls.provides) or "refits" in cls.provides)
 
 
 def criterion(method: str, ratio: float = 0.5, round_to: int = 8) -> Pass:
     """The scoring (or selecting) pass for a ``--method`` name."""
-    if method not in PASSES or method in NOT_METHODS:
-        raise InputError(f"unknown pruning method '{method}'",
-                         f"use one of {sorted(n for n in PASSES if n not in NOT_METHODS)}")
+    if method not in methods():
+        raise InputError(f"unknown pruning method '{method}'", f"use one of {methods()}")
     cls = PASSES[method]
     if issubclass(cls, LeastSquaresSelection):  # ThiNet / LASSO select channels themselves
         return cls(ratio=ratio, round_to=round_to)
     return cls()
 
 
+def services(coupling: Coupling) -> Services:
+    """The rewriter and cost model as services for passes that try plans."""
+    program = coupling.program
+    return Services(prune=lambda plan: rewrite(Cut.of(coupling, plan))[0],
+                    original=lambda: original_program(coupling),
+                    macs=lambda m: count_macs(m, program.example_inputs, program.example_kwargs),
+                    params=count_params)
+
+
 def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp: float = 0.0,
             heads: float = 0.0, hidden: float = 0.0, layers: float = 0.0, method: str = "l1", round_to: int = 8,
-            global_rank: bool = False, passes: Sequence[Pass] | None = None,
+            global_rank: bool = False, passes: Sequence[Pass | str] | None = None,
             plan: Plan | None = None, calib: Iterable[Any] | None = None,
             check: bool = True, example_kwargs: dict[str, Any] | None = None,
             progress: Progress | None = None) -> CompileResult:
@@ -108,18 +120,34 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
     with timer.stage("plan"):
         if plan is None:
             ratios = {"channel": channels, "mlp": mlp or channels, "head": heads, "hidden": hidden}
-            pipeline = list(passes) if passes is not None else [
-                criterion(method, channels, round_to), Select(ratios, round_to=round_to, global_rank=global_rank)]
-            if passes is None and layers:
-                pipeline.append(LayerDrop(check_ratio("layers", layers)))
+            pipeline = list(passes) if passes is not None else _default_pipeline(
+                method, ratios, round_to, global_rank, layers)
             kinds = {k for k, v in ratios.items() if v} if passes is None else None
-            state = run_passes(pipeline, State(model, program, coupling, calib=calib, kinds=kinds))
+            state = run_passes(pipeline, State(model, program, coupling, calib=calib, kinds=kinds,
+                                               services=services(coupling)))
             plan, notes, updates, passes_ran = state.plan, state.notes, state.updates, True
         else:
             notes, updates, passes_ran = [], {}, False
         plan.check(coupling)
-    return finish_compile(model, program, coupling, plan, timer, notes, check, updates,
-                          state.calib if passes_ran else calib)
+    result = finish_compile(model, program, coupling, plan, timer, notes, check, updates,
+                            state.calib if passes_ran else calib)
+    result.report["passes"] = state.results if passes_ran else {}
+    return result
+
+
+def _default_pipeline(method: str, ratios: dict[str, float], round_to: int, global_rank: bool,
+                      layers: float) -> list[Pass]:
+    """``criterion → select [→ layer_drop]`` (a selecting criterion such as ThiNet needs no select)."""
+    crit = criterion(method, ratios["channel"], round_to)
+    pipeline = [crit]
+    if "scores" in crit.provides:
+        pipeline.append(Select(ratios, round_to=round_to, global_rank=global_rank))
+    elif ratios["head"] or ratios["hidden"]:
+        raise InputError(f"--method {method} selects conv/linear channels itself: it can't prune heads "
+                         "or the hidden width", "use a scoring method (l1, taylor, …) for --heads/--hidden")
+    if layers:
+        pipeline.append(LayerDrop(check_ratio("layers", layers)))
+    return pipeline
 
 
 def finish_compile(model: nn.Module, program: Program, coupling: Coupling, plan: Plan,

@@ -8,17 +8,16 @@ from typing import Callable
 import torch
 from torch import nn
 
+from prunec import hf
+from prunec.registry import Registry
+
 Sync = Callable[[nn.Module], None]
-SYNC: dict[type, Sync] = {}
+SYNC: Registry = Registry("module-sync updater")  # module type → updater
 
 
 def module_sync(*types: type) -> Callable[[Sync], Sync]:
     """Register how a module type's attributes follow its (already sliced) tensors."""
-    def wrap(fn: Sync) -> Sync:
-        for t in types:
-            SYNC[t] = fn
-        return fn
-    return wrap
+    return SYNC.register(*types)
 
 
 @module_sync(nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -87,8 +86,8 @@ def _register_optional() -> None:
         except ImportError:
             pass
     if "transformers" in sys.modules and not _REGISTERED:
-        from prunec import hf
-        hf.register()
+        for cls, fn in hf.updaters().items():
+            SYNC.setdefault(cls, fn)
         _REGISTERED.append(True)
 
 
@@ -154,6 +153,5 @@ def synced_copy(model: nn.Module, state: dict[str, torch.Tensor],
                 raise ValueError(f"{owner or '<top>'} ({type(mod).__name__}): {err}") from None
     kept_layers = _drop_blocks(new, dropped_blocks) if dropped_blocks else None
     if hasattr(new, "config") and type(new).__module__.startswith("transformers"):
-        from prunec.hf import sync_config
-        sync_config(new, kept_layers)
+        hf.sync_config(new, kept_layers)
     return new
