@@ -18,6 +18,8 @@ Spec = dict[str, Any]
 TRUNK = ("residual", "concat", "split", "chunk_gate", "grouped", "depthwise", "bn", "gn", "ln",
          "se", "pool", "twice", "shared", "permute_linear")
 HEADS = ("flatten", "gap", "mha", "attention")
+METHODS = ("l1", "l1", "l1", "l2", "bn", "taylor", "activation", "wanda", "thinet", "lasso")
+DATA_METHODS = ("taylor", "activation", "wanda", "thinet", "lasso")  # get calib=[example]
 
 
 def random_spec(rng: random.Random) -> Spec:
@@ -25,11 +27,10 @@ def random_spec(rng: random.Random) -> Spec:
     c = rng.choice((4, 6, 8, 12, 16))
     blocks = [rng.choice(TRUNK) for _ in range(rng.randint(1, 5))]
     head = rng.choice(HEADS)
-    flags: dict[str, Any] = {"method": rng.choice(("l1", "l1", "l2", "bn", "thinet", "lasso")),
-                             "round_to": rng.choice((1, 1, 2, 8))}
+    flags: dict[str, Any] = {"method": rng.choice(METHODS), "round_to": rng.choice((1, 1, 1, 2, 8))}
     for kind in ("channels", "mlp", "heads", "hidden", "layers"):
-        if rng.random() < 0.5:
-            flags[kind] = rng.choice((0.1, 0.25, 0.5, 0.75))
+        if rng.random() < 0.6:
+            flags[kind] = rng.choice((0.1, 0.25, 0.5, 0.75) if kind != "layers" else (0.25, 0.5))
     return {"c": c, "hw": rng.choice((6, 8)), "batch": rng.choice((1, 2)), "blocks": blocks,
             "head": head, "tied": rng.random() < 0.5, "flags": flags,
             "widths": [rng.choice((4, 6, 8, 16)) for _ in blocks], "seed": rng.randrange(2**31)}
@@ -170,7 +171,7 @@ class Block(nn.Module):
     def __init__(self, d: int, kind: str, tied: bool) -> None:
         super().__init__()
         self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        heads = 2 if d % 2 == 0 else 1
+        heads = 4 if d % 4 == 0 else 2 if d % 2 == 0 else 1
         self.mha = kind == "mha"
         self.attn = nn.MultiheadAttention(d, heads, batch_first=True) if self.mha else HeadAttention(d, heads, tied)
         self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
@@ -266,7 +267,7 @@ def run_case(spec: Spec) -> str:
 
     model, x = build(spec)
     flags = dict(spec["flags"])
-    calib = [x] if flags["method"] in ("thinet", "lasso") else None
+    calib = [x] if flags["method"] in DATA_METHODS else None
     try:
         result = prunec.compile(model, x, calib=calib, **flags)
     except PrunecError as err:

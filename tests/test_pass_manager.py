@@ -130,3 +130,17 @@ def test_passes_import_no_later_stage() -> None:
     for mod, deps in graph.items():
         if mod.startswith("prunec.passes"):
             assert not deps & later, (mod, deps & later)
+
+
+def test_sources_stay_python_3_10_compatible() -> None:
+    """pyproject says requires-python >= 3.10: no 3.11+ syntax, and no 3.11+ APIs we know of
+    (``add_note`` only through ``prunec.errors.add_note``, which falls back on 3.10)."""
+    newer = ("tomllib", "StrEnum", "ExceptionGroup", "datetime.UTC", "typing import Self",
+             "asyncio.TaskGroup")
+    for folder in PACKAGES.values():
+        for f in folder.rglob("*.py"):
+            text = f.read_text()
+            ast.parse(text, feature_version=(3, 10))
+            assert not any(n in text for n in newer), f
+            if f.name != "errors.py":
+                assert ".add_note(" not in text, f
