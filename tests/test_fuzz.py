@@ -9,6 +9,7 @@ Derandomised with a fixed example count (~2 minutes on 2 cores); ``bench/fuzz.py
 """
 import random
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -25,3 +26,20 @@ def test_random_architectures_verify_or_fail_cleanly(seed: int) -> None:
     outcome = run_case(spec)  # any exception but a PrunecError fails the test
     assert outcome.split(":")[0] in OUTCOMES, outcome
 
+
+
+PINNED = {"c": 4, "hw": 6, "batch": 2, "blocks": ["bn"], "widths": [4], "head": "attention", "tied": False,
+          "flags": {"method": "l1", "round_to": 1, "heads": 0.5}, "seed": 0}
+
+
+def test_unsynced_program_is_pinned_to_the_example_batch_today() -> None:
+    """The reshape-to-heads attention keeps ``self.h = 4`` in its forward, so the eager module
+    can't follow a head cut and compile returns the ProgramModule, whose static trace bakes
+    batch 2 into its views; the verifier notes it."""
+    assert run_case(PINNED) == "verified-pinned"
+
+
+@pytest.mark.xfail(strict=True, reason="issue 15 (lead): the ProgramModule keeps the static trace's "
+                   "batch size; remove this xfail when compile traces a dynamic batch")
+def test_unsynced_program_runs_at_another_batch() -> None:
+    assert run_case(PINNED) == "verified"
