@@ -41,16 +41,14 @@ def write_coreml(result: Any, out: str | Path, options: dict[str, Any] | None = 
     if sparse and (options.get("sparsity_method") or "magnitude") != "magnitude":
         raise BackendError("Core ML 2:4 sparsity is chosen by coremltools' magnitude pruner",
                            "use --sparsity-method magnitude with --target coreml")
-    tbl = torch.export.default_decompositions()
-    del tbl[torch.ops.aten.linear.default]
-    ep = result.export().run_decompositions(tbl)
+    notes: list[str] = []
     try:
-        mlmodel = ct.convert(ep, minimum_deployment_target=target, convert_to="mlprogram",
-                             compute_precision=ct.precision.FLOAT16)
-    except Exception as err:  # noqa: BLE001 - the converter raises many types; report the first line
-        raise BackendError(f"coremltools could not convert the model: {type(err).__name__}: "
-                           f"{str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}",
-                           "try --target onnx or executorch") from err
+        mlmodel = _convert(ct, result.export(), target)
+    except BackendError as err:
+        if result.dynamic is None:
+            raise
+        mlmodel = _convert(ct, result.export(static=True), target)
+        notes.append(f"Core ML package has the example's fixed shapes: with a flexible batch {err.message}")
     if sparse:
         from coremltools.optimize.coreml import OpMagnitudePrunerConfig, OptimizationConfig, prune_weights
         mlmodel = prune_weights(mlmodel, config=OptimizationConfig(
@@ -61,20 +59,38 @@ def write_coreml(result: Any, out: str | Path, options: dict[str, Any] | None = 
               "minimum_deployment_target": target_name, "precision": "fp16",
               "sparsity": "2:4 (coremltools OpMagnitudePrunerConfig)" if sparse else None}
     report.update(_check_spec(ct, out, result))
+    if notes:
+        report["notes"] = notes
     return report
+
+
+def _convert(ct: Any, ep: torch.export.ExportedProgram, target: Any) -> Any:
+    """ExportedProgram → ML program (fp16); dynamic dims become flexible Core ML shapes."""
+    tbl = torch.export.default_decompositions()
+    del tbl[torch.ops.aten.linear.default]
+    try:
+        return ct.convert(ep.run_decompositions(tbl), minimum_deployment_target=target, convert_to="mlprogram",
+                          compute_precision=ct.precision.FLOAT16)
+    except Exception as err:  # noqa: BLE001 - the converter raises many types; report the first line
+        raise BackendError(f"coremltools could not convert the model: {type(err).__name__}: "
+                           f"{str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}",
+                           "try --target onnx or executorch") from err
 
 
 def _check_spec(ct: Any, path: Path, result: Any) -> dict[str, Any]:
     """Reload the package without compiling; compare I/O names and shapes with torch, count ops."""
     spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
     inputs = {i.name: list(i.type.multiArrayType.shape) for i in spec.description.input}
+    flexible = {i.name: [[int(r.lowerBound), int(r.upperBound)] for r in i.type.multiArrayType.shapeRange.sizeRanges]
+                for i in spec.description.input if i.type.multiArrayType.HasField("shapeRange")}
     outputs = [o.name for o in spec.description.output]
     example = [t for t in pytree.tree_leaves((result.example_inputs, result.example_kwargs))
                if isinstance(t, torch.Tensor)]
     with torch.no_grad():
         ref = [t for t in pytree.tree_leaves(result.model(*result.example_inputs, **result.example_kwargs))
                if isinstance(t, torch.Tensor)]
-    if [list(t.shape) for t in example] != list(inputs.values()) or len(outputs) != len(ref):
+    fixed = lambda shapes: [[s for d, s in enumerate(shape) if d != 0] for shape in shapes]  # noqa: E731
+    if fixed(t.shape for t in example) != fixed(inputs.values()) or len(outputs) != len(ref):
         raise BackendError(f"the Core ML package's inputs {inputs} / {len(outputs)} outputs do not match "
                            f"torch's {[list(t.shape) for t in example]} / {len(ref)}",
                            "this is a prunec bug; please report it with the model")
@@ -82,7 +98,7 @@ def _check_spec(ct: Any, path: Path, result: Any) -> dict[str, Any]:
     for function in spec.mlProgram.functions.values():
         for block in function.block_specializations.values():
             ops.update(op.type for op in block.operations)
-    report = {"inputs": inputs, "outputs": outputs, "ops": sum(ops.values()),
+    report = {"inputs": inputs, "flexible_shapes": flexible, "outputs": outputs, "ops": sum(ops.values()),
               "weight_ops": {k: ops[k] for k in WEIGHT_OPS if ops[k]}}
     if platform.system() != "Darwin":
         report["prediction"] = ("skipped: Core ML prediction is only supported on macOS; checked the saved "

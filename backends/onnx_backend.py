@@ -41,12 +41,19 @@ def export_onnx(result: Any, path: Path, opset: int = DEFAULT_OPSET) -> dict[str
         raise BackendError(f"--opset {opset} is too old", "use --opset 17 or newer (default 18)")
     args, kwargs = tuple(result.example_inputs), dict(result.example_kwargs)
     notes: list[str] = []
-    exporter = _export(result, args, kwargs, path, opset, notes)
+    dynamic = getattr(result, "dynamic", None) is not None
+    if not dynamic:
+        notes.append("static input shapes: the pruned program is pinned to the example's shapes")
+    exporter = _export(result, args, kwargs, path, opset, notes, dynamic)
     nodes_before = len(onnx.load(str(path), load_external_data=False).graph.node)
     notes.append(_cleanup(path))
     onnx.checker.check_model(str(path))
     model = onnx.load(str(path), load_external_data=False)
     abs_err, rel_err = _compare(result, path, args, kwargs)
+    if dynamic:  # the flexible axes must really work: run another batch size in onnxruntime too
+        args3, kwargs3 = pytree.tree_map(_other_batch, (args, kwargs))
+        abs3, rel3 = _compare(result, path, args3, kwargs3)
+        abs_err, rel_err = max(abs_err, abs3), max(rel_err, rel3)
     report = {"target": "onnx", "exporter": exporter, "opset": _opset(model),
               "inputs": _io_shapes(model.graph.input), "outputs": _io_shapes(model.graph.output),
               "nodes": len(model.graph.node), "nodes_before_cleanup": nodes_before,
@@ -66,7 +73,8 @@ def _require(package: str) -> Any:
         raise MissingDependency(package, "onnx") from err
 
 
-def _export(result: Any, args: tuple, kwargs: dict, path: Path, opset: int, notes: list[str]) -> str:
+def _export(result: Any, args: tuple, kwargs: dict, path: Path, opset: int, notes: list[str],
+            dynamic: bool = True) -> str:
     """Try dynamo on model, dynamo on program, then TorchScript on model; return what worked."""
     errors = []
     for name, module, dynamo in (("dynamo(model)", result.model, True),
@@ -75,7 +83,7 @@ def _export(result: Any, args: tuple, kwargs: dict, path: Path, opset: int, note
         try:
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")
-                _export_one(module.eval(), args, kwargs, path, opset, dynamo)
+                _export_one(module.eval(), args, kwargs, path, opset, dynamo, dynamic)
             if errors:
                 notes.append("fell back to " + name + " after: " + "; ".join(errors))
             return name
@@ -86,10 +94,14 @@ def _export(result: Any, args: tuple, kwargs: dict, path: Path, opset: int, note
 
 
 def _export_one(module: torch.nn.Module, args: tuple, kwargs: dict, path: Path, opset: int,
-                dynamo: bool) -> None:
+                dynamo: bool, dynamic: bool = True) -> None:
     names = [f"input_{i}" for i in range(len(_tensor_leaves((args, kwargs))))]
-    axes = {n: _dynamic_dims(t) for n, t in zip(names, _tensor_leaves((args, kwargs)))}
-    if dynamo:
+    axes = {n: _dynamic_dims(t) if dynamic else [] for n, t in zip(names, _tensor_leaves((args, kwargs)))}
+    if dynamo and not dynamic:
+        onnx_program = torch.onnx.export(module, args, kwargs=kwargs or None, dynamo=True,
+                                         opset_version=opset, verbose=False, optimize=True)
+        onnx_program.save(str(path))
+    elif dynamo:
         # torch.export specialises size-1 dims: export a batch of 2 so the batch axis stays dynamic
         args2, kwargs2 = pytree.tree_map(_double_batch, (args, kwargs))
         dims = pytree.tree_map(lambda t: {d: torch.export.Dim.AUTO for d in _dynamic_dims(t)}
@@ -114,6 +126,16 @@ def _dynamic_dims(t: torch.Tensor) -> list[int]:
     if t.dim() == 0:
         return []
     return [0, 1] if t.dim() == 2 and not t.is_floating_point() else [0]
+
+
+def _other_batch(t: Any) -> Any:
+    """The example at batch + 1 (and, for token inputs, one token shorter) with fresh values."""
+    if not isinstance(t, torch.Tensor) or not t.dim():
+        return t
+    t = torch.cat([t, t[:1]])
+    if t.dim() == 2 and not t.is_floating_point() and t.shape[1] > 2:
+        t = t[:, :-1]
+    return t + 0.1 * torch.randn_like(t) if t.is_floating_point() else t
 
 
 def _double_batch(t: Any) -> Any:

@@ -125,6 +125,55 @@ def _text(path: Path, example: torch.Tensor, n: int, rng: np.random.Generator,
     return enc["input_ids"].to(example.dtype)
 
 
+def _text_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in TEXT_EXTS)
+        if not files:
+            raise InputError(f"no .txt/.jsonl files in {path}", "put text files there, one sample per line")
+        return files
+    if path.suffix.lower() not in TEXT_EXTS:
+        raise InputError(f"text models calibrate on text, not {path.name}",
+                         "pass a .txt file, a .jsonl file with a 'text' field, or a folder of them")
+    return [path]
+
+
+def load_text_calib(path: str | Path, example_kwargs: dict[str, Any], tokenizer: Any, n_samples: int = 64,
+                    seed: int = 0) -> list[dict[str, Any]]:
+    """Keyword batches for a text model, shaped like ``example_kwargs`` (batch × sequence): the text is
+    tokenised as one stream and cut into windows, ``n_samples`` of which are drawn by seed."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"calibration data {path} does not exist", "check --calib PATH")
+    ids = example_kwargs.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise InputError("text calibration needs a model whose example has input_ids", "use an hf: model")
+    if tokenizer is None:
+        raise InputError(f"text calibration data {path.name} needs the model's tokenizer, and the model "
+                         "folder has none", "save it next to the model with tokenizer.save_pretrained(DIR)")
+    texts = []
+    for file in _text_files(path):
+        lines = [ln for ln in file.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        texts += [_json_text(ln) for ln in lines] if file.suffix.lower() in (".jsonl", ".json") else lines
+    stream = tokenizer("\n\n".join(texts), return_tensors="pt", add_special_tokens=False)["input_ids"][0] \
+        if texts else torch.zeros(0, dtype=torch.long)
+    batch, seq = ids.shape
+    windows = len(stream) // seq
+    if windows < 1:
+        raise InputError(f"{path.name} holds {len(stream)} tokens, fewer than one window of {seq}",
+                         "give more text or a smaller --seq-len")
+    rng = np.random.default_rng(seed)
+    picked = torch.stack([stream[i * seq:(i + 1) * seq] for i in _pick(windows, n_samples, rng)]).to(ids.dtype)
+    extra = {k: v for k, v in example_kwargs.items() if k not in ("input_ids", "attention_mask")}
+    out = []
+    for i in range(0, len(picked), batch):
+        chunk = picked[i:i + batch]
+        item = {"input_ids": chunk}
+        if "attention_mask" in example_kwargs:
+            item["attention_mask"] = torch.ones_like(chunk, dtype=example_kwargs["attention_mask"].dtype)
+        out.append({**item, **extra})
+    return out
+
+
 def _json_text(line: str) -> str:
     obj = json.loads(line)
     if isinstance(obj, str):

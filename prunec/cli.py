@@ -63,6 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for example inputs and calibration sampling")
     p.add_argument("--calib", help="calibration data: image folder, .npy/.npz/.pt tensors, or .txt/.jsonl text")
     p.add_argument("--calib-samples", type=int, default=64, help="calibration samples to draw (default 64)")
+    p.add_argument("--static", action="store_true",
+                   help="keep the example's input shapes (default: any batch size, any sequence length)")
+    p.add_argument("--target-macs", type=_ratio, default=None,
+                   help="search the uniform ratio that keeps this fraction of MACs (e.g. 0.5)")
+    p.add_argument("--target-params", type=_ratio, default=None,
+                   help="search the uniform ratio that keeps this fraction of parameters")
+    p.add_argument("--max-drop", type=_ratio, default=None,
+                   help="largest ratio whose relative output error on --calib data stays ≤ this")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="hf: allow a model folder whose config names custom code (auto_map); runs that code")
     return p
 
 
@@ -100,6 +110,51 @@ def _inspect(argv: Sequence[str]) -> int:
     return 0
 
 
+def _sensitivity(argv: Sequence[str]) -> int:
+    p = _Parser(prog="prunec sensitivity", description="Prune each group alone at several ratios and "
+                "write the relative output error on --calib data (JSON, and a PNG plot next to it).")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--calib", help="calibration data (default: the example input)")
+    p.add_argument("--calib-samples", type=int, default=16)
+    p.add_argument("--method", default="l1")
+    p.add_argument("--by", default="group", choices=["group", "kind"])
+    p.add_argument("--ratios", default="0.1,0.3,0.5,0.7", help="comma-separated fractions to remove")
+    p.add_argument("-o", "--output", default="sensitivity.json", help="JSON path (the plot gets .png)")
+    for flag in ("--input-shape", "--weights"):
+        p.add_argument(flag)
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trust-pickle", action="store_true")
+    p.add_argument("--trust-remote-code", action="store_true")
+    args = p.parse_args(argv)
+    import prunec
+    from prunec.atomic import check_writable
+    from prunec.load import load_model
+    from prunec.compiler import criterion
+    from prunec.passes.sensitivity import Sensitivity
+    out = Path(args.output if Path(args.output).suffix == ".json" else args.output + ".json")
+    check_writable(out)
+    try:
+        ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
+    except ValueError:
+        raise InputError(f"--ratios {args.ratios} is not a list of numbers", "write e.g. --ratios 0.1,0.3,0.5") from None
+    if not ratios or any(not 0.0 < r < 1.0 for r in ratios):
+        raise InputError(f"--ratios {args.ratios} must be fractions in (0, 1)", "write e.g. --ratios 0.1,0.3,0.5")
+    loaded = load_model(args.model, args.input_shape, args.weights, args.trust_pickle, args.seq_len,
+                        trust_remote_code=args.trust_remote_code)
+    calib = _calib(args, loaded)
+    sens = Sensitivity(ratios, out=out, plot=out.with_suffix(".png"), by=args.by,
+                       method=criterion(args.method))
+    prunec.sensitivity(loaded.model, loaded.example_inputs, sens, calib=calib,
+                       example_kwargs=loaded.example_kwargs)
+    worst = sorted(sens.result["units"].items(), key=lambda kv: -kv[1]["drop"][-1])[:5]
+    print(f"{len(sens.result['units'])} {args.by}s, {sens.result['metric']} at ratio {ratios[-1]}; most sensitive:")
+    for name, row in worst:
+        print(f"  {row['drop'][-1]:.3g}  {name}")
+    print(f"wrote   {out} and {out.with_suffix('.png')}")
+    return 0
+
+
 def _compile(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -123,32 +178,36 @@ def _run_compile(args: argparse.Namespace) -> int:
         check_ratio(name, getattr(args, name))
     if args.round_to < 1:
         raise InputError(f"--round-to {args.round_to} must be ≥ 1", "use 1 (off), 8, 16 or 32")
-    out = Path(args.output) if args.output else None
-    suffix, is_dir = ARTIFACTS.get(args.target, (".pt2", False))
-    if out:
-        check_writable(out, directory=is_dir)
+    hf_input = args.model.startswith("hf:")
+    out, is_dir = output_path(args.output, args.target, hf_input)
     for path in (args.report, args.save_plan):
         if path:
             check_writable(path)
+    search = _search_pass(args)
     torch.manual_seed(args.seed)
     with console.status("loading", spinner="dots") if console.is_terminal else _null() as status:
-        loaded = load_model(args.model, args.input_shape, args.weights, args.trust_pickle, args.seq_len)
-        out = out or Path(f"{loaded.name.replace('/', '_').replace(':', '_')}.pruned{suffix}")
-        check_writable(out, directory=is_dir)
+        loaded = load_model(args.model, args.input_shape, args.weights, args.trust_pickle, args.seq_len,
+                            trust_remote_code=args.trust_remote_code)
+        if out is None:
+            out, is_dir = output_path(f"{loaded.name.replace('/', '_').replace(':', '_')}.pruned",
+                                      args.target, hf_input)
         plan = prunec.Plan.load(args.plan) if args.plan else None
         calib = _calib(args, loaded)
         progress = (lambda stage: status.update(stage)) if status is not None else None
+        passes = _passes(args, loaded, search)
         result = prunec.compile(loaded.model, loaded.example_inputs, example_kwargs=loaded.example_kwargs,
                                 channels=args.channels, mlp=args.mlp, heads=args.heads, hidden=args.hidden,
-                                layers=args.layers,
+                                layers=args.layers, passes=passes,
                                 method=args.method, round_to=args.round_to, global_rank=args.global_rank,
-                                plan=plan, calib=calib, check=not args.no_verify, progress=progress)
+                                plan=plan, calib=calib, check=not args.no_verify, progress=progress,
+                                static=args.static, dynamic_shapes=loaded.extra.get("dynamic_shapes"))
         if progress:
             progress(f"writing {args.target} artifact")
         result.report["artifact"] = BACKENDS[args.target](result, out, {
             "loaded": loaded, "sparsity": args.sparsity, "sparsity_method": args.sparsity_method,
             "coreml_target": args.coreml_target, "int8": args.int8, "opset": args.opset,
-            "calib": [(tuple(batch), {}) for batch in calib] if calib else None})
+            "hf_folder": hf_input and is_dir,
+            "calib": [((), b) if isinstance(b, dict) else (tuple(b), {}) for b in calib] if calib else None})
     if args.save_plan:
         with atomic_path(args.save_plan) as tmp:
             result.plan.save(tmp)
@@ -159,16 +218,78 @@ def _run_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def output_path(output: str | None, target: str, hf_input: bool = False) -> tuple[Path | None, bool]:
+    """-o with the target's suffix added when it has none; a wrong suffix is refused. For hf: inputs with
+    the torch target, -o without .pt2 is a Hugging Face folder (from_pretrained loads it)."""
+    from prunec.atomic import check_writable
+    from prunec.backends import ARTIFACTS
+    if output is None:
+        return None, False
+    suffix, is_dir = ARTIFACTS.get(target, (".pt2", False))
+    out = Path(output)
+    if hf_input and target == "torch" and out.suffix != ".pt2":
+        is_dir = True
+    elif is_dir and suffix.startswith("_"):  # a folder named freely (tensorrt)
+        pass
+    elif out.suffix == "":
+        out = out.with_name(out.name + suffix)
+    elif out.suffix.lower() != suffix:
+        raise InputError(f"-o {output} does not end in {suffix}, the {target} target's suffix",
+                         f"write -o {out.with_suffix(suffix)}, or leave the suffix out")
+    check_writable(out, directory=is_dir)
+    return out, is_dir
+
+
+def _search_pass(args: argparse.Namespace) -> Any:
+    """--target-macs / --target-params / --max-drop → a TargetSearch pass (None without them)."""
+    asked = [n for n in ("target_macs", "target_params", "max_drop") if getattr(args, n) is not None]
+    if not asked:
+        return None
+    if len(asked) > 1:
+        raise InputError(f"--{asked[0].replace('_', '-')} and --{asked[1].replace('_', '-')} both given",
+                         "ask for one target")
+    if args.plan:
+        raise InputError("a target search and --plan both given", "drop one of them")
+    for name in ("target_macs", "target_params"):
+        value = getattr(args, name)
+        if value is not None and not 0.0 < value <= 1.0:
+            raise InputError(f"--{name.replace('_', '-')} {value} is outside (0, 1]",
+                             "give the fraction to keep, e.g. 0.5")
+    if args.max_drop is not None and (args.max_drop < 0 or not args.calib):
+        raise InputError("--max-drop needs --calib data and a value ≥ 0",
+                         "e.g. --max-drop 0.05 --calib images/ (relative output error on that data)")
+    return asked[0]
+
+
+def _passes(args: argparse.Namespace, loaded: Any, search: str | None) -> list | None:
+    """The pipeline for target searches (None: compile's default pipeline from the ratios)."""
+    if search is None:
+        return None
+    from prunec.compiler import criterion
+    from prunec.passes import TargetSearch
+    kinds = tuple(k for k, v in (("channel", args.channels), ("mlp", args.mlp), ("head", args.heads)) if v) \
+        or ("channel", "mlp")
+    method = criterion(args.method, 0.5, args.round_to)
+    if search == "max_drop":
+        from prunec.passes.sensitivity import output_error
+        metric = output_error(loaded.model, [tuple(b) if not isinstance(b, dict) else b for b in _calib(args, loaded)])
+        return [TargetSearch(target_macs=None, max_drop=args.max_drop, metric=lambda m: -metric(m),
+                             method=method, round_to=args.round_to, kinds=kinds)]
+    return [TargetSearch(target_macs=args.target_macs, target_params=args.target_params, method=method,
+                         round_to=args.round_to, kinds=kinds)]
+
+
 def _calib(args: argparse.Namespace, loaded: Any) -> list | None:
-    """Calibration batches for --calib (positional-input models)."""
+    """Calibration batches for --calib: positional inputs, or keyword inputs (hf:) tokenised by the
+    model's own tokenizer."""
     if not args.calib:
         return None
     if args.calib_samples < 1:
         raise InputError(f"--calib-samples {args.calib_samples} must be ≥ 1", "e.g. --calib-samples 64")
+    from prunec.calib import load_calib, load_text_calib
     if loaded.example_kwargs:
-        raise InputError("--calib is not supported for keyword-input (hf:) models from the CLI yet",
-                         "pass calib= batches to prunec.compile in Python")
-    from prunec.calib import load_calib
+        return load_text_calib(args.calib, loaded.example_kwargs, loaded.extra.get("tokenizer"),
+                               args.calib_samples, args.seed)
     return load_calib(args.calib, loaded.example_inputs, args.calib_samples, args.seed)
 
 
@@ -241,6 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if argv and argv[0] == "inspect":
             return _inspect(argv[1:])
+        if argv and argv[0] == "sensitivity":
+            return _sensitivity(argv[1:])
         return _compile(argv)
     except PrunecError as err:
         print(f"prunec: error: {err.one_line()}", file=sys.stderr)

@@ -14,6 +14,7 @@ from prunec.cost import count_macs, count_params
 from prunec.coupling import Coupling
 from prunec.calib import calls
 from prunec.cut import Cut
+from prunec.dynamic import DynamicProgram, describe_spec, export_program, export_synced, replay
 from prunec.errors import InputError, InternalError
 from prunec.module_sync import synced_copy
 from prunec.passes import PASSES, LayerDrop, LeastSquaresSelection, Pass, Select, State, run_passes
@@ -41,12 +42,14 @@ class CompileResult:
     coupling: Coupling
     example_inputs: tuple[Any, ...] = ()
     example_kwargs: dict[str, Any] = field(default_factory=dict)
+    dynamic: DynamicProgram | None = None   # set when the program accepts any batch / sequence length
 
-    def export(self) -> torch.export.ExportedProgram:
-        """Re-export the pruned program (a ``.pt2``-ready ExportedProgram)."""
-        with torch.no_grad():
-            return torch.export.export(self.program.eval(), self.example_inputs,
-                                       self.example_kwargs or None, strict=False)
+    def export(self, static: bool = False) -> torch.export.ExportedProgram:
+        """Re-export the pruned program (a ``.pt2``-ready ExportedProgram), shape-dynamic when possible."""
+        if self.dynamic is not None and not static:
+            d = self.dynamic
+            return export_program(self.program, d.inputs, d.kwargs, d.spec)
+        return export_program(self.program, self.example_inputs, self.example_kwargs)
 
 
 class _Timer:
@@ -102,13 +105,16 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
             global_rank: bool = False, passes: Sequence[Pass | str] | None = None,
             plan: Plan | None = None, calib: Iterable[Any] | None = None,
             check: bool = True, example_kwargs: dict[str, Any] | None = None,
-            progress: Progress | None = None) -> CompileResult:
+            progress: Progress | None = None, static: bool = False,
+            dynamic_shapes: Any = None) -> CompileResult:
     """Prune ``model`` and return a CompileResult.
 
     ``channels`` applies to conv/linear channel groups (and MLP groups unless ``mlp`` is
     given); ``heads``/``hidden`` to attention heads and the residual stream; ``layers`` is the
     fraction of residual blocks to drop (scored by angular distance on the example inputs). Give ``passes``
-    to compose your own pipeline, or ``plan`` to replay a saved plan.
+    to compose your own pipeline, or ``plan`` to replay a saved plan. The result accepts any batch
+    size (and sequence length for token inputs) unless ``static``; ``dynamic_shapes`` (torch.export
+    format) names other dynamic dims, e.g. the ones a loaded ``.pt2`` recorded.
     """
     timer = _Timer(progress)
     inputs, kwargs = _as_tuple(example_inputs), dict(example_kwargs or {})
@@ -132,6 +138,10 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
     result = finish_compile(model, program, coupling, plan, timer, notes, check, updates,
                             state.calib if passes_ran else calib)
     result.report["passes"] = state.results if passes_ran else {}
+    if not static:
+        with timer.stage("dynamic"):
+            make_dynamic(result, model, dynamic_shapes)
+        result.report["time_s"] = {**timer.times, "total": round(sum(timer.times.values()), 4)}
     return result
 
 
@@ -148,6 +158,32 @@ def _default_pipeline(method: str, ratios: dict[str, float], round_to: int, glob
     if layers:
         pipeline.append(LayerDrop(check_ratio("layers", layers)))
     return pipeline
+
+
+def make_dynamic(result: CompileResult, model: nn.Module, spec: Any = None) -> None:
+    """Swap in a batch-dynamic program (see prunec.dynamic); if it can't be made, say why in the report."""
+    verified = result.report.get("verify") or {}
+    inputs, kwargs = result.example_inputs, result.example_kwargs
+    try:
+        dyn = replay(model, result.plan, result.program, inputs, kwargs, spec,
+                     exact=bool(verified.get("exact", True)))
+    except Exception as err:  # noqa: BLE001 - any failure keeps the verified static program
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        try:  # the synced user class may still trace with a symbolic batch (e.g. its own num_heads)
+            if not result.report.get("module_synced"):
+                raise ValueError(first) from None
+            dyn = export_synced(result.model, result.program, inputs, kwargs, spec)
+        except Exception as err2:  # noqa: BLE001
+            second = (str(err2).strip().splitlines() or [type(err2).__name__])[0][:200]
+            reason = first if second == first else f"{first}; the synced module: {second}"
+            result.report["dynamic"] = {"dynamic": False, "reason": reason}
+            result.report["notes"].append(f"the result is pinned to the example's shapes: {reason}")
+            return
+    if result.model is result.program:
+        result.model = dyn.program
+    result.program, result.dynamic = dyn.program, dyn
+    result.report["dynamic"] = {"dynamic": True, "dims": describe_spec(dyn.spec, result.example_inputs,
+                                                                       result.example_kwargs)}
 
 
 def finish_compile(model: nn.Module, program: Program, coupling: Coupling, plan: Plan,
@@ -231,6 +267,14 @@ def _sync(model: nn.Module, state: dict[str, torch.Tensor], program: ProgramModu
     if rel > 1e-5:
         return program, False, f"user module not synced: its output differs from the program (rel {rel:.2g})"
     return module, True, ""
+
+
+def sensitivity(model: nn.Module, example_inputs: Any, analysis: Pass, *, calib: Iterable[Any] | None = None,
+                example_kwargs: dict[str, Any] | None = None) -> Pass:
+    """Run an analysis pass (e.g. ``Sensitivity``) on ``model`` without pruning; returns the pass."""
+    program = trace(eval_mode(model), _as_tuple(example_inputs), dict(example_kwargs or {}))
+    run_passes([analysis], State(model, program, build_coupling(program), calib=calib))
+    return analysis
 
 
 def apply_plan(model: nn.Module, example_inputs: Any, plan: Plan | str, *, check: bool = True,

@@ -159,7 +159,8 @@ def check_config(model: nn.Module) -> str:
     return ""
 
 
-def load_hf(path: str, input_shape: str | None = None, seq_len: int | None = None) -> Any:
+def load_hf(path: str, input_shape: str | None = None, seq_len: int | None = None,
+            trust_remote_code: bool = False) -> Any:
     """``hf:DIR`` → Loaded(model, (), name, example_kwargs={input_ids, attention_mask})."""
     p = Path(path)
     if not (p / "config.json").is_file():
@@ -169,11 +170,20 @@ def load_hf(path: str, input_shape: str | None = None, seq_len: int | None = Non
         import transformers
     except ModuleNotFoundError:
         raise InputError("transformers is not installed", "pip install transformers") from None
-    config = transformers.AutoConfig.from_pretrained(p)
+    import json
+    try:
+        raw = json.loads((p / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{p / 'config.json'} is not valid JSON ({err})", "write it with save_pretrained") from None
+    if raw.get("auto_map") and not trust_remote_code:
+        raise InputError(f"{path} names custom model code (auto_map in config.json); loading it runs that code",
+                         "pass --trust-remote-code if you trust it")
+    config = transformers.AutoConfig.from_pretrained(p, trust_remote_code=trust_remote_code)
     archs = getattr(config, "architectures", None) or []
     cls = getattr(transformers, archs[0], None) if archs else None
     cls = cls or transformers.AutoModel
-    model = cls.from_pretrained(p, attn_implementation="sdpa").eval()
+    model = cls.from_pretrained(p, attn_implementation="sdpa", trust_remote_code=trust_remote_code).eval()
+    tokenizer = _tokenizer(p)
     seq = seq_len or 32
     if input_shape:
         shape = parse_shape(input_shape)
@@ -182,11 +192,26 @@ def load_hf(path: str, input_shape: str | None = None, seq_len: int | None = Non
         batch = 1
     if getattr(config, "model_type", "") in ("vit", "deit", "swin"):
         size = getattr(config, "image_size", 224)
-        return Loaded(model, (torch.randn(batch, getattr(config, "num_channels", 3), size, size),), p.name)
+        return Loaded(model, (torch.randn(batch, getattr(config, "num_channels", 3), size, size),), p.name,
+                      extra={"hf": True, "hf_dir": str(p)})
     vocab = getattr(config, "vocab_size", 1000)
     gen = torch.Generator().manual_seed(0)
     kwargs: dict[str, Any] = {"input_ids": torch.randint(0, vocab, (batch, seq), generator=gen),
                               "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
     if getattr(config, "use_cache", False) or getattr(config, "is_decoder", False):
         kwargs["use_cache"] = False
-    return Loaded(model, (), p.name, example_kwargs=kwargs, extra={"hf": True})
+    return Loaded(model, (), p.name, example_kwargs=kwargs, extra={"hf": True, "hf_dir": str(p),
+                                                                   "tokenizer": tokenizer})
+
+
+def _tokenizer(folder: Path) -> Any:
+    """The folder's tokenizer, or None when it has none."""
+    if not any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                                                  "tokenizer.model", "vocab.json")):
+        return None
+    import transformers
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError):
+        return None
+    return tok

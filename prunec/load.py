@@ -1,10 +1,14 @@
-"""Load a model from a CLI spec: a .pt2, a pickled module (--trust-pickle), or a zoo name."""
+"""Load a model from a CLI spec, by content: a torch.export archive (any suffix), TorchScript, a pickled
+module (--trust-pickle), or a zoo/hf name. State dicts, safetensors and ONNX get a one-line reason."""
 from __future__ import annotations
 
+import logging
 import pickle
+import warnings
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -68,38 +72,140 @@ def _zoo(spec: str, shape: tuple[int, ...] | None) -> Loaded:
     return Loaded(model.eval(), (torch.randn(*shape),), name)
 
 
-def _pt2(path: Path, shape: tuple[int, ...] | None) -> Loaded:
+def sniff(path: Path) -> str:
+    """What a model file holds, by content: export | torchscript | torch_save | pickle | safetensors | onnx | unknown."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as z:
+                parts = {n.split("/", 2)[1] for n in z.namelist() if n.count("/") >= 1}
+        except (zipfile.BadZipFile, OSError):
+            return "unknown"
+        if "archive_format" in parts:
+            return "export"
+        if "constants.pkl" in parts and "code" in parts:
+            return "torchscript"
+        return "torch_save" if "data.pkl" in parts else "unknown"
+    if head[:1] == b"\x80":
+        return "pickle"
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
+        return "safetensors"
+    if path.suffix.lower() == ".onnx" or (head[:1] == b"\x08" and b"onnx" in path.read_bytes()[:4096].lower()):
+        return "onnx"
+    return "unknown"
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """torch prints warnings (archive suffix, TorchScript deprecation) on load: keep them off the CLI."""
+    loggers = [logging.getLogger(n) for n in ("torch.export", "torch._export", "torch.export.pt2_archive")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+
+
+def _user_input_shapes(ep: torch.export.ExportedProgram) -> list[tuple[Any, ...]]:
+    from torch.export.graph_signature import InputKind
+    names = [s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+    nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    return [tuple(nodes[n].meta["val"].shape) for n in names]
+
+
+def recorded_dynamic_shapes(ep: torch.export.ExportedProgram) -> tuple[dict[int, Any], ...] | None:
+    """The user's dynamic dims (with their ranges) of a loaded ExportedProgram, as a dynamic_shapes spec."""
+    spec, any_dynamic = [], False
+    for shape in _user_input_shapes(ep):
+        dims = {}
+        for d, s in enumerate(shape):
+            if isinstance(s, torch.SymInt):
+                vr = ep.range_constraints.get(s.node.expr)
+                lo = int(vr.lower) if vr is not None and vr.lower.is_finite else 0
+                hi = int(vr.upper) if vr is not None and vr.upper.is_finite else None
+                dims[d] = torch.export.Dim(f"{str(s.node.expr)}", min=max(lo, 0), max=hi) if hi else \
+                    torch.export.Dim(f"{str(s.node.expr)}", min=max(lo, 0))
+                any_dynamic = True
+        spec.append(dims)
+    return tuple(spec) if any_dynamic else None
+
+
+def _example(shape: tuple[Any, ...]) -> torch.Tensor:
+    """A random example for a recorded shape (symbolic dims take their hint, at least 2)."""
+    sizes = [max(2, int(s.node.hint)) if isinstance(s, torch.SymInt) and s.node.hint is not None
+             else (2 if isinstance(s, torch.SymInt) else int(s)) for s in shape]
+    return torch.randn(*sizes)
+
+
+def _export_archive(path: Path, shape: tuple[int, ...] | None) -> Loaded:
     try:
-        ep = torch.export.load(path)
+        with _quiet():
+            ep = torch.export.load(path)
     except Exception as err:
-        raise InputError(f"{path} is not a readable .pt2 ExportedProgram ({type(err).__name__})",
-                         "write it with torch.export.save") from None
+        raise InputError(f"{path} is not a readable torch.export archive ({type(err).__name__})",
+                         "write it again with torch.export.save") from None
     if shape is None:
-        from torch.export.graph_signature import InputKind
-        names = [s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
-        nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
-        inputs = tuple(torch.randn(*[int(s) for s in nodes[n].meta["val"].shape]) for n in names)
+        inputs = tuple(_example(s) for s in _user_input_shapes(ep))
     else:
         inputs = (torch.randn(*shape),)
-    return Loaded(ep.module(), inputs, path.stem)
+    extra = {"dynamic_shapes": recorded_dynamic_shapes(ep)} if shape is None else {}
+    return Loaded(ep.module(), inputs, path.stem, extra={k: v for k, v in extra.items() if v})
+
+
+def _torchscript(path: Path, shape: tuple[int, ...] | None) -> Loaded:
+    """A TorchScript archive → ExportedProgram with torch's converter (TorchScript is not arbitrary pickle)."""
+    with zipfile.ZipFile(path) as z:
+        traced = any(n.endswith("/traced_inputs.pkl") for n in z.namelist())
+    try:
+        with _quiet():
+            scripted = torch.jit.load(str(path), map_location="cpu", _restore_shapes=traced)
+    except Exception as err:
+        raise InputError(f"{path} is a TorchScript archive that torch.jit.load cannot read ({type(err).__name__})",
+                         "save it again with torch.jit.save, or export a .pt2 with torch.export.save") from None
+    if shape is None:
+        recorded: list[tuple[int, ...] | None] = [] if traced else [None]
+        for value in list(scripted.forward.graph.inputs())[1:]:
+            sizes = value.type().sizes() if hasattr(value.type(), "sizes") else None
+            recorded.append(tuple(sizes) if sizes and all(isinstance(s, int) for s in sizes) else None)
+        if not recorded or any(r is None for r in recorded):
+            raise InputError(f"{path} is a scripted TorchScript model that does not record its input shape",
+                             "pass --input-shape, e.g. 1,3,224,224")
+        inputs = tuple(torch.randn(*r) for r in recorded)
+    else:
+        inputs = (torch.randn(*shape),)
+    try:
+        from torch._export.converter import TS2EPConverter
+        with _quiet(), torch.no_grad():
+            ep = TS2EPConverter(scripted, inputs).convert()
+    except Exception as err:  # the converter raises many types
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise InputError(f"{path} is TorchScript that torch's converter cannot turn into an ExportedProgram: "
+                         f"{type(err).__name__}: {first}",
+                         "export the model from its PyTorch code with torch.export.save and pass the .pt2") from None
+    return Loaded(ep.module(), inputs, path.stem, extra={"source": "torchscript"})
 
 
 def _pickle(path: Path, shape: tuple[int, ...] | None, trust_pickle: bool) -> Loaded:
-    with open(path, "rb") as f:
-        head = f.read(2)
-    if not zipfile.is_zipfile(path) and head[:1] != b"\x80":
-        raise InputError(f"{path} is not a PyTorch file",
-                         "pass a .pt2, a pickled nn.Module (with --trust-pickle) or a zoo name")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         if not trust_pickle:
             raise InputError(f"{path} is a pickled module; loading it runs code from the file",
                              "pass --trust-pickle if you trust it, or export a .pt2 with torch.export.save") from None
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # unpickling user code can raise anything
+            raise InputError(f"{path} could not be unpickled ({type(err).__name__}: {str(err)[:150]})",
+                             "unpickle it where its classes are importable, or export a .pt2") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
-        raise InputError(f"{path} is not a PyTorch file ({type(err).__name__})",
-                         "pass a .pt2, a pickled nn.Module (with --trust-pickle) or a zoo name") from None
+        raise InputError(f"{path} is a truncated or damaged PyTorch file ({type(err).__name__})",
+                         "save it again") from None
     if not isinstance(obj, torch.nn.Module):
         kind = "a state dict" if isinstance(obj, dict) else type(obj).__name__
         raise InputError(f"{path} holds {kind}, not a model",
@@ -109,15 +215,42 @@ def _pickle(path: Path, shape: tuple[int, ...] | None, trust_pickle: bool) -> Lo
     return Loaded(obj.eval(), (torch.randn(*shape),), path.stem)
 
 
+def _model_file(path: Path, shape: tuple[int, ...] | None, trust_pickle: bool) -> Loaded:
+    """Load a model file by what it holds, whatever its suffix."""
+    kind = sniff(path)
+    if kind == "export":
+        return _export_archive(path, shape)
+    if kind == "torchscript":
+        return _torchscript(path, shape)
+    if kind in ("torch_save", "pickle"):
+        return _pickle(path, shape, trust_pickle)
+    if kind == "safetensors":
+        try:
+            from safetensors import safe_open
+            with safe_open(str(path), "pt") as f:
+                f.keys()
+        except Exception:  # noqa: BLE001 - any failure means a damaged file
+            raise InputError(f"{path} is a truncated or damaged safetensors file", "write it again") from None
+        raise InputError(f"{path} holds weights (safetensors), not a model",
+                         "give the architecture as MODEL (e.g. torchvision:resnet50) and the file as --weights")
+    if kind == "onnx":
+        raise InputError(f"{path} is an ONNX model; prunec prunes PyTorch programs and cannot read ONNX yet",
+                         "export the model from PyTorch with torch.export.save and pass the .pt2")
+    size = path.stat().st_size
+    raise InputError(f"{path} is not a PyTorch file" + (" (it is empty)" if size == 0 else " (or it is truncated)"),
+                     "pass a torch.export archive, a TorchScript file, a pickled nn.Module (with --trust-pickle) "
+                     "or a zoo name")
+
+
 def load_model(spec: str, input_shape: str | None = None, weights: str | None = None,
-               trust_pickle: bool = False, seq_len: int | None = None) -> Loaded:
+               trust_pickle: bool = False, seq_len: int | None = None, trust_remote_code: bool = False) -> Loaded:
     """Resolve a MODEL argument into a module and example inputs."""
     shape = parse_shape(input_shape) if input_shape else None
     if spec.startswith(ZOO_PREFIXES):
         loaded = _zoo(spec, shape)
     elif spec.startswith("hf:"):
         from prunec.hf import load_hf  # transformers models (optional extra)
-        return load_hf(spec[3:], input_shape, seq_len)
+        return load_hf(spec[3:], input_shape, seq_len, trust_remote_code)
     else:
         path = Path(spec)
         if not path.exists():
@@ -125,7 +258,7 @@ def load_model(spec: str, input_shape: str | None = None, weights: str | None = 
                              "check the path, or name a zoo model such as torchvision:resnet50")
         if path.is_dir():
             raise InputError(f"{spec} is a directory", "for a Hugging Face model directory write hf:PATH")
-        loaded = _pt2(path, shape) if path.suffix == ".pt2" else _pickle(path, shape, trust_pickle)
+        loaded = _model_file(path, shape, trust_pickle)
     if weights:
         load_weights(loaded.model, weights)
     return loaded

@@ -1,0 +1,210 @@
+"""Shape-dynamic results: the pruned program accepts any batch (and any sequence length for text).
+
+The plan is made and verified on the static trace of the example. Then the original model is traced
+again with symbolic batch/sequence dims, the same plan is applied to that trace, and the result is
+verified twice: equal to the static pruned program on the example, and equal to the zeroed
+reference at a *different* batch size (so a rewrite that bakes a size in is caught). If any step
+fails the result stays static and the report says why.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch.export import Dim
+
+from prunec.analyze import build_coupling
+from prunec.coupling import Coupling
+from prunec.cut import Cut
+from prunec.plan import Plan
+from prunec.program_module import ProgramModule, copy_graph
+from prunec.rewrite import rewrite
+from prunec.trace import trace
+from prunec.verify import EXACT_TOL, compare, verify
+
+Spec = tuple[Any, ...]
+TOL = EXACT_TOL
+
+
+@dataclass
+class DynamicProgram:
+    """A batch-dynamic pruned program, the spec it was traced with, and its example inputs."""
+
+    program: ProgramModule
+    coupling: Coupling
+    spec: Spec
+    inputs: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+def _tensor_dims(t: Any, text: bool) -> dict[int, Any] | None:
+    """Batch for every tensor input; also the sequence axis of 2-D integer inputs (token ids, masks)."""
+    if not isinstance(t, torch.Tensor) or t.dim() == 0:
+        return None
+    dims = {0: Dim.AUTO}
+    if text and t.dim() == 2 and not t.is_floating_point():
+        dims[1] = Dim.AUTO
+    return dims
+
+
+def default_spec(inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> Spec:
+    """dynamic_shapes for torch.export: positional inputs, then keyword inputs in order."""
+    text = any(isinstance(t, torch.Tensor) and not t.is_floating_point() and t.dim() == 2
+               for t in pytree.tree_leaves((inputs, kwargs)))
+    return (*(pytree.tree_map(lambda t: _tensor_dims(t, text), a) for a in inputs),
+            *(pytree.tree_map(lambda t: _tensor_dims(t, text), v) for v in kwargs.values()))
+
+
+def _resize(t: Any, dims: Any, grow: int) -> Any:
+    """``t`` with every dynamic dim of size 1 doubled (export specialises 0/1), plus ``grow`` on dim 0."""
+    if not isinstance(t, torch.Tensor) or not isinstance(dims, dict):
+        return t
+    for d in sorted(dims):
+        target = max(2, t.shape[d]) + (grow if d == 0 else 0)
+        if target != t.shape[d]:
+            reps = -(-target // t.shape[d])
+            t = t.repeat_interleave(reps, dim=d).narrow(d, 0, target) if t.shape[d] else t
+    return t
+
+
+def resized(inputs: tuple[Any, ...], kwargs: dict[str, Any], spec: Spec,
+            grow: int = 0) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Example inputs resized along the spec's dynamic dims (see ``_resize``)."""
+    specs = list(spec)
+    new_args = tuple(pytree.tree_map(lambda t, d: _resize(t, d, grow), a, s, is_leaf=lambda x: x is None)
+                     if s is not None else a for a, s in zip(inputs, specs[:len(inputs)]))
+    new_kwargs = {k: (pytree.tree_map(lambda t, d: _resize(t, d, grow), v, s, is_leaf=lambda x: x is None)
+                      if s is not None else v)
+                  for (k, v), s in zip(kwargs.items(), specs[len(inputs):])}
+    return new_args, new_kwargs
+
+
+def _has_symbolic_input(coupling: Coupling) -> bool:
+    for node in coupling.program.graph.nodes:
+        val = node.meta.get("val") if node.op == "placeholder" else None
+        if isinstance(val, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in val.shape):
+            return True
+    return False
+
+
+def replay(model: torch.nn.Module, plan: Plan, static: torch.nn.Module, inputs: tuple[Any, ...],
+           kwargs: dict[str, Any], spec: Spec | None = None, exact: bool = True) -> DynamicProgram:
+    """Trace ``model`` with symbolic dims, apply ``plan``, check it against ``static`` and the reference.
+
+    Raises ValueError (with the reason) when the dynamic program can't be made or doesn't check out.
+    """
+    spec = spec or default_spec(inputs, kwargs)
+    wide_args, wide_kwargs = resized(inputs, kwargs, spec)
+    program = trace(model, wide_args, wide_kwargs, dynamic_shapes=spec)
+    coupling = build_coupling(program)
+    if not _has_symbolic_input(coupling):
+        raise ValueError("torch.export specialised every input dim of the model")
+    names = {g.name: g.size for g in coupling.groups}
+    lost = [n for n, size in plan.sizes.items() if names.get(n) != size]
+    if lost:
+        raise ValueError(f"with a symbolic batch the trace does not couple group {lost[0]} the same way "
+                         "(e.g. batch and heads merged in one reshape)")
+    dynamic, _, _ = rewrite(coupling, plan)
+    other_args, other_kwargs = resized(inputs, kwargs, spec, grow=1)
+    check = verify(Cut.of(coupling, plan), dynamic, other_args, other_kwargs)
+    if not check.passed:  # the exact part (approximate groups are reported, not checked)
+        raise ValueError(f"at another batch size the pruned program differs from the reference "
+                         f"(rel. err {check.rel_err:.3g})")
+    missing, unexpected = dynamic.load_state_dict(static.state_dict(), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"the dynamic program's state differs from the static one ({(missing or unexpected)[:2]})")
+    with torch.no_grad():
+        _, rel = compare(dynamic(*inputs, **kwargs), static(*inputs, **kwargs))
+    if not rel <= TOL:
+        raise ValueError(f"on the example the dynamic program differs from the static one (rel. err {rel:.3g})")
+    return DynamicProgram(dynamic, coupling, spec, wide_args, wide_kwargs)
+
+
+class _Exportable(torch.nn.Module):
+    """The program with named tensor inputs and its constant keyword inputs (``use_cache=False``) bound:
+    torch.export's guards can't name the entries of a ``**kwargs`` forward."""
+
+    def __init__(self, program: torch.nn.Module, n_args: int, names: list[str], consts: dict[str, Any]) -> None:
+        super().__init__()
+        self.program, self.n_args, self.names, self.consts = program, n_args, names, consts
+
+    def forward(self, *inputs: Any, **named: Any) -> Any:
+        values = list(inputs) + [named[n] for n in self.names[len(inputs):]]
+        args, kwargs = values[:self.n_args], dict(zip(self.names[self.n_args:], values[self.n_args:]))
+        return self.program(*args, **kwargs, **self.consts)
+
+
+def export_program(program: torch.nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any],
+                   spec: Spec | None = None) -> torch.export.ExportedProgram:
+    """torch.export the pruned program: positional inputs stay positional, tensor keyword inputs keep
+    their names, other keyword inputs are bound; ``spec`` (from ``default_spec``) makes dims dynamic."""
+    tensor_kw = {k: v for k, v in kwargs.items() if not isinstance(v, (bool, int, float, str, type(None)))}
+    consts = {k: v for k, v in kwargs.items() if k not in tensor_kw}
+    names = [f"input_{i}" for i in range(len(inputs))] + list(tensor_kw)
+    cls = type("PrunedProgram", (_Exportable,), {})
+    params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in ["self", *names]]
+
+    def forward(self: _Exportable, *a: Any, **k: Any) -> Any:
+        return _Exportable.forward(self, *a, **k)
+    forward.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    cls.forward = forward
+    module = cls(program, len(inputs), names, consts)
+    shapes = None
+    if spec is not None:
+        by_name = dict(zip([f"input_{i}" for i in range(len(inputs))] + list(kwargs), spec))
+        shapes = {n: by_name.get(n) for n in names}
+    with torch.no_grad():
+        return torch.export.export(module.eval(), tuple(inputs), tensor_kw or None, dynamic_shapes=shapes,
+                                   strict=False)
+
+
+def describe_spec(spec: Spec, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, list[int]]:
+    """Input name → dims that were asked to be dynamic (for the report)."""
+    names = [f"input_{i}" for i in range(len(inputs))] + list(kwargs)
+    return {n: sorted(s) for n, s in zip(names, spec) if isinstance(s, dict) and s}
+
+
+def _twice(static: torch.nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any], spec: Spec) -> tuple[Any, Any]:
+    """Inputs at twice the example batch, and the static program's output on them, half by half."""
+    def double(t: Any, dims: Any) -> Any:
+        return torch.cat([t, t.flip(0) + 0.5 * torch.randn_like(t) if t.is_floating_point() else t.flip(0)])\
+            if isinstance(t, torch.Tensor) and isinstance(dims, dict) and 0 in dims else t
+    specs = list(spec)
+    args2 = tuple(pytree.tree_map(double, a, s, is_leaf=lambda x: x is None) if s is not None else a
+                  for a, s in zip(inputs, specs[:len(inputs)]))
+    kwargs2 = {k: pytree.tree_map(double, v, s, is_leaf=lambda x: x is None) if s is not None else v
+               for (k, v), s in zip(kwargs.items(), specs[len(inputs):])}
+    halves = []
+    for part in (0, 1):
+        n = lambda t: t.chunk(2)[part] if isinstance(t, torch.Tensor) and t.dim() else t  # noqa: E731
+        a, k = pytree.tree_map(n, (args2, kwargs2))
+        with torch.no_grad():
+            halves.append(static(*a, **k))
+    flat0, tree = pytree.tree_flatten(halves[0])
+    flat1, _ = pytree.tree_flatten(halves[1])
+    joined = [torch.cat([x, y]) if isinstance(x, torch.Tensor) and x.dim() else x for x, y in zip(flat0, flat1)]
+    return (args2, kwargs2), pytree.tree_unflatten(joined, tree)
+
+
+def export_synced(module: torch.nn.Module, static: torch.nn.Module, inputs: tuple[Any, ...],
+                  kwargs: dict[str, Any], spec: Spec | None = None) -> DynamicProgram:
+    """Trace the synced (pruned) user module with symbolic dims; check it against the static program
+    on the example and, at twice the batch, against the static program run half by half."""
+    spec = spec or default_spec(inputs, kwargs)
+    wide_args, wide_kwargs = resized(inputs, kwargs, spec)
+    program = trace(module, wide_args, wide_kwargs, dynamic_shapes=spec)
+    coupling = build_coupling(program)
+    if not _has_symbolic_input(coupling):
+        raise ValueError("torch.export specialised every input dim of the pruned module")
+    dynamic = ProgramModule(program, copy_graph(program.graph)[0], program.state())
+    (args2, kwargs2), want = _twice(static, inputs, kwargs, spec)
+    with torch.no_grad():
+        _, rel_example = compare(dynamic(*inputs, **kwargs), static(*inputs, **kwargs))
+        _, rel_double = compare(dynamic(*args2, **kwargs2), want)
+    if not (rel_example <= TOL and rel_double <= TOL):
+        raise ValueError(f"the pruned module traced with a symbolic batch differs from the verified program "
+                         f"(rel. err {max(rel_example, rel_double):.3g})")
+    return DynamicProgram(dynamic, coupling, spec, wide_args, wide_kwargs)
