@@ -145,10 +145,10 @@ def _sensitivity(argv: Sequence[str]) -> int:
     calib = _calib(args, loaded)
     sens = Sensitivity(ratios, out=out, plot=out.with_suffix(".png"), by=args.by,
                        method=criterion(args.method))
-    prunec.sensitivity(loaded.model, loaded.example_inputs, sens, calib=calib,
-                       example_kwargs=loaded.example_kwargs)
-    worst = sorted(sens.result["units"].items(), key=lambda kv: -kv[1]["drop"][-1])[:5]
-    print(f"{len(sens.result['units'])} {args.by}s, {sens.result['metric']} at ratio {ratios[-1]}; most sensitive:")
+    result = prunec.sensitivity(loaded.model, loaded.example_inputs, sens, calib=calib,
+                                example_kwargs=loaded.example_kwargs)
+    worst = sorted(result["units"].items(), key=lambda kv: -kv[1]["drop"][-1])[:5]
+    print(f"{len(result['units'])} {args.by}s, {result['metric']} at ratio {ratios[-1]}; most sensitive:")
     for name, row in worst:
         print(f"  {row['drop'][-1]:.3g}  {name}")
     print(f"wrote   {out} and {out.with_suffix('.png')}")

@@ -270,11 +270,13 @@ def _sync(model: nn.Module, state: dict[str, torch.Tensor], program: ProgramModu
 
 
 def sensitivity(model: nn.Module, example_inputs: Any, analysis: Pass, *, calib: Iterable[Any] | None = None,
-                example_kwargs: dict[str, Any] | None = None) -> Pass:
-    """Run an analysis pass (e.g. ``Sensitivity``) on ``model`` without pruning; returns the pass."""
+                example_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run an analysis pass (e.g. ``Sensitivity``) on ``model`` without pruning; returns what it
+    found (``state.results[analysis.name]``: passes keep no state)."""
     program = trace(eval_mode(model), _as_tuple(example_inputs), dict(example_kwargs or {}))
-    run_passes([analysis], State(model, program, build_coupling(program), calib=calib))
-    return analysis
+    coupling = build_coupling(program)
+    state = run_passes([analysis], State(model, program, coupling, calib=calib, services=services(coupling)))
+    return state.results.get(analysis.name, {})
 
 
 def apply_plan(model: nn.Module, example_inputs: Any, plan: Plan | str, *, check: bool = True,
