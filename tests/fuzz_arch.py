@@ -260,7 +260,8 @@ def build(spec: Spec) -> tuple[nn.Module, torch.Tensor]:
 
 def run_case(spec: Spec) -> str:
     """Compile one recipe and check the contract. Returns 'verified', 'verified-pinned' (the
-    returned ProgramModule only runs at the example's batch, as its trace is static) or
+    returned ProgramModule only runs at the example's batch: its trace is static and the
+    batch-dynamic re-trace failed, with the reason in report["dynamic"]) or
     'error: <one line>' for a clean PrunecError; anything else propagates (a crash)."""
     import prunec
     from prunec.errors import PrunecError
@@ -283,7 +284,9 @@ def run_case(spec: Spec) -> str:
             y2 = result.model(x2)
         except Exception:
             pinned = any("only runs at batch" in n for n in v["notes"])
+            dynamic = result.report.get("dynamic") or {}
             assert pinned and not result.report["module_synced"], (v, result.report["module_note"])
+            assert dynamic.get("dynamic") is False and dynamic.get("reason"), dynamic  # says why
             return "verified-pinned"
     torch.testing.assert_close(y2[: x.shape[0]], y, rtol=1e-4, atol=1e-5)
     return "verified"

@@ -35,11 +35,12 @@ PINNED = {"c": 4, "hw": 6, "batch": 2, "blocks": ["bn"], "widths": [4], "head": 
 def test_unsynced_program_is_pinned_to_the_example_batch_today() -> None:
     """The reshape-to-heads attention keeps ``self.h = 4`` in its forward, so the eager module
     can't follow a head cut and compile returns the ProgramModule, whose static trace bakes
-    batch 2 into its views; the verifier notes it."""
+    batch 2 into its views; the verifier notes it, and report["dynamic"] says why the
+    symbolic-batch re-trace (issue 15) could not replace it."""
     assert run_case(PINNED) == "verified-pinned"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15 (lead): the ProgramModule keeps the static trace's "
-                   "batch size; remove this xfail when compile traces a dynamic batch")
+@pytest.mark.xfail(strict=True, reason="issue 15 landed, but with a symbolic batch the reshape-to-heads "
+                   "trace couples the heads differently, so this result stays pinned; remove when it can't")
 def test_unsynced_program_runs_at_another_batch() -> None:
     assert run_case(PINNED) == "verified"
