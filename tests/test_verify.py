@@ -129,3 +129,38 @@ def test_empty_exception_message_does_not_break_sync() -> None:
     program = nn.Identity()
     module, synced, note = _sync(Fails(), {}, program, (torch.zeros(1),), {}, list)
     assert module is program and not synced and note == "user module not synced: RuntimeError"
+
+
+def _convnet() -> tuple[nn.Module, torch.Tensor, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.ReLU(),
+                          nn.Conv2d(16, 4, 3)).eval()
+    return model, torch.randn(2, 3, 12, 12), [torch.randn(4, 3, 12, 12) for _ in range(2)]
+
+
+def test_refit_is_reported_and_applied_when_it_helps() -> None:
+    model, x, calib = _convnet()
+    result = prunec.compile(model, x, method="thinet", channels=0.5, round_to=1, calib=calib)
+    refit = result.report["verify"]["refit"]
+    assert refit["applied"] and refit["rel_err_after"] < refit["rel_err_before"] and refit["batches"] == 2
+    assert result.report["passes"]["thinet"]["errors"]  # per consumer, on the calibration samples
+
+
+def test_refit_worse_than_none_is_not_applied(monkeypatch) -> None:
+    """A refit that makes the output error vs the original worse is dropped with a note."""
+    from prunec.passes import thinet
+
+    original = thinet.Reconstruction.refit
+
+    def bad(self, kept):
+        return [(10 * torch.randn_like(w), before, after) for w, before, after in original(self, kept)]
+
+    model, x, calib = _convnet()
+    plain = prunec.compile(model, x, passes=[thinet.ThiNet(0.5, round_to=1, refit=False)], calib=calib)
+    monkeypatch.setattr(thinet.Reconstruction, "refit", bad)
+    result = prunec.compile(model, x, method="thinet", channels=0.5, round_to=1, calib=calib)
+    refit = result.report["verify"]["refit"]
+    assert not refit["applied"] and refit["rel_err_after"] > refit["rel_err_before"]
+    assert any("refit not applied" in n for n in result.report["notes"])
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), plain.model(x))
