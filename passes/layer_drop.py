@@ -1,34 +1,15 @@
 """Layer dropping: remove whole residual blocks ``y = x + f(x)`` → ``y = x``."""
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
-import torch.utils._pytree as pytree
-from torch import fx
 
-from prunec.calib import calls
+from prunec.calib import calls, collect
 from prunec.errors import InputError
 from prunec.layers import Branch, blocks, find_branches
 from prunec.passes.base import Pass, PassResult, State, register_pass
-from prunec.program_module import ProgramModule, copy_graph
 
 CRITERIA = ("angular", "position")
-
-
-class _Recorder(fx.Interpreter):
-    """Runs the traced graph and keeps the values of the named nodes."""
-
-    def __init__(self, gm: fx.GraphModule, names: set[str]) -> None:
-        super().__init__(gm)
-        self.names, self.values = names, {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        if n.name in self.names:
-            self.values[n.name] = out.detach().float()
-        return out
 
 
 def _cosine_distance(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -73,23 +54,12 @@ class LayerDrop(Pass):
     def scores(self, state: State, by_block: dict[str, list[Branch]]) -> np.ndarray:
         """1 − cos(block input, block output) on the example (and calibration) inputs."""
         program = state.program
-        module = ProgramModule(program, copy_graph(program.graph)[0], program.state())
         wanted = {n for bs in by_block.values() for n in (bs[0].skip, bs[-1].add)}
         total = np.zeros(len(by_block))
         batches = [(program.example_inputs, program.example_kwargs), *calls(state.calib or ())]
         for batch in batches:
-            leaves = iter(pytree.tree_leaves(batch))
-            flat = [next(leaves) if kind == "user" else getattr_path(module, fqn)
-                    for kind, fqn in module._inputs]
-            rec = _Recorder(module.graph_module, wanted)
-            with torch.no_grad():
-                rec.run(*flat)
-            total += [_cosine_distance(rec.values[bs[0].skip], rec.values[bs[-1].add])
-                      for bs in by_block.values()]
+            values: dict[str, torch.Tensor] = {}
+            collect(program, [batch], lambda node, value: values.__setitem__(node.name, value.detach().float())
+                    if node.name in wanted else None)
+            total += [_cosine_distance(values[bs[0].skip], values[bs[-1].add]) for bs in by_block.values()]
         return total / len(batches)
-
-
-def getattr_path(root: torch.nn.Module, fqn: str) -> torch.Tensor:
-    for part in fqn.split("."):
-        root = getattr(root, part)
-    return root

@@ -205,14 +205,14 @@ class _Collector(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         value = super().run_node(n)
         original = self.originals.get(n.name)
-        if original is not None and n.op == "call_function":
+        if original is not None and n.op in ("call_function", "placeholder"):
             self.fn(original, value)
         return value
 
 
 def collect(program: Program | ProgramModule, calib: Iterable[Any],
             fn: Callable[[fx.Node, Any], None]) -> None:
-    """Call ``fn(node, value)`` for every op of ``program``'s graph on every calibration batch.
+    """Call ``fn(node, value)`` for every op (and input) of ``program``'s graph on every calibration batch.
 
     Implemented with a ``torch.fx.Interpreter`` over the ATen graph (not module hooks), so every
     value, including functional ops, is visible by its node; ``fn`` keeps running sums.

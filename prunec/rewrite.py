@@ -9,7 +9,7 @@ from torch import fx
 
 from prunec.coupling import Coupling, shape_of
 from prunec.cut import Cut, Sizes
-from prunec.layers import Branch, drop_branches
+from prunec.layers import drop_branches
 from prunec.plan import Plan
 from prunec.program_module import ProgramModule, copy_graph
 from prunec.rules import arg, aten
@@ -115,11 +115,6 @@ def slice_state(cut: Cut) -> dict[str, torch.Tensor]:
         tensor = cut.coupling.program.tensor(fqn)
         out[fqn] = cut.slice(fqn, tensor).detach() if fqn in cut_fqns else tensor.detach().clone()
     return out
-
-
-def dropped_branches(coupling: Coupling, plan: Plan) -> list[Branch]:
-    """The residual branches ``plan.meta["dropped_layers"]`` names (see ``Cut.branches``)."""
-    return Cut.of(coupling, plan).branches
 
 
 def rewrite_graph(cut: Cut) -> tuple[fx.Graph, dict[fx.Node, fx.Node]]:
