@@ -35,7 +35,8 @@ def _compile_and_write(method: str, out: Path) -> tuple[str, bytes]:
     model, x = Net().eval(), torch.randn(2, 3, 8, 8)
     calib = [torch.randn(2, 3, 8, 8) for _ in range(2)]
     torch.manual_seed(1234 if out.name.startswith("b") else 99)  # global RNG must not matter
-    result = prunec.compile(model, x, channels=0.5, heads=0.5, mlp=0.5, method=method, round_to=1,
+    heads = 0.5 if method == "l1" else 0.0  # ThiNet selects channels itself
+    result = prunec.compile(model, x, channels=0.5, heads=heads, mlp=0.5, method=method, round_to=1,
                             calib=calib, layers=0.5)
     BACKENDS["torch"](result, out)
     return json.dumps(result.plan.to_json(), sort_keys=False), out.with_suffix(".safetensors").read_bytes()
