@@ -2,6 +2,7 @@
 from prunec.passes.base import PASSES, Pass, PassResult, State, register_pass, run_passes
 from prunec.passes.activation import Activation, ActivationVariance
 from prunec.passes.bn_scale import BNScale
+from prunec.passes.config_heads import ConfigHeads
 from prunec.passes.fisher import Fisher
 from prunec.passes.head_importance import HeadImportance
 from prunec.passes.lasso import Lasso
@@ -17,6 +18,6 @@ from prunec.passes.thinet import LeastSquaresSelection, ThiNet
 from prunec.passes.wanda import Wanda
 
 __all__ = ["PASSES", "Pass", "PassResult", "State", "register_pass", "run_passes",
-           "Magnitude", "L1", "L2", "BNScale", "Taylor", "Fisher", "OBD", "Activation",
+           "Magnitude", "L1", "L2", "BNScale", "ConfigHeads", "Taylor", "Fisher", "OBD", "Activation",
            "ActivationVariance", "Wanda", "ThiNet", "Lasso", "LeastSquaresSelection", "Select",
            "keep_count", "LayerDrop", "Sensitivity", "TargetSearch", "HeadImportance", "Movement"]

@@ -10,6 +10,15 @@ from prunec.layers import Branch, blocks, find_branches
 from prunec.passes.base import Pass, PassResult, State, register_pass
 
 CRITERIA = ("angular", "position")
+# common names for the same scores: ShortGPT's Block Influence is 1 − cos(in, out), what "angular" computes
+ALIASES = {"block-influence": "angular", "block_influence": "angular", "bi": "angular", "shortgpt": "angular",
+           "cosine": "angular", "last": "position"}
+
+
+def layer_criterion(name: str) -> str | None:
+    """The layer criterion a --method name means, or None if it is not one."""
+    name = name.lower()
+    return name if name in CRITERIA else ALIASES.get(name)
 
 
 def _cosine_distance(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -28,9 +37,9 @@ class LayerDrop(Pass):
     provides = ("plan",)
 
     def __init__(self, ratio: float, by: str = "angular", keep_last: bool = True) -> None:
-        if by not in CRITERIA:
-            raise InputError(f"unknown layer criterion '{by}'", f"use one of {CRITERIA}")
-        self.ratio, self.by, self.keep_last = ratio, by, keep_last
+        if layer_criterion(by) is None:
+            raise InputError(f"unknown layer criterion '{by}'", f"use one of {CRITERIA + tuple(ALIASES)}")
+        self.ratio, self.by, self.keep_last = ratio, layer_criterion(by), keep_last
 
     def run(self, state: State) -> PassResult:
         program = state.program

@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden", type=_ratio, default=0.0,
                    help="fraction of residual-stream width to remove (approximate: norms read it)")
     p.add_argument("--layers", type=_ratio, default=0.0, help="fraction of residual blocks to drop")
-    p.add_argument("--method", default="l1", help="importance criterion: l1, l2, bn, …")
+    p.add_argument("--method", default="l1", help="unit criterion: l1, l2, bn, taylor, wanda, thinet, …; "
+                   "with --layers also a block criterion: angular (alias block-influence), position")
     p.add_argument("--global", dest="global_rank", action="store_true",
                    help="rank units across all groups instead of a uniform ratio per group")
     p.add_argument("--round-to", type=int, default=8, help="keep channel counts multiple of N (default 8)")
@@ -197,10 +198,12 @@ def _run_compile(args: argparse.Namespace) -> int:
         calib = _calib(args, loaded)
         progress = (lambda stage: status.update(stage)) if status is not None else None
         passes = _passes(args, loaded, search)
+        method, layer_method = _methods(args)
         result = prunec.compile(loaded.model, loaded.example_inputs, example_kwargs=loaded.example_kwargs,
                                 channels=args.channels, mlp=args.mlp, heads=args.heads, hidden=args.hidden,
                                 layers=args.layers, passes=passes,
-                                method=args.method, round_to=args.round_to, global_rank=args.global_rank,
+                                method=method, layer_method=layer_method, round_to=args.round_to,
+                                global_rank=args.global_rank,
                                 plan=plan, calib=calib, check=not args.no_verify, progress=progress,
                                 static=args.static, dynamic_shapes=loaded.extra.get("dynamic_shapes"))
         if progress:
@@ -279,6 +282,17 @@ def _passes(args: argparse.Namespace, loaded: Any, search: str | None) -> list |
                              method=method, round_to=args.round_to, kinds=kinds)]
     return [TargetSearch(target_macs=args.target_macs, target_params=args.target_params, method=method,
                          round_to=args.round_to, kinds=kinds)]
+
+
+def _methods(args: argparse.Namespace) -> tuple[str, str]:
+    """--method names a unit criterion (l1, wanda, …) or, with --layers, a layer criterion (angular, …)."""
+    from prunec.passes.layer_drop import layer_criterion
+    layer = layer_criterion(args.method)
+    if layer is None:
+        return args.method, "angular"
+    if not args.layers:
+        raise InputError(f"--method {args.method} scores residual blocks", "use it with --layers R")
+    return "l1", layer
 
 
 def _calib(args: argparse.Namespace, loaded: Any) -> list | None:

@@ -17,7 +17,7 @@ from prunec.cut import Cut
 from prunec.dynamic import DynamicProgram, describe_spec, export_program, export_synced, replay
 from prunec.errors import InputError, InternalError
 from prunec.module_sync import synced_copy
-from prunec.passes import PASSES, LayerDrop, LeastSquaresSelection, Pass, Select, State, run_passes
+from prunec.passes import PASSES, ConfigHeads, LayerDrop, LeastSquaresSelection, Pass, Select, State, run_passes
 from prunec.passes.base import Services
 from prunec.passes.select import check_ratio
 from prunec.plan import Plan
@@ -105,13 +105,14 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
             global_rank: bool = False, passes: Sequence[Pass | str] | None = None,
             plan: Plan | None = None, calib: Iterable[Any] | None = None,
             check: bool = True, example_kwargs: dict[str, Any] | None = None,
-            progress: Progress | None = None, static: bool = False,
+            progress: Progress | None = None, static: bool = False, layer_method: str = "angular",
             dynamic_shapes: Any = None) -> CompileResult:
     """Prune ``model`` and return a CompileResult.
 
     ``channels`` applies to conv/linear channel groups (and MLP groups unless ``mlp`` is
     given); ``heads``/``hidden`` to attention heads and the residual stream; ``layers`` is the
-    fraction of residual blocks to drop (scored by angular distance on the example inputs). Give ``passes``
+    fraction of residual blocks to drop (``layer_method``: angular distance on the example and calibration
+    inputs, alias block-influence; or position). Give ``passes``
     to compose your own pipeline, or ``plan`` to replay a saved plan. The result accepts any batch
     size (and sequence length for token inputs) unless ``static``; ``dynamic_shapes`` (torch.export
     format) names other dynamic dims, e.g. the ones a loaded ``.pt2`` recorded.
@@ -127,7 +128,8 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
         if plan is None:
             ratios = {"channel": channels, "mlp": mlp or channels, "head": heads, "hidden": hidden}
             pipeline = list(passes) if passes is not None else _default_pipeline(
-                method, ratios, round_to, global_rank, layers)
+                method, ratios, round_to, global_rank, layers, layer_method,
+                hf_heads=hasattr(getattr(model, "config", None), "num_attention_heads"))
             kinds = {k for k, v in ratios.items() if v} if passes is None else None
             state = run_passes(pipeline, State(model, program, coupling, calib=calib, kinds=kinds,
                                                services=services(coupling)))
@@ -146,8 +148,9 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
 
 
 def _default_pipeline(method: str, ratios: dict[str, float], round_to: int, global_rank: bool,
-                      layers: float) -> list[Pass]:
-    """``criterion → select [→ layer_drop]`` (a selecting criterion such as ThiNet needs no select)."""
+                      layers: float, layer_method: str = "angular", hf_heads: bool = False) -> list[Pass]:
+    """``criterion → select [→ config_heads] [→ layer_drop]`` (a selecting criterion such as ThiNet
+    needs no select; ``config_heads``: HF models get head counts their config can express)."""
     crit = criterion(method, ratios["channel"], round_to)
     pipeline = [crit]
     if "scores" in crit.provides:
@@ -155,8 +158,10 @@ def _default_pipeline(method: str, ratios: dict[str, float], round_to: int, glob
     elif ratios["head"] or ratios["hidden"]:
         raise InputError(f"--method {method} selects conv/linear channels itself: it can't prune heads "
                          "or the hidden width", "use a scoring method (l1, taylor, …) for --heads/--hidden")
+    if ratios["head"] and hf_heads:
+        pipeline.append(ConfigHeads())
     if layers:
-        pipeline.append(LayerDrop(check_ratio("layers", layers)))
+        pipeline.append(LayerDrop(check_ratio("layers", layers), by=layer_method))
     return pipeline
 
 

@@ -8,6 +8,7 @@ fails the result stays static and the report says why.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -123,18 +124,22 @@ def replay(model: torch.nn.Module, plan: Plan, static: torch.nn.Module, inputs: 
     return DynamicProgram(dynamic, coupling, spec, wide_args, wide_kwargs)
 
 
-class _Exportable(torch.nn.Module):
-    """The program with named tensor inputs and its constant keyword inputs (``use_cache=False``) bound:
-    torch.export's guards can't name the entries of a ``**kwargs`` forward."""
+def _exportable(program: torch.nn.Module, n_args: int, names: list[str], consts: dict[str, Any]) -> torch.nn.Module:
+    """A shallow copy of ``program`` whose forward has named tensor inputs and its constant keyword inputs
+    (``use_cache=False``) bound: torch.export's guards can't name the entries of a ``**kwargs`` forward.
+    Same class tree, same state paths, so the exported state dict keys are the model's own."""
+    base = type(program)
 
-    def __init__(self, program: torch.nn.Module, n_args: int, names: list[str], consts: dict[str, Any]) -> None:
-        super().__init__()
-        self.program, self.n_args, self.names, self.consts = program, n_args, names, consts
+    def forward(self: torch.nn.Module, *inputs: Any, **named: Any) -> Any:
+        values = list(inputs) + [named[n] for n in names[len(inputs):]]
+        kwargs = dict(zip(names[n_args:], values[n_args:]))
+        return base.forward(self, *values[:n_args], **kwargs, **consts)
 
-    def forward(self, *inputs: Any, **named: Any) -> Any:
-        values = list(inputs) + [named[n] for n in self.names[len(inputs):]]
-        args, kwargs = values[:self.n_args], dict(zip(self.names[self.n_args:], values[self.n_args:]))
-        return self.program(*args, **kwargs, **self.consts)
+    forward.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in ["self", *names]])
+    module = copy.copy(program)
+    module.__class__ = type(base.__name__, (base,), {"forward": forward})
+    return module
 
 
 def export_program(program: torch.nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any],
@@ -144,14 +149,7 @@ def export_program(program: torch.nn.Module, inputs: tuple[Any, ...], kwargs: di
     tensor_kw = {k: v for k, v in kwargs.items() if not isinstance(v, (bool, int, float, str, type(None)))}
     consts = {k: v for k, v in kwargs.items() if k not in tensor_kw}
     names = [f"input_{i}" for i in range(len(inputs))] + list(tensor_kw)
-    cls = type("PrunedProgram", (_Exportable,), {})
-    params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in ["self", *names]]
-
-    def forward(self: _Exportable, *a: Any, **k: Any) -> Any:
-        return _Exportable.forward(self, *a, **k)
-    forward.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-    cls.forward = forward
-    module = cls(program, len(inputs), names, consts)
+    module = _exportable(program, len(inputs), names, consts)
     shapes = None
     if spec is not None:
         by_name = dict(zip([f"input_{i}" for i in range(len(inputs))] + list(kwargs), spec))

@@ -150,10 +150,14 @@ def sync_config(model: nn.Module, kept_layers: list[int] | None = None) -> list[
 def check_config(model: nn.Module) -> str:
     """'' if ``type(model)(model.config)`` accepts the pruned state dict, else why not."""
     try:
+        validate = getattr(model.config, "validate", None)
+        if callable(validate):
+            validate()  # what save_pretrained / from_pretrained will check
         fresh = type(model)(model.config)
         missing, unexpected = fresh.load_state_dict(model.state_dict(), strict=False)
-    except (RuntimeError, ValueError, TypeError) as err:
-        return f"config cannot express the pruned shapes: {str(err).splitlines()[0][:200]}"
+    except Exception as err:  # noqa: BLE001 - transformers raises its own validation error types
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
+        return f"config cannot express the pruned shapes: {lines[-1][:200]}"
     if unexpected:
         return f"config cannot express the pruned model: unexpected keys {unexpected[:3]}"
     return ""

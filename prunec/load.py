@@ -188,7 +188,14 @@ def _torchscript(path: Path, shape: tuple[int, ...] | None) -> Loaded:
         raise InputError(f"{path} is TorchScript that torch's converter cannot turn into an ExportedProgram: "
                          f"{type(err).__name__}: {first}",
                          "export the model from its PyTorch code with torch.export.save and pass the .pt2") from None
-    return Loaded(ep.module(), inputs, path.stem, extra={"source": "torchscript"})
+    module = ep.module()
+    for fqn, _ in scripted.named_parameters():  # the converter lifts parameters as buffers: restore them
+        *parents, leaf = fqn.split(".")
+        owner = module.get_submodule(".".join(parents)) if parents else module
+        tensor = owner._buffers.pop(leaf, None) if leaf in owner._buffers else None
+        if tensor is not None:
+            owner.register_parameter(leaf, torch.nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
+    return Loaded(module, inputs, path.stem, extra={"source": "torchscript"})
 
 
 def _pickle(path: Path, shape: tuple[int, ...] | None, trust_pickle: bool) -> Loaded:
