@@ -33,7 +33,7 @@ def write_executorch(result: Any, out: str | Path, options: dict[str, Any] | Non
         raise BackendError("--sparsity 2:4 has no ExecuTorch (XNNPACK) kernel: the .pte would run dense",
                            "drop --sparsity, or use --target tensorrt / coreml")
     try:
-        edge = to_edge_transform_and_lower(result.export(), partitioner=[XnnpackPartitioner()])
+        edge = to_edge_transform_and_lower(result.export(static=True), partitioner=[XnnpackPartitioner()])
         delegated, other = _count_delegation(edge.exported_program().graph)
         program = edge.to_executorch()
     except Exception as err:  # noqa: BLE001 - exir raises many types; name the pairing that works
@@ -45,7 +45,9 @@ def write_executorch(result: Any, out: str | Path, options: dict[str, Any] | Non
         abs_err, rel_err = _run(Runtime, tmp, result)
     report = {"target": "executorch", "artifact": str(out), "bytes": out.stat().st_size,
               "delegate": "XNNPACK", "delegated_calls": delegated, "undelegated_ops": other,
-              "runtime": "executorch.runtime (CPU)", "max_abs_err": abs_err, "rel_err": rel_err}
+              "runtime": "executorch.runtime (CPU)", "max_abs_err": abs_err, "rel_err": rel_err,
+              "notes": ["static shapes: the .pte takes the example's input shapes only (the .pt2 and ONNX "
+                        "targets take any batch)"]}
     if not rel_err <= REL_TOL:
         raise BackendError(f"ExecuTorch output differs from torch by rel. err {rel_err:.2e}",
                            "try --target onnx; please report the model")

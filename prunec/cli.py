@@ -189,11 +189,10 @@ def _run_compile(args: argparse.Namespace) -> int:
     with console.status("loading", spinner="dots") if console.is_terminal else _null() as status:
         loaded = load_model(args.model, args.input_shape, args.weights, args.trust_pickle, args.seq_len,
                             trust_remote_code=args.trust_remote_code)
-        if out is None:  # NAME.pruned + the target's suffix (an hf: folder for the torch target)
-            folder = hf_input and args.target == "torch"
-            suffix = "" if folder else ARTIFACTS.get(args.target, (".pt2", False))[0]
-            out, is_dir = output_path(f"{loaded.name.replace('/', '_').replace(':', '_')}.pruned{suffix}",
-                                      args.target, hf_input)
+        if out is None:
+            stem = f"{loaded.name.replace('/', '_').replace(':', '_')}.pruned"
+            suffix = "" if hf_input and args.target == "torch" else ARTIFACTS.get(args.target, (".pt2", False))[0]
+            out, is_dir = output_path(stem + suffix, args.target, hf_input)
         plan = prunec.Plan.load(args.plan) if args.plan else None
         calib = _calib(args, loaded)
         progress = (lambda stage: status.update(stage)) if status is not None else None

@@ -60,11 +60,11 @@ def default_spec(inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> Spec:
 
 
 def _resize(t: Any, dims: Any, grow: int) -> Any:
-    """``t`` with every dynamic dim of size 1 doubled (export specialises 0/1), plus ``grow`` on dim 0."""
+    """``t`` with every dynamic dim of size 1 doubled (export specialises 0/1), plus ``grow`` on each."""
     if not isinstance(t, torch.Tensor) or not isinstance(dims, dict):
         return t
     for d in sorted(dims):
-        target = max(2, t.shape[d]) + (grow if d == 0 else 0)
+        target = max(2, t.shape[d]) + grow
         if target != t.shape[d]:
             reps = -(-target // t.shape[d])
             t = t.repeat_interleave(reps, dim=d).narrow(d, 0, target) if t.shape[d] else t
@@ -73,7 +73,8 @@ def _resize(t: Any, dims: Any, grow: int) -> Any:
 
 def resized(inputs: tuple[Any, ...], kwargs: dict[str, Any], spec: Spec,
             grow: int = 0) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Example inputs resized along the spec's dynamic dims (see ``_resize``)."""
+    """Example inputs resized along the spec's dynamic dims (see ``_resize``): with ``grow`` another batch
+    size and, for token inputs, another sequence length, so a rewrite that bakes a size in is caught."""
     specs = list(spec)
     new_args = tuple(pytree.tree_map(lambda t, d: _resize(t, d, grow), a, s, is_leaf=lambda x: x is None)
                      if s is not None else a for a, s in zip(inputs, specs[:len(inputs)]))

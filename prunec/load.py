@@ -119,6 +119,15 @@ def _user_input_shapes(ep: torch.export.ExportedProgram) -> list[tuple[Any, ...]
     return [tuple(nodes[n].meta["val"].shape) for n in names]
 
 
+def _bound(value: Any) -> int | None:
+    """A finite integer bound of a sympy range, or None for ±infinity."""
+    try:
+        v = int(value)
+    except (TypeError, ValueError, AttributeError, OverflowError):
+        return None
+    return v if abs(v) < 2 ** 62 else None
+
+
 def recorded_dynamic_shapes(ep: torch.export.ExportedProgram) -> tuple[dict[int, Any], ...] | None:
     """The user's dynamic dims (with their ranges) of a loaded ExportedProgram, as a dynamic_shapes spec."""
     spec, any_dynamic = [], False
@@ -127,10 +136,11 @@ def recorded_dynamic_shapes(ep: torch.export.ExportedProgram) -> tuple[dict[int,
         for d, s in enumerate(shape):
             if isinstance(s, torch.SymInt):
                 vr = ep.range_constraints.get(s.node.expr)
-                lo = int(vr.lower) if vr is not None and vr.lower.is_finite else 0
-                hi = int(vr.upper) if vr is not None and vr.upper.is_finite else None
-                dims[d] = torch.export.Dim(f"{str(s.node.expr)}", min=max(lo, 0), max=hi) if hi else \
-                    torch.export.Dim(f"{str(s.node.expr)}", min=max(lo, 0))
+                lo = _bound(vr.lower) if vr is not None else None
+                hi = _bound(vr.upper) if vr is not None else None
+                name = f"dim_{len(spec)}_{d}"
+                dims[d] = torch.export.Dim(name, min=max(lo or 0, 0), max=hi) if hi else \
+                    torch.export.Dim(name, min=max(lo or 0, 0))
                 any_dynamic = True
         spec.append(dims)
     return tuple(spec) if any_dynamic else None
@@ -181,8 +191,13 @@ def _torchscript(path: Path, shape: tuple[int, ...] | None) -> Loaded:
         inputs = (torch.randn(*shape),)
     try:
         from torch._export.converter import TS2EPConverter
+        # the converter marks every dim Dim.AUTO: a batch of 2 keeps the batch symbolic (1 would specialise)
+        wide = tuple(torch.cat([t, t]) if t.dim() and t.shape[0] == 1 else t for t in inputs)
         with _quiet(), torch.no_grad():
-            ep = TS2EPConverter(scripted, inputs).convert()
+            try:
+                ep = TS2EPConverter(scripted, wide).convert()
+            except Exception:  # noqa: BLE001 - some scripts only accept the recorded batch
+                ep = TS2EPConverter(scripted, inputs).convert()
     except Exception as err:  # the converter raises many types
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise InputError(f"{path} is TorchScript that torch's converter cannot turn into an ExportedProgram: "
@@ -195,7 +210,10 @@ def _torchscript(path: Path, shape: tuple[int, ...] | None) -> Loaded:
         tensor = owner._buffers.pop(leaf, None) if leaf in owner._buffers else None
         if tensor is not None:
             owner.register_parameter(leaf, torch.nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
-    return Loaded(module, inputs, path.stem, extra={"source": "torchscript"})
+    recorded = recorded_dynamic_shapes(ep) or ()  # the converter marks every dim AUTO: keep the batch only
+    batch_only = tuple({0: dims[0]} if 0 in dims else {} for dims in recorded)
+    extra = {"source": "torchscript", "dynamic_shapes": batch_only if any(batch_only) else None}
+    return Loaded(module, inputs, path.stem, extra={k: v for k, v in extra.items() if v})
 
 
 def _pickle(path: Path, shape: tuple[int, ...] | None, trust_pickle: bool) -> Loaded:
