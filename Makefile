@@ -11,7 +11,9 @@ $(BIN)/prunec: pyproject.toml
 	$(BIN)/pip install -q -e '.[test,coreml]' 'ruamel.yaml>=0.18' 'tabulate>=0.9' 'flatbuffers>=24'
 	# ExecuTorch's wheel declares no torch pin: --no-deps keeps torch 2.14.1 (see pyproject's executorch extra)
 	$(BIN)/pip install -q --no-deps executorch==1.5.1 torchao==0.18.0
-	$(BIN)/python -c "import torch, executorch.runtime, coremltools; assert torch.__version__.startswith('2.14.1'), torch.__version__"
+	# ultralytics declares opencv-python (libGL) and nvidia-ml-py: --no-deps; its headless deps are in the test extra
+	$(BIN)/pip install -q --no-deps ultralytics==8.4.190
+	$(BIN)/python -c "import torch, executorch.runtime, coremltools, ultralytics, diffusers; assert torch.__version__.startswith('2.14.1'), torch.__version__"
 	touch $(BIN)/prunec
 
 install: $(BIN)/prunec

@@ -89,13 +89,16 @@ def _inspect(argv: Sequence[str]) -> int:
     from prunec.load import load_model
     loaded = load_model(args.model, args.input_shape, trust_pickle=args.trust_pickle, seq_len=args.seq_len)
     coupling = prunec.analyze(loaded.model, loaded.example_inputs, loaded.example_kwargs)
+    from prunec.diagnose import describe_inspect, inspect_summary
+    summary = inspect_summary(coupling)
     groups = [{"name": g.name, "kind": g.kind, "units": g.size,
                "unit_size": int(next(iter(g.members.values())).shape[1]),
                "tensors": [f"{f}@{d}" for f, d in g.members], "approximate": g.approximate}
               for g in coupling.groups]
     if args.json:
-        print(json.dumps({"groups": groups, "frozen": coupling.frozen}, indent=1))
+        print(json.dumps({"summary": summary, "groups": groups, "frozen": coupling.frozen}, indent=1))
         return 0
+    print(describe_inspect(summary))
     table = Table(title=f"{loaded.name}: {len(groups)} prunable groups")
     for col in ("group", "kind", "units", "tensors"):
         table.add_column(col)
@@ -204,7 +207,8 @@ def _run_compile(args: argparse.Namespace) -> int:
                                 method=method, layer_method=layer_method, round_to=args.round_to,
                                 global_rank=args.global_rank,
                                 plan=plan, calib=calib, check=not args.no_verify, progress=progress,
-                                static=args.static, dynamic_shapes=loaded.extra.get("dynamic_shapes"))
+                                static=args.static, dynamic_shapes=loaded.extra.get("dynamic_shapes"),
+                                parts=False)  # artifacts need the whole program: untraceable stays an error
         if progress:
             progress(f"writing {args.target} artifact")
         result.report["artifact"] = BACKENDS[args.target](result, out, {
@@ -319,7 +323,10 @@ class _null:
 def _summary(report: dict[str, Any], out: Path) -> None:
     v = report.get("verify") or {}
     pct = lambda a, b: f"{100 * a / b:.1f}%" if b else "n/a"
+    from prunec.diagnose import describe_shortfall
+    shortfall = report.get("shortfall")
     lines = [
+        *([f"warning {describe_shortfall(shortfall)}"] if shortfall else []),
         f"params  {report['params_before']:,} → {report['params_after']:,} "
         f"({pct(report['params_after'], report['params_before'])})",
         f"MACs    {report['macs_before']:,} → {report['macs_after']:,} "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -14,9 +15,10 @@ from prunec.cost import count_macs, count_params
 from prunec.coupling import Coupling
 from prunec.calib import calls
 from prunec.cut import Cut
+from prunec.diagnose import check_finite, shortfall
 from prunec.dynamic import DynamicProgram, describe_spec, export_program, export_synced, replay
-from prunec.errors import InputError, InternalError
-from prunec.module_sync import synced_copy
+from prunec.errors import InputError, InternalError, TraceError
+from prunec.module_sync import keep_whole, synced_copy
 from prunec.passes import PASSES, ConfigHeads, LayerDrop, LeastSquaresSelection, Pass, Select, State, run_passes
 from prunec.passes.base import Services
 from prunec.passes.select import check_ratio
@@ -106,7 +108,7 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
             plan: Plan | None = None, calib: Iterable[Any] | None = None,
             check: bool = True, example_kwargs: dict[str, Any] | None = None,
             progress: Progress | None = None, static: bool = False, layer_method: str = "angular",
-            dynamic_shapes: Any = None) -> CompileResult:
+            dynamic_shapes: Any = None, parts: bool = True) -> Any:
     """Prune ``model`` and return a CompileResult.
 
     ``channels`` applies to conv/linear channel groups (and MLP groups unless ``mlp`` is
@@ -115,18 +117,32 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
     inputs, alias block-influence; or position). Give ``passes``
     to compose your own pipeline, or ``plan`` to replay a saved plan. The result accepts any batch
     size (and sequence length for token inputs) unless ``static``; ``dynamic_shapes`` (torch.export
-    format) names other dynamic dims, e.g. the ones a loaded ``.pt2`` recorded.
+    format) names other dynamic dims, e.g. the ones a loaded ``.pt2`` recorded. If the whole model
+    can't be traced and ``parts`` is on, the submodules that trace are pruned instead (a ``PartsResult``).
     """
     timer = _Timer(progress)
     inputs, kwargs = _as_tuple(example_inputs), dict(example_kwargs or {})
     model = eval_mode(model)
-    with timer.stage("trace"):
-        program = trace(model, inputs, kwargs)
+    check_finite(model, inputs, kwargs)  # a NaN/Inf output is the model's, not prunec's
+    try:
+        with timer.stage("trace"):
+            program = trace(model, inputs, kwargs)  # (after: tracing may leave fake tensors in module caches)
+    except TraceError as err:
+        if not parts or plan is not None or passes is not None:
+            raise
+        from prunec.partial import compile_parts  # prune what traces
+        return compile_parts(model, inputs, kwargs, compile, err, channels=channels, mlp=mlp,
+                             heads=heads, hidden=hidden, layers=layers, method=method, round_to=round_to,
+                             global_rank=global_rank, calib=calib, check=check, progress=progress,
+                             layer_method=layer_method)
     with timer.stage("analyze"):
         coupling = build_coupling(program)
+        keep_whole(model, coupling)  # groups the user's classes can't express pruned
+    ratios = {"channel": channels, "mlp": mlp or channels, "head": heads, "hidden": hidden}
+    asked = ({"channel": channels, "mlp": mlp, "head": heads, "hidden": hidden, "layers": layers}
+             if plan is None else {})  # what the user asked for (a replayed plan asks nothing)
     with timer.stage("plan"):
         if plan is None:
-            ratios = {"channel": channels, "mlp": mlp or channels, "head": heads, "hidden": hidden}
             pipeline = list(passes) if passes is not None else _default_pipeline(
                 method, ratios, round_to, global_rank, layers, layer_method,
                 hf_heads=hasattr(getattr(model, "config", None), "num_attention_heads"))
@@ -140,6 +156,9 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
     result = finish_compile(model, program, coupling, plan, timer, notes, check, updates,
                             state.calib if passes_ran else calib)
     result.report["passes"] = state.results if passes_ran else {}
+    r = result.report
+    r["shortfall"] = shortfall(coupling, asked, plan.n_dropped(), len(plan.meta.get("dropped_layers") or []),
+                               r["macs_before"], r["macs_after"])
     if not static:
         with timer.stage("dynamic"):
             make_dynamic(result, model, dynamic_shapes)
@@ -267,11 +286,19 @@ def _sync(model: nn.Module, state: dict[str, torch.Tensor], program: ProgramModu
         with torch.no_grad():
             _, rel = compare(module(*inputs, **kwargs), program(*inputs, **kwargs))
     except Exception as err:  # any failure means the eager module can't follow: use the program
-        first = (str(err).strip().splitlines() or [""])[0][:200]
-        return program, False, f"user module not synced: {type(err).__name__}: {first}".rstrip(": ")
+        return program, False, f"user module not synced: {_first_line(err)}"
     if rel > 1e-5:
         return program, False, f"user module not synced: its output differs from the program (rel {rel:.2g})"
     return module, True, ""
+
+
+def _first_line(err: BaseException) -> str:
+    """'Type: first line of the message', or where it was raised when the message is empty."""
+    lines = str(err).strip().splitlines()
+    if lines:
+        return f"{type(err).__name__}: {lines[0][:200]}"
+    tb = traceback.extract_tb(err.__traceback__)
+    return f"{type(err).__name__} at {tb[-1].filename}:{tb[-1].lineno} ({tb[-1].line})" if tb else type(err).__name__
 
 
 def sensitivity(model: nn.Module, example_inputs: Any, analysis: Pass, *, calib: Iterable[Any] | None = None,

@@ -3,34 +3,115 @@ from __future__ import annotations
 
 import copy
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from prunec import hf
-from prunec.registry import Registry
 
 Sync = Callable[[nn.Module], None]
-SYNC: Registry = Registry("module-sync updater")  # module type → updater
+SYNC: dict[type, Sync] = {}
+# A class whose forward can't follow some pruned dims names the groups to keep whole:
+# (module, its path, groups by member (fqn, dim), groups already kept whole) → {group: reason}
+Constraint = Callable[[nn.Module, str, dict, set], dict[str, str]]
+CONSTRAINTS: dict[type, Constraint] = {}
 
 
 def module_sync(*types: type) -> Callable[[Sync], Sync]:
     """Register how a module type's attributes follow its (already sliced) tensors."""
-    return SYNC.register(*types)
+    def wrap(fn: Sync) -> Sync:
+        for t in types:
+            SYNC[t] = fn
+        return fn
+    return wrap
+
+
+def _weight_shape(m: nn.Module) -> torch.Size:
+    """The weight's shape, also under the hook-based weight_norm/spectral_norm, whose ``weight``
+    attribute is only recomputed on the next forward (the parametrized ``weight`` is live)."""
+    if isinstance(getattr(m, "weight_g", None), torch.Tensor):  # weight_norm: weight_v is the weight
+        return m.weight_v.shape
+    if isinstance(getattr(m, "weight_orig", None), torch.Tensor):  # spectral_norm
+        return m.weight_orig.shape
+    return m.weight.shape
+
+
+def sync_constraint(*types: type) -> Callable[[Constraint], Constraint]:
+    """Register which groups a module type needs kept whole for its attributes to follow."""
+    def wrap(fn: Constraint) -> Constraint:
+        for t in types:
+            CONSTRAINTS[t] = fn
+        return fn
+    return wrap
+
+
+def keep_whole(model: nn.Module, coupling: Any) -> dict[str, str]:
+    """Take out of ``coupling.groups`` (into ``coupling.frozen``) the groups the model's classes
+    can't express pruned, so the pruned model stays the user's class. Returns group → reason."""
+    _register_optional()
+    by_member: dict[tuple[str, int], list[str]] = {}
+    for g in coupling.groups:
+        for member in g.members:
+            by_member.setdefault(member, []).append(g.name)
+    whole: dict[str, str] = {}
+    for _ in range(4):  # a kept-whole group can force its neighbours (both halves of a split)
+        before = len(whole)
+        for path, mod in model.named_modules():
+            rule = next((CONSTRAINTS[t] for t in type(mod).__mro__ if t in CONSTRAINTS), None)
+            if rule is not None:
+                for name, reason in rule(mod, path, by_member, set(whole)).items():
+                    whole.setdefault(name, f"{path} ({type(mod).__name__}): {reason}")
+        if len(whole) == before:
+            break
+    for g in coupling.groups:
+        if g.name in whole:
+            coupling.frozen.update({f"{fqn}@{dim}": whole[g.name] for fqn, dim in g.members})
+    coupling.groups = [g for g in coupling.groups if g.name not in whole]
+    return whole
 
 
 @module_sync(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def _conv(m: nn.Conv2d) -> None:
+    shape = _weight_shape(m)
     old_out = m.out_channels
-    m.out_channels = m.weight.shape[0]
+    m.out_channels = shape[0]
     m.groups = m.groups * m.out_channels // old_out if m.groups > 1 else 1
-    m.in_channels = m.weight.shape[1] * m.groups
+    m.in_channels = shape[1] * m.groups
+
+
+@module_sync(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+def _conv_transpose(m: nn.ConvTranspose2d) -> None:
+    """Weight (in, out/groups, k…): whole groups go, so groups follows the input channels."""
+    shape = _weight_shape(m)
+    old_in = m.in_channels
+    m.in_channels = shape[0]
+    m.groups = m.groups * m.in_channels // old_in if m.groups > 1 else 1
+    m.out_channels = shape[1] * m.groups
+
+
+@module_sync(nn.PReLU)
+def _prelu(m: nn.PReLU) -> None:
+    m.num_parameters = m.weight.numel()
+
+
+@module_sync(nn.RNNCellBase)
+def _recurrent_cell(m: nn.RNNCellBase) -> None:
+    m.hidden_size = m.weight_hh.shape[1]
+    m.input_size = m.weight_ih.shape[1]
+
+
+@module_sync(nn.RNNBase)
+def _recurrent(m: nn.RNNBase) -> None:
+    """LSTM/GRU/RNN: sizes from layer 0's weights; the flat weight list is rebuilt."""
+    m.hidden_size = m.weight_hh_l0.shape[1]
+    m.input_size = m.weight_ih_l0.shape[1]
+    m._init_flat_weights()
 
 
 @module_sync(nn.Linear)
 def _linear(m: nn.Linear) -> None:
-    m.out_features, m.in_features = m.weight.shape
+    m.out_features, m.in_features = _weight_shape(m)
 
 
 @module_sync(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d)
@@ -63,35 +144,28 @@ def _mha(m: nn.MultiheadAttention) -> None:
     raise ValueError("nn.MultiheadAttention cannot express a pruned head or embedding dim")
 
 
-def _timm_attention(m: nn.Module) -> None:
-    """timm (Window)Attention: qkv = Linear(dim, 3 · num_heads · head_dim)."""
-    head_dim = getattr(m, "head_dim", None)
-    if head_dim is None:  # Swin: head_dim is implied by the relative-position table's heads
-        head_dim = m.qkv.weight.shape[0] // (3 * m.num_heads)
-        m.num_heads = m.relative_position_bias_table.shape[1]
-        return
-    m.num_heads = m.qkv.weight.shape[0] // (3 * head_dim)
-    if hasattr(m, "attn_dim"):
-        m.attn_dim = m.num_heads * head_dim
+FRAMEWORKS = {  # imported package → module whose register() adds its classes to the table
+    "timm": "prunec.frameworks.timm",
+    "ultralytics": "prunec.frameworks.ultralytics",
+    "diffusers": "prunec.frameworks.diffusers",
+}
+_REGISTERED: set[str] = set()
 
 
 def _register_optional() -> None:
     """Table entries for libraries the model came from (only those already imported)."""
-    if "timm" in sys.modules:
-        from timm.layers.attention import Attention
-        SYNC.setdefault(Attention, _timm_attention)
-        try:
-            from timm.models.swin_transformer import WindowAttention
-            SYNC.setdefault(WindowAttention, _timm_attention)
-        except ImportError:
-            pass
-    if "transformers" in sys.modules and not _REGISTERED:
-        for cls, fn in hf.updaters().items():
+    import importlib
+    for package, module in FRAMEWORKS.items():
+        if package in sys.modules and package not in _REGISTERED:
+            _REGISTERED.add(package)
+            try:
+                importlib.import_module(module).register()
+            except (ImportError, AttributeError):  # another version of the framework: generic path only
+                pass
+    if "transformers" in sys.modules and "transformers" not in _REGISTERED:
+        _REGISTERED.add("transformers")
+        for cls, fn in hf.updaters().items():  # hf imports no module_sync: no import cycle
             SYNC.setdefault(cls, fn)
-        _REGISTERED.append(True)
-
-
-_REGISTERED: list[bool] = []
 
 
 def _drop_blocks(model: nn.Module, blocks: list[str]) -> list[int] | None:
@@ -138,6 +212,10 @@ def synced_copy(model: nn.Module, state: dict[str, torch.Tensor],
             memo[id(b)] = state[name]
             if state[name].shape != b.shape:
                 changed_owners.add(name.rpartition(".")[0])
+    for mod in model.modules():  # hook-based weight_norm/spectral_norm keep a non-leaf `weight`
+        for value in vars(mod).values():  # that deepcopy refuses; the next forward recomputes it
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                memo[id(value)] = value.detach()
     new = copy.deepcopy(model, memo)
     for owner in list(changed_owners):  # parents too: attention modules own no weight of their own
         while owner:

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import re
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import fx
@@ -76,7 +77,7 @@ def trace(model: torch.nn.Module, example_inputs: tuple[Any, ...],
     errors = []
     for strict in (False, True):  # non-strict first; TorchDynamo (strict) as the fallback
         try:
-            with torch.no_grad():
+            with torch.no_grad(), keep_attributes(model):
                 ep = torch.export.export(model, tuple(example_inputs), kwargs or None,
                                          dynamic_shapes=dynamic_shapes, strict=strict)
             return Program(ep, tuple(example_inputs), kwargs)
@@ -90,6 +91,20 @@ def trace(model: torch.nn.Module, example_inputs: tuple[Any, ...],
                      f"{type(err).__name__}: {first_line}",
                      "make the forward traceable (no data-dependent Python control flow), "
                      "or check --input-shape matches what the model expects") from err
+
+
+@contextmanager
+def keep_attributes(model: torch.nn.Module) -> Iterator[None]:
+    """Undo plain attributes a forward sets while tracing (ultralytics' ``Detect`` caches
+    ``anchors``/``shape``): left behind, they are fake tensors that break the user's model."""
+    saved = [(m, {k: v for k, v in vars(m).items() if not k.startswith("_")}) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for mod, attrs in saved:
+            for k in [k for k in vars(mod) if not k.startswith("_") and k not in attrs]:
+                delattr(mod, k)
+            vars(mod).update(attrs)
 
 
 def _user_frame(err: Exception) -> str:

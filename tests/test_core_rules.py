@@ -8,7 +8,8 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import prunec
-from prunec.rules import covered_ops
+from prunec.registry import Registry
+from prunec.rules import RULES, OpRule, coupling_rule, covered_ops, no_sizes
 from prunec.rules.shape import reshape_blocks
 from tests.conftest import assert_verified
 
@@ -185,3 +186,65 @@ def test_a_dim_split_between_groups_gets_unique_names() -> None:
     names = [g["name"] for g in result.report["groups"]]
     assert len(names) == len(set(names)) and "pw.weight@0#1" in names
     assert_verified(result)
+
+
+# -- the rule table: every op's coupling rule comes with its shape fixer -------------------------
+
+# argument names that hold sizes of (possibly pruned) dims: an op taking one needs a real fixer
+SIZE_ARGS = {"size", "sizes", "shape", "split_size", "split_sizes", "sections", "indices", "chunks",
+             "normalized_shape", "groups", "num_groups", "end", "output_size", "hidden_size"}
+# ops whose size arguments only describe dims their rule freezes (spatial dims of pools/upsampling)
+SIZES_OF_FROZEN_DIMS = {"output_size"}
+
+
+def _sized_args(op: object) -> set[str]:
+    schema = getattr(op, "_schema", None)
+    if schema is None:
+        return set()
+    return {a.name for a in schema.arguments[1:] if "int" in str(a.type).lower()} & SIZE_ARGS
+
+
+@pytest.mark.parametrize("op", sorted(RULES, key=str), ids=str)
+def test_every_rule_has_a_fixer(op: object) -> None:
+    """One table: each entry couples dims and fixes sizes; `no_sizes` only where no arg is a size."""
+    entry = RULES[op]
+    assert isinstance(entry, OpRule) and callable(entry.couple) and callable(entry.fix)
+    sized = _sized_args(op)
+    if entry.fix is no_sizes:
+        frozen_ok = sized <= SIZES_OF_FROZEN_DIMS and ("pool" in str(op) or "upsample" in str(op))
+        assert not sized or frozen_ok, f"{op} takes size arguments {sized} but declares fix=no_sizes"
+
+
+def test_rule_without_fixer_cannot_be_registered() -> None:
+    with pytest.raises(TypeError):
+        coupling_rule(torch.ops.aten.cumsum.default)  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="duplicate"):
+        coupling_rule(torch.ops.aten.linear.default, fix=no_sizes)(lambda node, g: None)
+    assert torch.ops.aten.cumsum.default not in RULES
+
+
+def test_registry_rejects_duplicates() -> None:
+    table: Registry[int] = Registry("thing")
+    table.register("a", "b")(1)
+    assert table["a"] == 1 and "b" in table and len(table) == 2
+    with pytest.raises(ValueError, match="duplicate thing for a"):
+        table.add("a", 2)
+
+
+@pytest.mark.parametrize("how", ["sections", "indices"])
+def test_tensor_split_is_fixed_and_verified(how: str) -> None:
+    """tensor_split had a rule but no fixer: pruning across its parts must rewrite the sizes."""
+    class TensorSplit(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(6, 16), nn.Linear(8, 3), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.a(x))
+            p, q = torch.tensor_split(h, 2, dim=1) if how == "sections" else torch.tensor_split(h, [8], dim=1)
+            return self.b(p) + self.c(q)
+
+    result = prunec.compile(TensorSplit().eval(), torch.randn(4, 6), channels=0.5, round_to=1)
+    assert_verified(result)
+    assert result.program.state_dict()["a.weight"].shape[0] < 16
+    assert result.program.state_dict()["b.weight"].shape[1] < 8

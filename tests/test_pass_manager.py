@@ -67,9 +67,9 @@ def test_target_search_instance_is_stateless_between_runs() -> None:
 def test_registries_refuse_duplicates() -> None:
     reg = Registry("thing")
     reg.register("a")(1)
-    with pytest.raises(ValueError, match="duplicate thing 'a'"):
+    with pytest.raises(ValueError, match="duplicate thing"):
         reg.register("a")(2)
-    with pytest.raises(ValueError, match="duplicate pass 'l1'"):
+    with pytest.raises(ValueError, match="duplicate pass"):
         PASSES["l1"] = L1
 
 

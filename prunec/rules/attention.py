@@ -5,10 +5,10 @@ import numpy as np
 from torch import fx
 
 from prunec.coupling import CouplingBuilder, shape_of
-from prunec.rules import arg, aten, coupling_rule, ndim
+from prunec.rules import arg, aten, coupling_rule, ndim, no_sizes
 
 
-@coupling_rule(aten.scaled_dot_product_attention.default)
+@coupling_rule(aten.scaled_dot_product_attention.default, fix=no_sizes)
 def sdpa(node: fx.Node, g: CouplingBuilder) -> None:
     """y[b, h, l, e] = Σ_s softmax_s(q[b,h,l,:]·k[b,h/r,s,:] · scale) v[b,h/r,s,e]"""
     q, k, v, mask = arg(node, 0), arg(node, 1), arg(node, 2), arg(node, 3, "attn_mask")

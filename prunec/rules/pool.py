@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import fx
 
 from prunec.coupling import CouplingBuilder
-from prunec.rules import arg, aten, coupling_rule, ndim
+from prunec.rules import arg, aten, coupling_rule, ndim, no_sizes
 
 POOL_SPATIAL = {
     aten.max_pool1d.default: 1, aten.avg_pool1d.default: 1, aten.adaptive_avg_pool1d.default: 1,
@@ -12,24 +12,40 @@ POOL_SPATIAL = {
     aten.max_pool2d.default: 2, aten.avg_pool2d.default: 2, aten.adaptive_avg_pool2d.default: 2,
     aten.adaptive_max_pool2d.default: 2, aten.max_pool2d_with_indices.default: 2,
     aten.max_pool3d.default: 3, aten.avg_pool3d.default: 3, aten.adaptive_avg_pool3d.default: 3,
-    aten.upsample_nearest2d.vec: 2, aten.upsample_bilinear2d.vec: 2,
+    aten._adaptive_avg_pool2d.default: 2, aten._adaptive_avg_pool3d.default: 3,
+    aten.adaptive_max_pool3d.default: 3, aten.max_pool3d_with_indices.default: 3,
+    aten.max_pool1d_with_indices.default: 1,
 }
+UPSAMPLE = {"upsample_nearest1d": 1, "upsample_linear1d": 1, "_upsample_nearest_exact1d": 1,
+            "upsample_nearest2d": 2, "upsample_bilinear2d": 2, "upsample_bicubic2d": 2,
+            "_upsample_nearest_exact2d": 2, "_upsample_bilinear2d_aa": 2, "_upsample_bicubic2d_aa": 2,
+            "upsample_nearest3d": 3, "upsample_trilinear3d": 3, "_upsample_nearest_exact3d": 3}
+for _name, _k in UPSAMPLE.items():  # interpolate(): .vec (scales) and .default (sizes) overloads
+    POOL_SPATIAL[getattr(aten, _name).vec] = _k
+    POOL_SPATIAL[getattr(aten, _name).default] = _k
+WITH_INDICES = (aten.max_pool1d_with_indices.default, aten.adaptive_max_pool1d.default,
+                aten.max_pool2d_with_indices.default, aten.max_pool3d_with_indices.default,
+                aten.adaptive_max_pool2d.default, aten.adaptive_max_pool3d.default)
 
 
-@coupling_rule(*POOL_SPATIAL)
+@coupling_rule(*POOL_SPATIAL, fix=no_sizes)
 def pool(node: fx.Node, g: CouplingBuilder) -> None:
-    """y[n, c, …] = pool(x[n, c, …]): batch and channel dims tie, spatial dims do not."""
+    """y[n, c, …] = pool(x[n, c, …]) (also interpolate): batch and channel dims tie; spatial dims
+    are frozen (their sizes come from the window or the output_size/scale arguments)."""
     x = arg(node, 0)
     out = node
-    if node.target is aten.max_pool2d_with_indices.default or node.target is aten.adaptive_max_pool2d.default:
+    if node.target in WITH_INDICES:
         out = next((u for u in node.users if u.args[1] == 0), None)
         idx = next((u for u in node.users if u.args[1] == 1), None)
         if idx is not None:
             g.freeze_all(idx, "pooling indices")
         if out is None:
             return
-    for d in range(ndim(x) - POOL_SPATIAL[node.target]):
+    spatial = ndim(x) - POOL_SPATIAL[node.target]
+    for d in range(spatial):
         g.tie((x, d), (out, d))
+    for d in range(spatial, ndim(x)):
+        g.freeze(out, d, f"{node.target.__name__.split('.')[0]} output position")
 
 
 DIM_ARG = {aten.linalg_vector_norm.default: 2}  # where `dim` sits when it is not argument 1
@@ -47,7 +63,8 @@ def _reduced_dims(node: fx.Node) -> list[int]:
 @coupling_rule(aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default,
                aten.var.correction, aten.std.correction, aten.mean.default, aten.sum.default,
                aten.var.dim, aten.std.dim, aten.max.dim, aten.min.dim, aten.argmax.default,
-               aten.logsumexp.default, aten.norm.ScalarOpt_dim, aten.linalg_vector_norm.default)
+               aten.logsumexp.default, aten.norm.ScalarOpt_dim, aten.linalg_vector_norm.default,
+               fix=no_sizes)
 def reduce(node: fx.Node, g: CouplingBuilder) -> None:
     """y = reduce over some dims: kept dims tie; a reduced dim reads every element (approximate)."""
     x = arg(node, 0)
@@ -72,7 +89,7 @@ def reduce(node: fx.Node, g: CouplingBuilder) -> None:
 
 
 @coupling_rule(aten.softmax.int, aten._softmax.default, aten.log_softmax.int,
-               aten._log_softmax.default)
+               aten._log_softmax.default, fix=no_sizes)
 def softmax(node: fx.Node, g: CouplingBuilder) -> None:
     """y = softmax over one dim: all dims tie; the softmax dim is read whole (approximate)."""
     x, dim = arg(node, 0), arg(node, 1) % ndim(arg(node, 0))
@@ -82,7 +99,7 @@ def softmax(node: fx.Node, g: CouplingBuilder) -> None:
 
 
 @coupling_rule(aten.pad.default, aten.constant_pad_nd.default, aten.roll.default,
-               aten.flip.default)
+               aten.flip.default, fix=no_sizes)
 def pad(node: fx.Node, g: CouplingBuilder) -> None:
     """Padding/rolling/flipping moves indices along some dims: those are frozen, others tie."""
     x = arg(node, 0)

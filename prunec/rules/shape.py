@@ -11,7 +11,7 @@ import numpy as np
 from torch import fx
 
 from prunec.coupling import CouplingBuilder, shape_of
-from prunec.rules import arg, aten, coupling_rule, ndim
+from prunec.rules import NewSizes, arg, aten, coupling_rule, keep_minus_one, ndim, no_sizes, set_arg
 
 SELECTORS = (aten.select.int, aten.unbind.int)
 
@@ -76,10 +76,24 @@ def _selected_dims(node: fx.Node, depth: int = 6) -> set[int]:
     return found
 
 
+SIZED = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default)
+
+
+def fix_size(old: fx.Node, new: fx.Node, sizes: NewSizes) -> None:
+    """view/reshape/expand ``size`` = the output's new shape; unflatten ``sizes`` = its new factors.
+    flatten, squeeze, unsqueeze, *_as and repeat carry no sizes."""
+    if old.target in SIZED:
+        set_arg(new, 1, "size", keep_minus_one(list(arg(old, 1)), sizes.shape(old)))
+    elif old.target is aten.unflatten.int:
+        dim, parts = arg(old, 1), list(arg(old, 2))
+        dim %= len(shape_of(arg(old, 0)))
+        set_arg(new, 2, "sizes", keep_minus_one(parts, sizes.shape(old)[dim:dim + len(parts)]))
+
+
 @coupling_rule(aten.view.default, aten.reshape.default, aten._unsafe_view.default,
                aten.flatten.using_ints, aten.unflatten.int, aten.squeeze.default,
                aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default, aten.view_as.default,
-               aten.reshape_as.default)
+               aten.reshape_as.default, fix=fix_size)
 def reshape(node: fx.Node, g: CouplingBuilder) -> None:
     """Row-major reshape: a split dim is tied to one carrier factor, a merged dim to its outer factor."""
     x = arg(node, 0)
@@ -123,7 +137,7 @@ def reshape(node: fx.Node, g: CouplingBuilder) -> None:
                 g.freeze(node, d, "reshape mixes several dims")
 
 
-@coupling_rule(aten.permute.default)
+@coupling_rule(aten.permute.default, fix=no_sizes)
 def permute(node: fx.Node, g: CouplingBuilder) -> None:
     """y.dims[j] = x.dims[perm[j]]"""
     x, perm = arg(node, 0), arg(node, 1)
@@ -131,7 +145,8 @@ def permute(node: fx.Node, g: CouplingBuilder) -> None:
         g.tie((x, d), (node, j))
 
 
-@coupling_rule(aten.transpose.int, aten.swapaxes.default, aten.t.default, aten.numpy_T.default)
+@coupling_rule(aten.transpose.int, aten.swapaxes.default, aten.t.default, aten.numpy_T.default,
+               fix=no_sizes)
 def transpose(node: fx.Node, g: CouplingBuilder) -> None:
     """y = x with two dims swapped"""
     x, n = arg(node, 0), ndim(arg(node, 0))
@@ -143,7 +158,7 @@ def transpose(node: fx.Node, g: CouplingBuilder) -> None:
         g.tie((x, {d0: d1, d1: d0}.get(d, d)), (node, d))
 
 
-@coupling_rule(aten.expand.default, aten.expand_as.default, aten.repeat.default)
+@coupling_rule(aten.expand.default, aten.expand_as.default, aten.repeat.default, fix=fix_size)
 def expand(node: fx.Node, g: CouplingBuilder) -> None:
     """Dims kept by expand are tied; broadcast or repeated dims are not (their size is a constant)."""
     x = arg(node, 0)
@@ -157,7 +172,13 @@ def expand(node: fx.Node, g: CouplingBuilder) -> None:
             g.freeze(node, lead + d, "repeat along a dim")
 
 
-@coupling_rule(aten.repeat_interleave.self_int)
+def fix_output_size(old: fx.Node, new: fx.Node, sizes: NewSizes) -> None:
+    """repeat_interleave's optional ``output_size`` = the new size of the repeated dim."""
+    if arg(old, 3, "output_size") is not None:
+        set_arg(new, 3, "output_size", sizes.shape(old)[arg(old, 2) % len(shape_of(old))])
+
+
+@coupling_rule(aten.repeat_interleave.self_int, fix=fix_output_size)
 def repeat_interleave(node: fx.Node, g: CouplingBuilder) -> None:
     """y[..., i·r + k, ...] = x[..., i, ...]  (GQA: kv head i feeds query heads i·r … i·r+r−1)"""
     x, repeats, dim = arg(node, 0), arg(node, 1), arg(node, 2, "dim")
@@ -174,7 +195,7 @@ def repeat_interleave(node: fx.Node, g: CouplingBuilder) -> None:
     g.mark_head(node, dim)
 
 
-@coupling_rule(aten.cat.default, aten.concat.default, aten.concatenate.default)
+@coupling_rule(aten.cat.default, aten.concat.default, aten.concatenate.default, fix=no_sizes)
 def cat(node: fx.Node, g: CouplingBuilder) -> None:
     """y[..., off_k + i, ...] = x_k[..., i, ...]"""
     inputs, dim = arg(node, 0), arg(node, 1, "dim", 0)
@@ -193,7 +214,7 @@ def cat(node: fx.Node, g: CouplingBuilder) -> None:
         offset += shape[dim]
 
 
-@coupling_rule(aten.stack.default)
+@coupling_rule(aten.stack.default, fix=no_sizes)
 def stack(node: fx.Node, g: CouplingBuilder) -> None:
     """y[..., k, ...] = x_k — every input's dims tie to the output's, the new dim is frozen."""
     inputs, dim = arg(node, 0), arg(node, 1, "dim", 0)
@@ -208,8 +229,22 @@ def _outputs(node: fx.Node) -> dict[int, fx.Node]:
     return {u.args[1]: u for u in node.users if u.op == "call_function" and len(u.args) == 2}
 
 
+def fix_split(old: fx.Node, new: fx.Node, sizes: NewSizes) -> None:
+    """Any split whose parts changed becomes split_with_sizes(new part sizes)."""
+    x = arg(old, 0)
+    dim = arg(old, 2, "dim", 0) % len(shape_of(x))
+    dropped = sizes.dropped.get((x, dim), np.zeros(0, np.int64))
+    parts, offset, new_parts = [t.shape[dim] for t in old.meta["val"]], 0, []
+    for p in parts:
+        new_parts.append(p - int(((dropped >= offset) & (dropped < offset + p)).sum()))
+        offset += p
+    if new_parts != parts:
+        new.target = aten.split_with_sizes.default
+        new.args, new.kwargs = (new.args[0], new_parts, dim), {}
+
+
 @coupling_rule(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default,
-               aten.tensor_split.sections, aten.split.sizes)
+               aten.tensor_split.sections, aten.tensor_split.indices, aten.split.sizes, fix=fix_split)
 def split(node: fx.Node, g: CouplingBuilder) -> None:
     """y_k[..., i, ...] = x[..., off_k + i, ...]"""
     x = arg(node, 0)
@@ -228,7 +263,7 @@ def split(node: fx.Node, g: CouplingBuilder) -> None:
         offset += size
 
 
-@coupling_rule(aten.unbind.int)
+@coupling_rule(aten.unbind.int, fix=no_sizes)
 def unbind(node: fx.Node, g: CouplingBuilder) -> None:
     """y_k = x.select(dim, k): the unbound dim is indexed, so frozen."""
     x = arg(node, 0)
@@ -240,7 +275,7 @@ def unbind(node: fx.Node, g: CouplingBuilder) -> None:
                 g.tie((x, d), (out, d if d < dim else d - 1))
 
 
-@coupling_rule(aten.select.int)
+@coupling_rule(aten.select.int, fix=no_sizes)
 def select(node: fx.Node, g: CouplingBuilder) -> None:
     """y = x[..., k, ...]: the indexed dim is frozen, the others tie."""
     x, dim = arg(node, 0), arg(node, 1) % ndim(arg(node, 0))
@@ -250,7 +285,16 @@ def select(node: fx.Node, g: CouplingBuilder) -> None:
             g.tie((x, d), (node, d if d < dim else d - 1))
 
 
-@coupling_rule(aten.slice.Tensor)
+def fix_slice_end(old: fx.Node, new: fx.Node, sizes: NewSizes) -> None:
+    """A full slice's ``end`` = the new size (partial slices are frozen by the rule)."""
+    x = arg(old, 0)
+    dim = arg(old, 1, "dim", 0) % len(shape_of(x))
+    end = arg(old, 3, "end")
+    if isinstance(end, int) and end == shape_of(x)[dim]:
+        set_arg(new, 3, "end", sizes.shape(x)[dim])
+
+
+@coupling_rule(aten.slice.Tensor, fix=fix_slice_end)
 def slice_(node: fx.Node, g: CouplingBuilder) -> None:
     """y = x[..., start:end:step, ...]: a full slice is the identity, a partial one is frozen."""
     x = arg(node, 0)
@@ -263,7 +307,7 @@ def slice_(node: fx.Node, g: CouplingBuilder) -> None:
             g.freeze(node, d, "partial slice of this dim")
 
 
-@coupling_rule(aten.index.Tensor)
+@coupling_rule(aten.index.Tensor, fix=no_sizes)
 def index(node: fx.Node, g: CouplingBuilder) -> None:
     """y[i..., rest] = x[idx[i...], rest]: an indexed dim is frozen; the leading dims x keeps tie."""
     x, indices = arg(node, 0), arg(node, 1)
@@ -281,3 +325,20 @@ def index(node: fx.Node, g: CouplingBuilder) -> None:
             g.freeze_all(t, "index positions")
     for d in range(len(used), n):
         g.tie((x, d), (node, idx_nd + d - len(used)))
+
+
+@coupling_rule(aten.pixel_shuffle.default, aten.pixel_unshuffle.default, fix=no_sizes)
+def pixel_shuffle(node: fx.Node, g: CouplingBuilder) -> None:
+    """shuffle: y[…, c, h·r + i, w·r + j] = x[…, c·r² + i·r + j, h, w] — channel c of y is the block
+    of r² channels c·r² … c·r²+r²−1 of x; unshuffle is the inverse. Spatial dims are frozen."""
+    x, r = arg(node, 0), arg(node, 1)
+    n = ndim(x)
+    for d in range(n - 3):
+        g.tie((x, d), (node, d))
+    shuffled = (x, n - 3) if node.target is aten.pixel_shuffle.default else (node, n - 3)
+    merged = (node, n - 3) if node.target is aten.pixel_shuffle.default else (x, n - 3)
+    i = np.arange(shape_of(shuffled[0])[n - 3])
+    g.tie_map(shuffled, merged, i, i // (r * r))
+    for d in (n - 2, n - 1):
+        g.freeze(x, d, f"{node.target.__name__.split('.')[0]} moves pixels along this dim")
+        g.freeze(node, d, f"{node.target.__name__.split('.')[0]} moves pixels along this dim")

@@ -1,0 +1,143 @@
+"""diffusers: UNet2DModel / UNet2DConditionModel / AutoencoderKL stay the user's class when pruned.
+
+Module attributes follow the sliced tensors (``Upsample2D``/``Downsample2D`` ``channels``,
+``ResnetBlock2D`` widths, ``Attention`` ``heads``/``inner_dim``, ``Transformer2DModel``
+``inner_dim``); GroupNorm groups follow through the core table. ``save_pretrained`` works on the
+pruned model as is; ``from_pretrained`` here reloads it (the config keeps the original widths,
+which diffusers' own loader would build); ``check_config`` names the first tensor the config
+can't express.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunec.errors import InputError
+from prunec.module_sync import module_sync, sync_constraint
+
+
+def _conv_of(m: nn.Module) -> nn.Module | None:
+    conv = getattr(m, "conv", None) or getattr(m, "Conv2d_0", None)
+    return conv if isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d)) else None
+
+
+def sync_sampler(m: nn.Module) -> None:
+    """Up/Downsample2D assert ``x.shape[1] == channels``: take it from their conv."""
+    conv = _conv_of(m)
+    if conv is None:
+        return  # no weights: the parent block sets channels (sync_block)
+    transposed = isinstance(conv, (nn.ConvTranspose1d, nn.ConvTranspose2d))
+    m.channels = conv.weight.shape[0] if transposed else conv.weight.shape[1] * conv.groups
+    m.out_channels = conv.weight.shape[1] * conv.groups if transposed else conv.weight.shape[0]
+
+
+def sync_resnet(m: nn.Module) -> None:
+    """ResnetBlock2D: in/out widths of its convs."""
+    m.in_channels = m.conv1.in_channels
+    m.out_channels = m.conv2.out_channels
+
+
+def sync_block(m: nn.Module) -> None:
+    """A down/up/mid block: weightless samplers take the width of the block's last resnet."""
+    resnets = getattr(m, "resnets", None)
+    if not resnets:
+        return
+    width = resnets[-1].conv2.out_channels
+    for name in ("downsamplers", "upsamplers"):
+        for s in getattr(m, name, None) or []:
+            if _conv_of(s) is None and hasattr(s, "channels"):
+                s.channels = s.out_channels = width
+
+
+def sync_attention(m: nn.Module) -> None:
+    """Attention: heads of the original ``dim_head`` in to_q; processors read ``heads``."""
+    dim_head = m.inner_dim // m.heads
+    q = m.to_q.weight.shape[0]
+    if q % dim_head:
+        raise ValueError(f"Attention.heads: to_q keeps {q} features, not whole heads of {dim_head}")
+    m.heads = q // dim_head
+    m.inner_dim = q
+    m.inner_kv_dim = m.to_k.weight.shape[0]
+    m.query_dim = m.to_q.weight.shape[1]
+    m.out_dim = m.to_out[0].weight.shape[0]
+
+
+def attention_whole(m: nn.Module, path: str, by_member: dict, whole: set) -> dict[str, str]:
+    """Processors view q, k and v with one ``head_dim`` (from k): v's width can only change by
+    whole heads, together with q and k."""
+    q_groups = set(by_member.get((f"{path}.to_q.weight", 0), []))
+    return {g: "heads: processors view v with k's head_dim, so v keeps whole heads of q/k"
+            for g in by_member.get((f"{path}.to_v.weight", 0), []) if g not in q_groups}
+
+
+def sync_transformer(m: nn.Module) -> None:
+    """Transformer2DModel: ``in_channels``/``inner_dim`` from proj_in, ``out_channels`` from proj_out."""
+    m.in_channels = m.proj_in.weight.shape[1]
+    m.inner_dim = m.proj_in.weight.shape[0]
+    m.out_channels = m.proj_out.weight.shape[0]
+
+
+def register() -> None:
+    """Add the diffusers classes of this install to the module_sync table."""
+    from diffusers.models import downsampling, resnet, upsampling
+    from diffusers.models.attention_processor import Attention
+    module_sync(*[getattr(upsampling, n) for n in ("Upsample1D", "Upsample2D") if hasattr(upsampling, n)],
+                *[getattr(downsampling, n) for n in ("Downsample1D", "Downsample2D")
+                  if hasattr(downsampling, n)])(sync_sampler)
+    module_sync(resnet.ResnetBlock2D)(sync_resnet)
+    module_sync(Attention)(sync_attention)
+    sync_constraint(Attention)(attention_whole)
+    try:
+        from diffusers.models.transformers.transformer_2d import Transformer2DModel
+        module_sync(Transformer2DModel)(sync_transformer)
+    except ImportError:
+        pass
+    from diffusers.models.unets import unet_2d_blocks
+    from diffusers.models.autoencoders import vae
+    blocks = [c for module in (unet_2d_blocks, vae) for c in vars(module).values()
+              if isinstance(c, type) and issubclass(c, nn.Module) and c.__module__ == module.__name__
+              and c.__name__.endswith("Block2D")]
+    module_sync(*blocks)(sync_block)
+
+
+def from_pretrained(cls: type, path: str | Path, **kwargs: Any) -> nn.Module:
+    """Reload a pruned model written by diffusers' ``save_pretrained``: build the dense model
+    from the saved (original) config, give it the saved tensors' shapes through the same
+    attribute table as compile, then load the weights (strict).
+
+    ``cls.from_pretrained`` itself can't: ``block_out_channels`` is one width per level, while a
+    pruned UNet keeps different widths inside a level (resnet hidden convs, GroupNorm-tied skips)."""
+    from safetensors.torch import load_file
+    from prunec.module_sync import synced_copy
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors"))
+    if not (path / "config.json").is_file() or not files:
+        raise InputError(f"{path} is not a diffusers model folder (config.json + *.safetensors)",
+                         "pass the folder written by save_pretrained(..., safe_serialization=True)")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(f))
+    dense = cls.from_config(cls.load_config(path), **kwargs)
+    model = synced_copy(dense, state)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def check_config(model: nn.Module) -> str:
+    """'' if ``type(model).from_config(model.config)`` holds the pruned state dict, else the first
+    tensor whose shape the config can't express."""
+    try:
+        fresh = type(model).from_config(model.config)
+    except (ValueError, TypeError, RuntimeError, AssertionError) as err:
+        return f"config cannot build the model: {type(err).__name__}: {str(err)[:200]}"
+    theirs = fresh.state_dict()
+    for name, t in model.state_dict().items():
+        if name not in theirs:
+            return f"config cannot express the pruned model: no {name} in a model built from it"
+        if theirs[name].shape != t.shape:
+            return (f"config cannot express {name}: pruned {tuple(t.shape)}, "
+                    f"config builds {tuple(theirs[name].shape)}")
+    return ""
