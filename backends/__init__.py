@@ -3,15 +3,15 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from prunec.registry import Registry
+
 Writer = Callable[..., dict[str, Any]]
-BACKENDS: dict[str, Writer] = {}
-ARTIFACTS: dict[str, tuple[str, bool]] = {}  # target → (default suffix, writes a directory)
+BACKENDS: Registry = Registry("backend")    # target → writer
+ARTIFACTS: Registry = Registry("artifact")  # target → (default suffix, writes a directory)
 
 
 def register_backend(name: str, suffix: str = ".pt2", directory: bool = False) -> Callable[[Writer], Writer]:
     def wrap(fn: Writer) -> Writer:
-        if name in BACKENDS:
-            raise ValueError(f"duplicate backend {name}")
         BACKENDS[name] = fn
         ARTIFACTS[name] = (suffix, directory)
         return fn

@@ -18,7 +18,7 @@ import torch.utils._pytree as pytree
 from prunec.atomic import atomic_path
 from prunec.backends import register_backend
 from prunec.backends.sparsity import parse_pattern
-from prunec.errors import BackendError, MissingDependency
+from prunec.errors import BackendError, InternalError, MissingDependency
 
 WEIGHT_OPS = ("const", "constexpr_sparse_to_dense", "constexpr_lut_to_dense", "constexpr_affine_dequantize",
               "constexpr_blockwise_shift_scale", "constexpr_sparse_blockwise_shift_scale")
@@ -91,9 +91,8 @@ def _check_spec(ct: Any, path: Path, result: Any) -> dict[str, Any]:
                if isinstance(t, torch.Tensor)]
     fixed = lambda shapes: [[s for d, s in enumerate(shape) if d != 0] for shape in shapes]  # noqa: E731
     if fixed(t.shape for t in example) != fixed(inputs.values()) or len(outputs) != len(ref):
-        raise BackendError(f"the Core ML package's inputs {inputs} / {len(outputs)} outputs do not match "
-                           f"torch's {[list(t.shape) for t in example]} / {len(ref)}",
-                           "this is a prunec bug; please report it with the model")
+        raise InternalError(f"the Core ML package's inputs {inputs} / {len(outputs)} outputs do not match "
+                           f"torch's {[list(t.shape) for t in example]} / {len(ref)}")
     ops: Counter[str] = Counter()
     for function in spec.mlProgram.functions.values():
         for block in function.block_specializations.values():

@@ -16,7 +16,7 @@ import torch.utils._pytree as pytree
 from prunec.atomic import atomic_path
 from prunec.backends import register_backend
 from prunec.backends.sparsity import apply_from_options
-from prunec.errors import BackendError, MissingDependency
+from prunec.errors import BackendError, InternalError, MissingDependency
 
 DEFAULT_OPSET = 18
 REL_TOL = 1e-3
@@ -166,14 +166,12 @@ def _compare(result: Any, path: Path, args: tuple, kwargs: dict) -> tuple[float,
     leaves = _tensor_leaves((args, kwargs))
     names = [i.name for i in sess.get_inputs()]
     if len(names) != len(leaves):
-        raise BackendError(f"the ONNX model takes {len(names)} inputs but the example has {len(leaves)}",
-                           "this is a prunec bug; please report it with the model")
+        raise InternalError(f"the ONNX model takes {len(names)} inputs but the example has {len(leaves)}")
     outs = sess.run(None, {n: t.detach().cpu().numpy() for n, t in zip(names, leaves)})
     with torch.no_grad():
         ref = _tensor_leaves(result.model(*args, **kwargs))
     if len(ref) != len(outs):
-        raise BackendError(f"the ONNX model has {len(outs)} outputs, torch {len(ref)}",
-                           "this is a prunec bug; please report it with the model")
+        raise InternalError(f"the ONNX model has {len(outs)} outputs, torch {len(ref)}")
     return compare([torch.from_numpy(o) for o in outs], ref)
 
 

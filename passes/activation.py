@@ -105,6 +105,8 @@ class Activation(Pass):
     Before: groups without scores.  After: state.scores[group] for groups with conv/linear
     consumers; groups without one (e.g. a model's output) stay unscored and are kept."""
 
+    provides = ("scores",)
+
     statistic = "mean_abs"
 
     def __init__(self, calib: Iterable[Any] | None = None) -> None:

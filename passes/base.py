@@ -8,10 +8,23 @@ import numpy as np
 import torch
 
 from prunec.coupling import Coupling
+from prunec.errors import InputError, InternalError, add_note
 from prunec.plan import Plan
+from prunec.registry import Registry
 from prunec.trace import Program
 
-PASSES: dict[str, type["Pass"]] = {}
+PASSES: Registry = Registry("pass")  # name → Pass class
+
+
+@dataclass(frozen=True)
+class Services:
+    """Later stages a pass may call to *try* a plan, handed in by the compiler, so that no pass
+    imports the rewriter or the compiler (sensitivity, target search)."""
+
+    prune: Callable[[Plan], torch.nn.Module]     # the program rewritten with a plan (not verified)
+    original: Callable[[], torch.nn.Module]      # the unpruned program as a module
+    macs: Callable[[torch.nn.Module], int]       # MACs of a module on the example inputs
+    params: Callable[[torch.nn.Module], int]
 
 
 @dataclass
@@ -30,6 +43,15 @@ class State:
     updates: dict[str, torch.Tensor] = field(default_factory=dict)
     # group kinds the selection will prune (None: all); criteria skip the others
     kinds: set[str] | None = None
+    services: Services | None = None
+    # what each pass of this run found (pass name → JSON-able dict); passes keep no state
+    results: dict[str, Any] = field(default_factory=dict)
+
+    def need_services(self, who: str) -> Services:
+        if self.services is None:
+            raise InputError(f"{who} needs to try plans, but this state has no services",
+                             "run it through prunec.compile(passes=[...]), which provides them")
+        return self.services
 
     def groups_to_score(self) -> list:
         """The coupling groups a criterion needs to score."""
@@ -43,9 +65,14 @@ class PassResult:
 
 
 class Pass:
-    """One compiler pass. Subclasses implement ``run``; ``ensures`` checks a post-condition."""
+    """One compiler pass. Subclasses implement ``run``; ``ensures`` checks a post-condition.
+    ``requires``/``provides`` name what it reads and writes — ``scores``, ``plan``, ``refits``,
+    ``analysis`` — so the manager can check a pipeline's order before running it. A pass keeps
+    no state between runs: what it finds goes to ``state`` (``results[name]``, ``plan.meta``)."""
 
     name = "pass"
+    requires: tuple[str, ...] = ()
+    provides: tuple[str, ...] = ()
 
     def run(self, state: State) -> PassResult:
         raise NotImplementedError
@@ -61,22 +88,51 @@ class Pass:
 
 def register_pass(name: str) -> Callable[[type[Pass]], type[Pass]]:
     def wrap(cls: type[Pass]) -> type[Pass]:
-        if name in PASSES:
-            raise ValueError(f"duplicate pass name {name}")
         cls.name = name
-        PASSES[name] = cls
-        return cls
+        return PASSES.register(name)(cls)
     return wrap
 
 
-def run_passes(passes: Iterable[Pass], state: State) -> State:
-    """Run passes in order; an error keeps its type and gains a note naming the pass."""
+def pipeline(passes: Iterable[Pass | str]) -> list[Pass]:
+    """Pass instances from names (a fresh instance of the registered class) or instances."""
+    out = []
+    for p in passes:
+        if isinstance(p, str):
+            if p not in PASSES:
+                raise InputError(f"unknown pass '{p}'", f"use one of {sorted(PASSES)}")
+            p = PASSES[p]()
+        out.append(p)
+    return out
+
+
+def check_order(passes: list[Pass], state: State) -> None:
+    """Every pass's ``requires`` is provided by an earlier pass or already in ``state``."""
+    have = {"scores"} if state.scores else set()
+    have |= {"plan"} if state.plan.kept or state.plan.meta.get("dropped_layers") else set()
+    for p in passes:
+        missing = [r for r in p.requires if r not in have]
+        if missing:
+            makers = sorted(n for n, c in PASSES.items() if missing[0] in c.provides)[:6]
+            raise InputError(f"pass '{p.name}' needs {missing[0]}, which no earlier pass provides",
+                             f"put one of {makers} before it")
+        have |= set(p.provides)
+
+
+def run_passes(passes: Iterable[Pass | str], state: State) -> State:
+    """Check the order, then run passes; after each, the plan must still fit the coupling.
+    An error keeps its type and gains a note naming the pass."""
+    passes = pipeline(passes)
+    check_order(passes, state)
     for p in passes:
         try:
             state = p(state).state
         except Exception as err:
-            err.add_note(f"in prunec pass '{p.name}'")
+            add_note(err, f"in prunec pass '{p.name}'")
             raise
+        try:
+            state.plan.check(state.coupling)
+        except InputError as err:
+            raise InternalError(f"pass '{p.name}' left an invalid plan: {err.message}") from err
     return state
 
 

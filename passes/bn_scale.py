@@ -12,6 +12,8 @@ class BNScale(Pass):
     """Score units by |γ| of every BatchNorm in the group (Liu et al., 2017).
     Groups without a BatchNorm fall back to L1 magnitude (noted in the report)."""
 
+    provides = ("scores",)
+
     def run(self, state: State) -> PassResult:
         tensors = state.program.state()
         bn_weights = {f"{name}.weight" for name, m in state.model.named_modules()

@@ -32,6 +32,9 @@ class ConfigHeads(Pass):
     Before: a head group keeping 3 of 4 kv groups (12 of 16 heads, hidden 2048).
     After: the nearest count the config accepts (ties keep more heads), best-scored units first."""
 
+    requires = ("plan",)
+    provides = ("plan",)
+
     def run(self, state: State) -> PassResult:
         config = getattr(state.model, "config", None)
         heads = getattr(config, "num_attention_heads", None)

@@ -1,17 +1,13 @@
 """Layer dropping: remove whole residual blocks ``y = x + f(x)`` → ``y = x``."""
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
-import torch.utils._pytree as pytree
-from torch import fx
 
+from prunec.calib import calls, collect
 from prunec.errors import InputError
 from prunec.layers import Branch, blocks, find_branches
 from prunec.passes.base import Pass, PassResult, State, register_pass
-from prunec.program_module import ProgramModule, copy_graph
 
 CRITERIA = ("angular", "position")
 # common names for the same scores: ShortGPT's Block Influence is 1 − cos(in, out), what "angular" computes
@@ -23,20 +19,6 @@ def layer_criterion(name: str) -> str | None:
     """The layer criterion a --method name means, or None if it is not one."""
     name = name.lower()
     return name if name in CRITERIA else ALIASES.get(name)
-
-
-class _Recorder(fx.Interpreter):
-    """Runs the traced graph and keeps the values of the named nodes."""
-
-    def __init__(self, gm: fx.GraphModule, names: set[str]) -> None:
-        super().__init__(gm)
-        self.names, self.values = names, {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        if n.name in self.names:
-            self.values[n.name] = out.detach().float()
-        return out
 
 
 def _cosine_distance(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -51,6 +33,8 @@ class LayerDrop(Pass):
     Influence; Gromov et al., 2024, angular distance), or the last ones (``by="position"``).
     Before: y = x + attn(x); z = y + mlp(y)      After: z = x   (block dropped)
     Writes plan.meta["dropped_layers"]: branch names, replayed by the rewriter."""
+
+    provides = ("plan",)
 
     def __init__(self, ratio: float, by: str = "angular", keep_last: bool = True) -> None:
         if layer_criterion(by) is None:
@@ -79,25 +63,12 @@ class LayerDrop(Pass):
     def scores(self, state: State, by_block: dict[str, list[Branch]]) -> np.ndarray:
         """1 − cos(block input, block output) on the example (and calibration) inputs."""
         program = state.program
-        module = ProgramModule(program, copy_graph(program.graph)[0], program.state())
         wanted = {n for bs in by_block.values() for n in (bs[0].skip, bs[-1].add)}
         total = np.zeros(len(by_block))
-        batches = [(program.example_inputs, program.example_kwargs)]
-        for batch in state.calib or ():
-            batches.append((tuple(batch) if isinstance(batch, (tuple, list)) else (batch,), {}))
-        for args, kwargs in batches:
-            leaves = iter(pytree.tree_leaves((args, kwargs)))
-            flat = [next(leaves) if kind == "user" else getattr_path(module, fqn)
-                    for kind, fqn in module._inputs]
-            rec = _Recorder(module.graph_module, wanted)
-            with torch.no_grad():
-                rec.run(*flat)
-            total += [_cosine_distance(rec.values[bs[0].skip], rec.values[bs[-1].add])
-                      for bs in by_block.values()]
+        batches = [(program.example_inputs, program.example_kwargs), *calls(state.calib or ())]
+        for batch in batches:
+            values: dict[str, torch.Tensor] = {}
+            collect(program, [batch], lambda node, value: values.__setitem__(node.name, value.detach().float())
+                    if node.name in wanted else None)
+            total += [_cosine_distance(values[bs[0].skip], values[bs[-1].add]) for bs in by_block.values()]
         return total / len(batches)
-
-
-def getattr_path(root: torch.nn.Module, fqn: str) -> torch.Tensor:
-    for part in fqn.split("."):
-        root = getattr(root, part)
-    return root

@@ -10,6 +10,8 @@ class Magnitude(Pass):
     """Score each unit by the norm of all parameter slices coupled to it (Li et al., 2017).
     Before: groups without scores.  After: state.scores[group] = importance per unit."""
 
+    provides = ("scores",)
+
     def __init__(self, p: int = 1) -> None:
         if p not in (1, 2):
             raise ValueError("p must be 1 or 2")

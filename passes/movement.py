@@ -38,6 +38,8 @@ class Movement(Pass):
     """Score units by accumulated movement −Σ_t W·g over a short SGD trace on a parameter copy.
     Before: groups without scores.  After: state.scores[group] (higher = moving away from 0)."""
 
+    provides = ("scores",)
+
     def __init__(self, calib: Iterable[Any] | None = None, steps: int = 20, lr: float = 1e-2,
                  loss_fn: Callable[[Any, Any, torch.Tensor | None], torch.Tensor] | None = None,
                  labels: Iterable[torch.Tensor] | None = None) -> None:

@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from prunec.errors import InputError
+from prunec.errors import InputError, InternalError
 from prunec.passes.base import Pass, PassResult, State, register_pass
 
 KINDS = ("channel", "mlp", "head", "hidden")
@@ -32,6 +32,9 @@ class Select(Pass):
     Before: state.scores per group.  After: state.plan.kept per group (never empty).
     ``ratios`` maps a group kind to the fraction removed; ``global_rank`` ranks units of all
     groups of a kind together (scores normalised per group) instead of per group."""
+
+    requires = ("scores",)
+    provides = ("plan",)
 
     def __init__(self, ratios: dict[str, float], round_to: int = 1, global_rank: bool = False,
                  max_ratio: float = 0.9) -> None:
@@ -91,4 +94,4 @@ class Select(Pass):
     def ensures(self, state: State) -> None:
         for name, kept in state.plan.kept.items():
             if not kept:
-                raise AssertionError(f"select emptied group {name}")
+                raise InternalError(f"select emptied group {name}")

@@ -7,42 +7,34 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
-import torch.utils._pytree as pytree
 from torch import nn
 
 from prunec.atomic import atomic_path
+from prunec.calib import Call, calls, flat_output, run
 from prunec.errors import InputError
 from prunec.passes.base import PASSES, Pass, PassResult, State, run_passes
 from prunec.passes.select import keep_count
 from prunec.plan import Plan
-from prunec.program_module import ProgramModule
-from prunec.rewrite import rewrite
 
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 Metric = Callable[[nn.Module], float]
 
 
-def output_error(reference: nn.Module, batches: list[tuple[Any, ...]]) -> Metric:
+def output_error(reference: nn.Module, batches: list[Call]) -> Metric:
     """Metric: mean over batches of ‖f(x) − f_ref(x)‖ / ‖f_ref(x)‖ (lower is better)."""
-    with torch.no_grad():
-        wanted = [_flat(reference(*b)) for b in batches]
+    wanted = [flat_output(run(reference, b)) for b in batches]
 
     def metric(model: nn.Module) -> float:
-        with torch.no_grad():
-            errs = [float((_flat(model(*b)) - w).norm() / (w.norm() + 1e-12)) for b, w in zip(batches, wanted)]
+        errs = [float((flat_output(run(model, b)) - w).norm() / (w.norm() + 1e-12))
+                for b, w in zip(batches, wanted)]
         return float(np.mean(errs))
     return metric
-
-
-def _flat(out: Any) -> torch.Tensor:
-    return torch.cat([t.detach().float().reshape(-1) for t in pytree.tree_leaves(out)
-                      if isinstance(t, torch.Tensor)])
 
 
 def scored_state(state: State, method: str | Pass) -> State:
     """``state`` with scores from a criterion (a pass or a registered name), plan emptied."""
     crit = PASSES[method]() if isinstance(method, str) else method
-    fresh = State(state.model, state.program, state.coupling, calib=state.calib)
+    fresh = State(state.model, state.program, state.coupling, calib=state.calib, services=state.services)
     return run_passes([crit], fresh)
 
 
@@ -60,9 +52,9 @@ def group_plan(state: State, names: list[str], ratio: float, round_to: int) -> P
     return plan
 
 
-def prune_with(state: State, plan: Plan) -> ProgramModule:
+def prune_with(state: State, plan: Plan) -> nn.Module:
     """The state's program rewritten with ``plan`` (no re-trace, no verify: trials only)."""
-    return rewrite(state.coupling, plan)[0].eval()
+    return state.need_services("trying a plan").prune(plan).eval()
 
 
 def analyse(state: State, ratios: Iterable[float] = RATIOS, metric: Metric | None = None,
@@ -74,7 +66,8 @@ def analyse(state: State, ratios: Iterable[float] = RATIOS, metric: Metric | Non
         raise InputError(f"sensitivity by '{by}' is unknown", "use by='group' or by='kind'")
     ratios = [float(r) for r in ratios]
     scored = scored_state(state, method)
-    batches = [tuple(b) for b in state.calib] if state.calib is not None else [state.program.example_inputs]
+    program = state.program
+    batches = calls(state.calib) if state.calib is not None else [(program.example_inputs, program.example_kwargs)]
     if metric is None:
         measure, baseline, name = output_error(state.model, batches), 0.0, "relative output error"
         drop = measure
@@ -123,8 +116,10 @@ def save(result: dict[str, Any], json_path: str | Path, png_path: str | Path | N
 
 class Sensitivity(Pass):
     """Prune each group alone at ``ratios`` and record the metric drop (Li et al., 2017, §4).
-    Before: any state.  After: state unchanged except ``self.result`` and a note; the JSON
+    Before: any state.  After: ``state.results["sensitivity"]`` and a note; the JSON
     (and PNG) written when ``out`` is given. Analysis only: the plan is not touched."""
+
+    provides = ("analysis",)
 
     name = "sensitivity"
 
@@ -133,13 +128,13 @@ class Sensitivity(Pass):
                  method: str | Pass = "l1", round_to: int = 1) -> None:
         self.ratios, self.metric, self.out, self.plot = list(ratios), metric, out, plot
         self.by, self.method, self.round_to = by, method, round_to
-        self.result: dict[str, Any] = {}
 
     def run(self, state: State) -> PassResult:
-        self.result = analyse(state, self.ratios, self.metric, self.by, self.method, self.round_to)
+        result = analyse(state, self.ratios, self.metric, self.by, self.method, self.round_to)
+        state.results[self.name] = result
         if self.out is not None:
-            save(self.result, self.out, self.plot)
-        worst = max(self.result["units"].items(), key=lambda kv: kv[1]["drop"][-1], default=None)
+            save(result, self.out, self.plot)
+        worst = max(result["units"].items(), key=lambda kv: kv[1]["drop"][-1], default=None)
         if worst:
             state.notes.append(f"sensitivity: most sensitive {self.by} is {worst[0]} "
                                f"(drop {worst[1]['drop'][-1]:.3g} at ratio {self.ratios[-1]})")

@@ -5,7 +5,6 @@ from typing import Any, Callable
 
 from torch import nn
 
-from prunec.cost import count_macs, count_params
 from prunec.errors import InputError
 from prunec.passes.base import Pass, PassResult, State, register_pass
 from prunec.passes.select import Select
@@ -39,6 +38,8 @@ class TargetSearch(Pass):
     MACs come from ``prunec.cost.count_macs`` on the compiled candidate.
     Before: groups without a plan.  After: state.plan at the ratio found (meta records it)."""
 
+    provides = ("scores", "plan")
+
     def __init__(self, target_macs: float | None = 0.5, target_params: float | None = None,
                  max_drop: float | None = None, metric: Metric | None = None,
                  method: str | Pass = "l1", round_to: int = 8,
@@ -54,19 +55,17 @@ class TargetSearch(Pass):
         self.target_macs, self.target_params = target_macs, target_params
         self.max_drop, self.metric, self.method = max_drop, metric, method
         self.round_to, self.kinds, self.max_ratio, self.steps = round_to, kinds, max_ratio, steps
-        self.trials: list[dict[str, Any]] = []
 
     def run(self, state: State) -> PassResult:
-        from prunec.compiler import original_program  # the compiler imports passes: load late
+        services = state.need_services("target search")
         scored = scored_state(state, self.method)
+        trials: list[dict[str, Any]] = []
         cost_key = "macs" if self.target_macs is not None else "params"
         target = self.target_macs if self.target_macs is not None else self.target_params
         baseline = float(self.metric(state.model)) if self.max_drop is not None else 0.0
 
-        inputs, kwargs = state.program.example_inputs, state.program.example_kwargs
-        original = original_program(state.coupling)
-        cost = (lambda m: count_macs(m, inputs, kwargs)) if cost_key == "macs" else count_params
-        before = cost(original)
+        cost = services.macs if cost_key == "macs" else services.params
+        before = cost(services.original())
 
         def ok(ratio: float) -> bool:
             pruned = prune_with(scored, plan_at(scored, ratio, self.kinds, self.round_to))
@@ -77,23 +76,23 @@ class TargetSearch(Pass):
             else:
                 trial["kept"] = cost(pruned) / before
                 good = trial["kept"] >= target  # keep removing while above the budget
-            self.trials.append(trial)
+            trials.append(trial)
             return good
 
         if self.max_drop is None and target is None:
             raise InputError("target search needs target_macs, target_params or max_drop",
                              "e.g. TargetSearch(target_macs=0.5)")
-        ratio = self._closest(bisect(ok, self.max_ratio, self.steps)) if self.max_drop is None \
+        ratio = self._closest(trials, bisect(ok, self.max_ratio, self.steps)) if self.max_drop is None \
             else bisect(ok, self.max_ratio, self.steps)
         state.scores.update(scored.scores)
         state.plan = plan_at(scored, ratio, self.kinds, self.round_to)
-        state.plan.meta["search"] = {"ratio": ratio, "trials": self.trials,
+        state.plan.meta["search"] = {"ratio": ratio, "trials": trials,
                                      **({"target_" + cost_key: target} if self.max_drop is None
                                         else {"max_drop": self.max_drop})}
         return PassResult(state, True)
 
-    def _closest(self, feasible: float) -> float:
+    def _closest(self, trials: list[dict[str, Any]], feasible: float) -> float:
         """Of the trials, the ratio whose kept fraction is nearest the target."""
         target = self.target_macs if self.target_macs is not None else self.target_params
-        best = min(self.trials, key=lambda t: abs(t["kept"] - target))
+        best = min(trials, key=lambda t: abs(t["kept"] - target))
         return best["ratio"] if abs(best["kept"] - target) < 0.05 * target else feasible

@@ -14,6 +14,8 @@ class GradientCriterion(Pass):
     """Shared machinery: accumulate a per-element (or per-slice) statistic of weights and
     gradients over calibration batches, then aggregate per unit like ``unit_scores``."""
 
+    provides = ("scores",)
+
     hessian_probes = 0
 
     def __init__(self, calib: Iterable[Any] | None = None,

@@ -10,6 +10,7 @@ from torch import fx
 
 from prunec.calib import collect, require_calib
 from prunec.coupling import Group
+from prunec.cut import Cut
 from prunec.passes.activation import Consumer, consumers
 from prunec.passes.base import Pass, PassResult, State, register_pass
 from prunec.passes.select import check_ratio, keep_count
@@ -110,7 +111,8 @@ def reconstructions(state: State, calib: list[tuple[Any, ...]], groups: list[Gro
     for g in groups:
         cons = consumers(state, g)
         n_consumed = sum(1 for key in g.members if key in state.coupling.consumed)
-        if cons and len({c.fqn for c in cons}) == n_consumed:
+        whole = all(c.rows.size == tensors[c.fqn].shape[1] for c in cons)  # no other group feeds them
+        if cons and whole and len({c.fqn for c in cons}) == n_consumed == len(cons):  # each called once
             found[g.name] = cons
     all_cons = [c for cs in found.values() for c in cs]
     xs = sample_inputs(state, calib, all_cons, samples, seed) if all_cons else {}
@@ -134,18 +136,10 @@ def greedy_drop(rec: Reconstruction, n_drop: int) -> np.ndarray:
     return np.sort(np.asarray(dropped, dtype=np.int64))
 
 
-def pruned_update(state: State, fqn: str, value: torch.Tensor, done_dim: int) -> torch.Tensor:
-    """Slice ``value`` along every other dim of ``fqn`` that the plan prunes (pruned shape)."""
-    for g in state.coupling.groups:
-        for (f, dim), rows in g.members.items():
-            if f == fqn and dim != done_dim and g.name in state.plan.kept:
-                kept = np.sort(rows[np.asarray(state.plan.kept[g.name])].ravel())
-                value = value.index_select(dim, torch.as_tensor(kept, dtype=torch.long))
-    return value
-
-
 class LeastSquaresSelection(Pass):
     """Shared driver: pick kept units per group (``choose``), plan them, refit consumers."""
+
+    provides = ("plan", "refits")
 
     def __init__(self, ratio: float = 0.5, calib: Iterable[Any] | None = None, samples: int = 2048,
                  round_to: int = 8, kinds: tuple[str, ...] = ("channel", "mlp"), seed: int = 0,
@@ -153,13 +147,14 @@ class LeastSquaresSelection(Pass):
         self.ratio = check_ratio("channels", ratio)
         self.calib, self.samples, self.round_to = calib, samples, round_to
         self.kinds, self.seed, self.do_refit = kinds, seed, refit
-        self.errors: dict[str, tuple[float, float]] = {}   # consumer fqn → (before, after refit)
 
     def choose(self, rec: Reconstruction, n_keep: int) -> np.ndarray:
         raise NotImplementedError
 
     def run(self, state: State) -> PassResult:
         calib = require_calib(self.calib if self.calib is not None else state.calib, f"'{self.name}'")
+        if state.calib is None:  # compile checks the refit on the data it was fit on
+            state.calib = calib
         groups = [g for g in state.coupling.groups if g.kind in self.kinds]
         recs = reconstructions(state, calib, groups, self.samples, self.seed)
         for name, rec in recs.items():
@@ -169,10 +164,11 @@ class LeastSquaresSelection(Pass):
             if n_keep < g.size:
                 state.plan.kept[name] = np.sort(self.choose(rec, n_keep)).tolist()
                 state.plan.sizes[name] = g.size
-        if self.do_refit:
+        if self.do_refit and any(name in state.plan.kept for name in recs):
+            cut = Cut.of(state.coupling, state.plan)   # the rewriter's slicing, for the other dims
             for name, rec in recs.items():
                 if name in state.plan.kept:
-                    self._refit(state, rec, np.asarray(state.plan.kept[name]))
+                    self._refit(state, cut, rec, np.asarray(state.plan.kept[name]))
         state.plan.meta.update({"ratios": {k: self.ratio for k in self.kinds}, "round_to": self.round_to,
                                 "selection": self.name})
         skipped = len(groups) - len(recs)
@@ -180,10 +176,12 @@ class LeastSquaresSelection(Pass):
             state.notes.append(f"{self.name}: {skipped} groups without dense conv/linear consumers kept")
         return PassResult(state, True)
 
-    def _refit(self, state: State, rec: Reconstruction, kept: np.ndarray) -> None:
+    def _refit(self, state: State, cut: Cut, rec: Reconstruction, kept: np.ndarray) -> None:
         for c, (weight, before, after) in zip(rec.cons, rec.refit(kept)):
-            state.updates[c.fqn] = pruned_update(state, c.fqn, weight.to(state.program.state()[c.fqn].dtype), 1)
-            self.errors[c.fqn] = (before, after)
+            weight = weight.to(state.program.tensor(c.fqn).dtype)
+            state.updates[c.fqn] = cut.slice(c.fqn, weight, skip=(1,))  # dim 1 is already refit
+            # consumer fqn → (before, after refit): relative reconstruction error on the samples
+            state.results.setdefault(self.name, {}).setdefault("errors", {})[c.fqn] = (before, after)
             state.notes.append(f"{self.name}: refit {c.fqn}: rel. reconstruction error "
                                f"{before:.4g} → {after:.4g}")
 

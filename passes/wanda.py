@@ -18,6 +18,8 @@ class Wanda(Pass):
     samples and positions. Summed (normalised) over the group's consumers.
     Before: groups without scores.  After: state.scores[group] for groups with consumers."""
 
+    provides = ("scores",)
+
     def __init__(self, calib: Iterable[Any] | None = None) -> None:
         self.calib = calib
 

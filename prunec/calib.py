@@ -5,6 +5,8 @@
 * ``collect`` runs the traced ATen graph with a ``torch.fx.Interpreter`` subclass and hands each
   node's value to a callback, which keeps running sums; activations are never all stored (the
   interpreter frees each value after its last use).
+* ``call_args`` is the one place a calibration batch is interpreted (positional tuple, or a dict
+  of keyword inputs); ``run`` / ``output_error`` / ``collect`` are the one program runner.
 * ``grad_sums`` runs the user's module with autograd and hands per-batch parameter gradients to
   a callback (Taylor, Fisher, OBD criteria).
 """
@@ -28,7 +30,8 @@ IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 TEXT_EXTS = {".txt", ".jsonl", ".json"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-Batch = tuple[Any, ...]
+Batch = tuple[Any, ...]                      # one calibration batch as given: positional inputs or (dict,)
+Call = tuple[tuple[Any, ...], dict[str, Any]]  # (positional, keyword) inputs: what every runner takes
 
 
 def load_calib(path: str | Path, example_inputs: Sequence[Any], n_samples: int = 64, seed: int = 0,
@@ -202,14 +205,14 @@ class _Collector(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         value = super().run_node(n)
         original = self.originals.get(n.name)
-        if original is not None and n.op == "call_function":
+        if original is not None and n.op in ("call_function", "placeholder"):
             self.fn(original, value)
         return value
 
 
 def collect(program: Program | ProgramModule, calib: Iterable[Any],
             fn: Callable[[fx.Node, Any], None]) -> None:
-    """Call ``fn(node, value)`` for every op of ``program``'s graph on every calibration batch.
+    """Call ``fn(node, value)`` for every op (and input) of ``program``'s graph on every calibration batch.
 
     Implemented with a ``torch.fx.Interpreter`` over the ATen graph (not module hooks), so every
     value, including functional ops, is visible by its node; ``fn`` keeps running sums.
@@ -228,8 +231,7 @@ def collect(program: Program | ProgramModule, calib: Iterable[Any],
     interp = _Collector(graph_module, originals, fn)
     with torch.no_grad():
         for batch in calib:
-            batch = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
-            leaves = iter(pytree.tree_leaves(batch))
+            leaves = iter(pytree.tree_leaves(call_args(batch)))
             flat = [next(leaves) if kind == "user" else state[fqn] for kind, fqn in inputs]
             interp.run(*flat)
 
@@ -272,15 +274,45 @@ def grad_sums(model: nn.Module, calib: Iterable[Any], fn: Callable[[dict[str, to
         model.train(was_training)
 
 
-def call_args(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def call_args(batch: Any) -> Call:
     """(positional, keyword) inputs of one calibration batch: a dict (or a 1-tuple holding one)
-    is keyword inputs, anything else positional."""
+    is keyword inputs, a (tuple, dict) pair is both, anything else positional."""
+    if (isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[0], tuple)
+            and isinstance(batch[1], dict)):
+        return batch[0], dict(batch[1])
     if isinstance(batch, dict):
         return (), dict(batch)
     batch = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
     if len(batch) == 1 and isinstance(batch[0], dict):
         return (), dict(batch[0])
     return batch, {}
+
+
+def calls(calib: Iterable[Any]) -> list[Call]:
+    """Every calibration batch as (positional, keyword) inputs."""
+    return [call_args(b) for b in calib]
+
+
+def run(module: nn.Module, call: Call) -> Any:
+    """``module(*args, **kwargs)`` without autograd."""
+    args, kwargs = call
+    with torch.no_grad():
+        return module(*args, **kwargs)
+
+
+def flat_output(output: Any) -> torch.Tensor:
+    """Every tensor leaf of a model output, flattened and concatenated (float)."""
+    leaves = [t.detach().float().reshape(-1) for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)]
+    return torch.cat(leaves) if leaves else torch.zeros(0)
+
+
+def output_error(module: nn.Module, reference: nn.Module, batches: Iterable[Call]) -> float:
+    """Mean over batches of ‖f(x) − f_ref(x)‖ / ‖f_ref(x)‖."""
+    errs = []
+    for call in batches:
+        want = flat_output(run(reference, call))
+        errs.append(float((flat_output(run(module, call)) - want).norm() / (want.norm() + 1e-12)))
+    return float(np.mean(errs)) if errs else 0.0
 
 
 def _loss(output: Any, labels: torch.Tensor | None) -> torch.Tensor:

@@ -10,7 +10,7 @@ from typing import Any, NoReturn, Sequence
 from rich.console import Console
 from rich.table import Table
 
-from prunec.errors import InputError, PrunecError
+from prunec.errors import InputError, InternalError, PrunecError
 
 console = Console(stderr=True, highlight=False)
 
@@ -150,10 +150,10 @@ def _sensitivity(argv: Sequence[str]) -> int:
     calib = _calib(args, loaded)
     sens = Sensitivity(ratios, out=out, plot=out.with_suffix(".png"), by=args.by,
                        method=criterion(args.method))
-    prunec.sensitivity(loaded.model, loaded.example_inputs, sens, calib=calib,
-                       example_kwargs=loaded.example_kwargs)
-    worst = sorted(sens.result["units"].items(), key=lambda kv: -kv[1]["drop"][-1])[:5]
-    print(f"{len(sens.result['units'])} {args.by}s, {sens.result['metric']} at ratio {ratios[-1]}; most sensitive:")
+    result = prunec.sensitivity(loaded.model, loaded.example_inputs, sens, calib=calib,
+                                example_kwargs=loaded.example_kwargs)
+    worst = sorted(result["units"].items(), key=lambda kv: -kv[1]["drop"][-1])[:5]
+    print(f"{len(result['units'])} {args.by}s, {result['metric']} at ratio {ratios[-1]}; most sensitive:")
     for name, row in worst:
         print(f"  {row['drop'][-1]:.3g}  {name}")
     print(f"wrote   {out} and {out.with_suffix('.png')}")
@@ -162,6 +162,15 @@ def _sensitivity(argv: Sequence[str]) -> int:
 
 def _compile(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _run_compile(args)
+    except InternalError as err:
+        err.context.setdefault("model", args.model)
+        err.context.setdefault("output_dir", str(Path(args.output).resolve().parent) if args.output else ".")
+        raise
+
+
+def _run_compile(args: argparse.Namespace) -> int:
     import torch
 
     import prunec
@@ -324,9 +333,7 @@ def _summary(report: dict[str, Any], out: Path) -> None:
         f"({pct(report['params_after'], report['params_before'])})",
         f"MACs    {report['macs_before']:,} → {report['macs_after']:,} "
         f"({pct(report['macs_after'], report['macs_before'])})",
-        (f"verify  {'PASSED' if v.get('passed') else 'FAILED'}: max abs err {v['max_abs_err']:.3g}, "
-         f"rel err {v['rel_err']:.3g} ({'exact' if v.get('exact') else 'approximate groups: ' + ', '.join(v['approximate_groups'][:3])})")
-        if v else "verify  skipped (--no-verify)",
+        *_verify_lines(v),
         f"groups  {sum(1 for g in report['groups'] if g['kept'] < g['size'])} pruned of "
         f"{len(report['groups'])}; {len(report['frozen'])} tensor dims frozen",
         f"module  {'synced (your class, attributes updated)' if report['module_synced'] else report['module_note']}",
@@ -337,6 +344,26 @@ def _summary(report: dict[str, Any], out: Path) -> None:
         f"wrote   {out}",
     ]
     print("\n".join(lines))
+
+
+def _verify_lines(v: dict[str, Any]) -> list[str]:
+    """The exact part's check (must pass), then the approximate groups' error (reported only)."""
+    if not v:
+        return ["verify  skipped (--no-verify)"]
+    sizes = "/".join(str(b) for b in v.get("batch_sizes") or []) or "?"
+    lines = [f"verify  {'PASSED' if v.get('passed') else 'FAILED'} (exact part, batch {sizes}): "
+             f"max abs err {v['max_abs_err']:.3g}, rel err {v['rel_err']:.3g} ≤ {v['tolerance']:g}"]
+    approx = v.get("approximate")
+    if approx:
+        groups = ", ".join(approx["groups"][:3]) + (" …" if len(approx["groups"]) > 3 else "")
+        lines.append(f"approx  {len(approx['groups'])} approximate group(s) ({groups}): max abs err "
+                     f"{approx['max_abs_err']:.3g}, rel err {approx['rel_err']:.3g} (reported, not checked)")
+    refit = v.get("refit")
+    if refit:
+        lines.append(f"refit   output error vs original {refit['rel_err_before']:.4g} → {refit['rel_err_after']:.4g}"
+                     f" ({'applied' if refit['applied'] else 'not applied: worse than no refit'})")
+    lines += [f"verify  note: {n}" for n in v.get("notes") or []]
+    return lines
 
 
 def _artifact_lines(artifact: dict[str, Any]) -> list[str]:
@@ -496,6 +523,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PrunecError as err:
         print(f"prunec: error: {err.one_line()}", file=sys.stderr)
         return 2
+    except InternalError as err:
+        from prunec.repro import write_bundle
+        bundle = write_bundle(err, argv)
+        where = f"; repro bundle in {bundle}" if bundle else ""
+        print(f"prunec: {err.one_line()} Please report it{where}.", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("prunec: interrupted", file=sys.stderr)
         return 130

@@ -13,21 +13,24 @@ from torch import nn
 from prunec.analyze import build_coupling
 from prunec.cost import count_macs, count_params
 from prunec.coupling import Coupling
+from prunec.calib import calls
+from prunec.cut import Cut
 from prunec.diagnose import check_finite, shortfall
 from prunec.dynamic import DynamicProgram, describe_spec, export_program, export_synced, replay
-from prunec.errors import InputError, PruneError, TraceError
-from prunec.layers import blocks, find_branches
+from prunec.errors import InputError, InternalError, TraceError
 from prunec.module_sync import keep_whole, synced_copy
 from prunec.passes import PASSES, ConfigHeads, LayerDrop, LeastSquaresSelection, Pass, Select, State, run_passes
+from prunec.passes.base import Services
 from prunec.passes.select import check_ratio
 from prunec.plan import Plan
 from prunec.program_module import ProgramModule, copy_graph
 from prunec.rewrite import rewrite
 from prunec.trace import Program, eval_mode, trace
-from prunec.verify import compare, verify
+from prunec.verify import check_refit, compare, verify
 
 Progress = Callable[[str], None]
 METHODS = ("l1", "l2", "bn")
+REFIT_CHECK_BATCHES = 8  # calibration batches the refit-vs-no-refit check runs
 
 
 @dataclass
@@ -74,23 +77,34 @@ def analyze(model: nn.Module, example_inputs: Any, example_kwargs: dict[str, Any
     return build_coupling(trace(model, _as_tuple(example_inputs), example_kwargs))
 
 
-NOT_METHODS = ("select", "layer_drop", "target_search", "config_heads")
+def methods() -> list[str]:
+    """``--method`` names: registered passes that score units (or select and refit them)."""
+    return sorted(n for n, cls in PASSES.items()
+                  if ("scores" in cls.provides and "plan" not in cls.provides) or "refits" in cls.provides)
 
 
 def criterion(method: str, ratio: float = 0.5, round_to: int = 8) -> Pass:
     """The scoring (or selecting) pass for a ``--method`` name."""
-    if method not in PASSES or method in NOT_METHODS:
-        raise InputError(f"unknown pruning method '{method}'",
-                         f"use one of {sorted(n for n in PASSES if n not in NOT_METHODS)}")
+    if method not in methods():
+        raise InputError(f"unknown pruning method '{method}'", f"use one of {methods()}")
     cls = PASSES[method]
     if issubclass(cls, LeastSquaresSelection):  # ThiNet / LASSO select channels themselves
         return cls(ratio=ratio, round_to=round_to)
     return cls()
 
 
+def services(coupling: Coupling) -> Services:
+    """The rewriter and cost model as services for passes that try plans."""
+    program = coupling.program
+    return Services(prune=lambda plan: rewrite(Cut.of(coupling, plan))[0],
+                    original=lambda: original_program(coupling),
+                    macs=lambda m: count_macs(m, program.example_inputs, program.example_kwargs),
+                    params=count_params)
+
+
 def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp: float = 0.0,
             heads: float = 0.0, hidden: float = 0.0, layers: float = 0.0, method: str = "l1", round_to: int = 8,
-            global_rank: bool = False, passes: Sequence[Pass] | None = None,
+            global_rank: bool = False, passes: Sequence[Pass | str] | None = None,
             plan: Plan | None = None, calib: Iterable[Any] | None = None,
             check: bool = True, example_kwargs: dict[str, Any] | None = None,
             progress: Progress | None = None, static: bool = False, layer_method: str = "angular",
@@ -137,19 +151,19 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
              if plan is None else {})  # what the user asked for (a replayed plan asks nothing)
     with timer.stage("plan"):
         if plan is None:
-            pipeline = list(passes) if passes is not None else [
-                criterion(method, channels, round_to), Select(ratios, round_to=round_to, global_rank=global_rank)]
-            if passes is None and heads and hasattr(getattr(model, "config", None), "num_attention_heads"):
-                pipeline.append(ConfigHeads())  # HF models: head counts their config can express
-            if passes is None and layers:
-                pipeline.append(LayerDrop(check_ratio("layers", layers), by=layer_method))
+            pipeline = list(passes) if passes is not None else _default_pipeline(
+                method, ratios, round_to, global_rank, layers, layer_method,
+                hf_heads=hasattr(getattr(model, "config", None), "num_attention_heads"))
             kinds = {k for k, v in ratios.items() if v} if passes is None else None
-            state = run_passes(pipeline, State(model, program, coupling, calib=calib, kinds=kinds))
-            plan, notes, updates = state.plan, state.notes, state.updates
+            state = run_passes(pipeline, State(model, program, coupling, calib=calib, kinds=kinds,
+                                               services=services(coupling)))
+            plan, notes, updates, passes_ran = state.plan, state.notes, state.updates, True
         else:
-            notes, updates = [], {}
+            notes, updates, passes_ran = [], {}, False
         plan.check(coupling)
-    result = finish_compile(model, program, coupling, plan, timer, notes, check, updates)
+    result = finish_compile(model, program, coupling, plan, timer, notes, check, updates,
+                            state.calib if passes_ran else calib)
+    result.report["passes"] = state.results if passes_ran else {}
     r = result.report
     r["shortfall"] = shortfall(coupling, asked, plan.n_dropped(), len(plan.meta.get("dropped_layers") or []),
                                r["macs_before"], r["macs_after"])
@@ -158,6 +172,24 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
             make_dynamic(result, model, dynamic_shapes)
         result.report["time_s"] = {**timer.times, "total": round(sum(timer.times.values()), 4)}
     return result
+
+
+def _default_pipeline(method: str, ratios: dict[str, float], round_to: int, global_rank: bool,
+                      layers: float, layer_method: str = "angular", hf_heads: bool = False) -> list[Pass]:
+    """``criterion → select [→ config_heads] [→ layer_drop]`` (a selecting criterion such as ThiNet
+    needs no select; ``config_heads``: HF models get head counts their config can express)."""
+    crit = criterion(method, ratios["channel"], round_to)
+    pipeline = [crit]
+    if "scores" in crit.provides:
+        pipeline.append(Select(ratios, round_to=round_to, global_rank=global_rank))
+    elif ratios["head"] or ratios["hidden"]:
+        raise InputError(f"--method {method} selects conv/linear channels itself: it can't prune heads "
+                         "or the hidden width", "use a scoring method (l1, taylor, …) for --heads/--hidden")
+    if ratios["head"] and hf_heads:
+        pipeline.append(ConfigHeads())
+    if layers:
+        pipeline.append(LayerDrop(check_ratio("layers", layers), by=layer_method))
+    return pipeline
 
 
 def make_dynamic(result: CompileResult, model: nn.Module, spec: Any = None) -> None:
@@ -188,26 +220,45 @@ def make_dynamic(result: CompileResult, model: nn.Module, spec: Any = None) -> N
 
 def finish_compile(model: nn.Module, program: Program, coupling: Coupling, plan: Plan,
                    timer: _Timer, notes: list[str], check: bool,
-                   updates: dict[str, torch.Tensor] | None = None) -> CompileResult:
+                   updates: dict[str, torch.Tensor] | None = None,
+                   calib: Iterable[Any] | None = None) -> CompileResult:
+    """Rewrite, sync, verify, refit check and cost; an InternalError carries the plan."""
+    try:
+        return _finish(model, program, coupling, plan, timer, notes, check, updates or {}, calib)
+    except InternalError as err:
+        err.context.setdefault("plan", plan.to_json())
+        raise
+
+
+def _finish(model: nn.Module, program: Program, coupling: Coupling, plan: Plan, timer: _Timer,
+            notes: list[str], check: bool, updates: dict[str, torch.Tensor],
+            calib: Iterable[Any] | None) -> CompileResult:
     inputs, kwargs = program.example_inputs, program.example_kwargs
     with timer.stage("rewrite"):
-        pruned_program, state, _ = rewrite(coupling, plan)
+        cut = Cut.of(coupling, plan)
+        pruned_program, state, _ = rewrite(cut)
     with timer.stage("sync"):
-        pruned, synced, sync_note = _sync(model, state, pruned_program, inputs, kwargs,
-                                          lambda: dropped_blocks(coupling, plan))
+        pruned, synced, sync_note = _sync(model, state, pruned_program, inputs, kwargs, cut.blocks)
     verify_result = None
     if check:
         with timer.stage("verify"):
-            verify_result = verify(coupling, plan, pruned_program, inputs, kwargs)
+            verify_result = verify(cut, pruned_program, inputs, kwargs)
         if not verify_result.passed:
-            raise PruneError(
-                f"verification failed: pruned model differs from the reference by rel. err "
-                f"{verify_result.rel_err:.3g} (max abs {verify_result.max_abs_err:.3g})",
-                "this is a prunec bug; rerun with --no-verify to inspect, and report it")
+            raise InternalError(
+                f"verification failed: the pruned program differs from the reference with its exact "
+                f"units zeroed by rel. err {verify_result.rel_err:.3g} (max abs "
+                f"{verify_result.max_abs_err:.3g}, tolerance {verify_result.tolerance:g})")
     if updates:
-        _apply_updates(state, updates)
-        notes = [*notes, f"refit {len(updates)} tensors after the verified rewrite: "
-                 "outputs now differ from the zeroed reference by design"]
+        with timer.stage("refit check"):
+            batches = calls(calib)[:REFIT_CHECK_BATCHES] if calib is not None else [(inputs, kwargs)]
+            refit = check_refit(pruned_program, original_program(coupling), state, updates, batches)
+        notes = [*notes, (f"refit {refit['tensors']} tensors after the verified rewrite: output error vs the "
+                          f"original on {refit['batches']} calibration batch(es) {refit['rel_err_before']:.4g} → "
+                          f"{refit['rel_err_after']:.4g}") if refit["applied"] else
+                 (f"refit not applied: it made the output error vs the original worse on the calibration "
+                  f"data ({refit['rel_err_before']:.4g} → {refit['rel_err_after']:.4g})")]
+        if verify_result is not None:
+            verify_result.refit = refit
     with timer.stage("cost"):
         report = {
             "params_before": count_params(model), "params_after": count_params(pruned),
@@ -228,34 +279,10 @@ def finish_compile(model: nn.Module, program: Program, coupling: Coupling, plan:
     return CompileResult(pruned, pruned_program, plan, report, coupling, inputs, kwargs)
 
 
-def _apply_updates(state: dict[str, torch.Tensor], updates: dict[str, torch.Tensor]) -> None:
-    """Write refit values into the pruned tensors in place (program and module share them)."""
-    for fqn, value in updates.items():
-        if fqn not in state or state[fqn].shape != value.shape:
-            raise PruneError(f"a pass refit '{fqn}' with shape {tuple(value.shape)}, but the pruned "
-                             f"tensor is {tuple(state[fqn].shape) if fqn in state else 'missing'}",
-                             "this is a bug in that pass")
-        with torch.no_grad():
-            state[fqn].copy_(value)
-
-
 def original_program(coupling: Coupling) -> ProgramModule:
     """The unpruned program as a module (MACs are counted on the same ops before and after)."""
     program = coupling.program
     return ProgramModule(program, copy_graph(program.graph)[0], program.state())
-
-
-def dropped_blocks(coupling: Coupling, plan: Plan) -> list[str]:
-    """Module paths of residual blocks whose every branch the plan drops."""
-    names = set(plan.meta.get("dropped_layers") or [])
-    if not names:
-        return []
-    program = coupling.program
-    by_block = blocks(find_branches(program.graph, set(program.placeholder_fqns())))
-    partial = [b for b, bs in by_block.items() if 0 < sum(x.name in names for x in bs) < len(bs)]
-    if partial:
-        raise ValueError(f"block {partial[0]} is only partly dropped: its module can't express that")
-    return [b for b, bs in by_block.items() if all(x.name in names for x in bs)]
 
 
 def _sync(model: nn.Module, state: dict[str, torch.Tensor], program: ProgramModule,
@@ -283,11 +310,13 @@ def _first_line(err: BaseException) -> str:
 
 
 def sensitivity(model: nn.Module, example_inputs: Any, analysis: Pass, *, calib: Iterable[Any] | None = None,
-                example_kwargs: dict[str, Any] | None = None) -> Pass:
-    """Run an analysis pass (e.g. ``Sensitivity``) on ``model`` without pruning; returns the pass."""
+                example_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run an analysis pass (e.g. ``Sensitivity``) on ``model`` without pruning; returns what it
+    found (``state.results[analysis.name]``: passes keep no state)."""
     program = trace(eval_mode(model), _as_tuple(example_inputs), dict(example_kwargs or {}))
-    run_passes([analysis], State(model, program, build_coupling(program), calib=calib))
-    return analysis
+    coupling = build_coupling(program)
+    state = run_passes([analysis], State(model, program, coupling, calib=calib, services=services(coupling)))
+    return state.results.get(analysis.name, {})
 
 
 def apply_plan(model: nn.Module, example_inputs: Any, plan: Plan | str, *, check: bool = True,

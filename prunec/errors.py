@@ -47,4 +47,26 @@ class MissingDependency(PrunecError):
 
 
 class InternalError(Exception):
-    """A broken invariant inside prunec: please report it."""
+    """A broken invariant inside prunec (our bug, not the user's). ``context`` collects what a
+    repro bundle needs (the plan JSON, …); the CLI writes it and exits 3."""
+
+    def __init__(self, message: str, **context: object) -> None:
+        super().__init__(message)
+        self.message = message.rstrip(".")
+        self.context: dict[str, object] = dict(context)
+
+    def one_line(self) -> str:
+        text = " ".join(f"{self.message}.".split())
+        return f"internal error (a prunec bug, not your input): {text}"
+
+
+def add_note(err: BaseException, note: str) -> None:
+    """``err.add_note(note)`` (Python 3.11+), or the same ``__notes__`` list on 3.10."""
+    if hasattr(err, "add_note"):
+        err.add_note(note)
+    else:  # Python 3.10: keep the notes where 3.11's traceback would print them
+        notes = getattr(err, "__notes__", None)
+        try:
+            err.__notes__ = [*(notes or []), note]  # type: ignore[attr-defined]
+        except AttributeError:
+            pass

@@ -9,13 +9,13 @@ whether it can (a model built from the config accepts the pruned state dict).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from prunec.errors import InputError
-from prunec.module_sync import module_sync
+from prunec.loaded import Loaded, parse_shape
 
 Q_NAMES = ("q_proj", "query", "q_lin")
 K_NAMES = ("k_proj", "key", "k_lin")
@@ -75,8 +75,8 @@ def _conv1d(m: nn.Module) -> None:
     m.nf = m.weight.shape[1]
 
 
-def register() -> None:
-    """Add the transformers classes present in this install to the module_sync table."""
+def updaters() -> dict[type, Callable[[nn.Module], None]]:
+    """Module-sync entries for the transformers classes present in this install."""
     import importlib
     import transformers
     found: dict[str, type] = {}
@@ -89,8 +89,7 @@ def register() -> None:
             cls = getattr(module, cls_name, None)
             if isinstance(cls, type):
                 found[f"{mod_name}.{cls_name}"] = cls
-    module_sync(*found.values())(sync_attention)
-    module_sync(transformers.pytorch_utils.Conv1D)(_conv1d)
+    return {**{cls: sync_attention for cls in found.values()}, transformers.pytorch_utils.Conv1D: _conv1d}
 
 
 def _layers(model: nn.Module) -> nn.ModuleList | None:
@@ -167,7 +166,6 @@ def check_config(model: nn.Module) -> str:
 def load_hf(path: str, input_shape: str | None = None, seq_len: int | None = None,
             trust_remote_code: bool = False) -> Any:
     """``hf:DIR`` → Loaded(model, (), name, example_kwargs={input_ids, attention_mask})."""
-    from prunec.load import Loaded
     p = Path(path)
     if not (p / "config.json").is_file():
         raise InputError(f"{path} is not a Hugging Face model directory (no config.json)",
@@ -192,7 +190,6 @@ def load_hf(path: str, input_shape: str | None = None, seq_len: int | None = Non
     tokenizer = _tokenizer(p)
     seq = seq_len or 32
     if input_shape:
-        from prunec.load import parse_shape
         shape = parse_shape(input_shape)
         batch, seq = (shape[0], shape[-1]) if len(shape) > 1 else (1, shape[0])
     else:

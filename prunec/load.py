@@ -7,36 +7,15 @@ import pickle
 import warnings
 import zipfile
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
 from prunec.errors import InputError, TraceError
+from prunec.loaded import Loaded, parse_shape
 
 ZOO_PREFIXES = ("torchvision:", "timm:", "zoo:")
-
-
-@dataclass
-class Loaded:
-    model: torch.nn.Module
-    example_inputs: tuple[Any, ...]
-    name: str
-    example_kwargs: dict[str, Any] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def parse_shape(text: str) -> tuple[int, ...]:
-    """'1,3,224,224' → (1, 3, 224, 224)."""
-    try:
-        shape = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
-    except ValueError:
-        shape = ()
-    if not shape or any(s <= 0 for s in shape):
-        raise InputError(f"--input-shape '{text}' is not a list of positive integers",
-                         "write it like --input-shape 1,3,224,224")
-    return shape
 
 
 def load_weights(model: torch.nn.Module, path: str) -> None:

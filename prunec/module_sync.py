@@ -8,6 +8,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from prunec import hf
+
 Sync = Callable[[nn.Module], None]
 SYNC: dict[type, Sync] = {}
 # A class whose forward can't follow some pruned dims names the groups to keep whole:
@@ -144,7 +146,6 @@ def _mha(m: nn.MultiheadAttention) -> None:
 
 FRAMEWORKS = {  # imported package → module whose register() adds its classes to the table
     "timm": "prunec.frameworks.timm",
-    "transformers": "prunec.hf",
     "ultralytics": "prunec.frameworks.ultralytics",
     "diffusers": "prunec.frameworks.diffusers",
 }
@@ -161,6 +162,10 @@ def _register_optional() -> None:
                 importlib.import_module(module).register()
             except (ImportError, AttributeError):  # another version of the framework: generic path only
                 pass
+    if "transformers" in sys.modules and "transformers" not in _REGISTERED:
+        _REGISTERED.add("transformers")
+        for cls, fn in hf.updaters().items():  # hf imports no module_sync: no import cycle
+            SYNC.setdefault(cls, fn)
 
 
 def _drop_blocks(model: nn.Module, blocks: list[str]) -> list[int] | None:
@@ -226,6 +231,5 @@ def synced_copy(model: nn.Module, state: dict[str, torch.Tensor],
                 raise ValueError(f"{owner or '<top>'} ({type(mod).__name__}): {err}") from None
     kept_layers = _drop_blocks(new, dropped_blocks) if dropped_blocks else None
     if hasattr(new, "config") and type(new).__module__.startswith("transformers"):
-        from prunec.hf import sync_config
-        sync_config(new, kept_layers)
+        hf.sync_config(new, kept_layers)
     return new

@@ -33,6 +33,12 @@ class Registry(Generic[V]):
             return value
         return wrap
 
+    __setitem__ = add
+
+    def setdefault(self, key: Any, default: V) -> V:
+        """``add`` unless ``key`` is taken; returns the stored value (optional library entries)."""
+        return self._items[key] if key in self._items else self.add(key, default)
+
     def get(self, key: Any, default: V | None = None) -> V | None:
         return self._items.get(key, default)
 
@@ -50,3 +56,9 @@ class Registry(Generic[V]):
 
     def items(self) -> list[tuple[Any, V]]:
         return list(self._items.items())
+
+    def keys(self) -> list[Any]:
+        return list(self._items)
+
+    def values(self) -> list[V]:
+        return list(self._items.values())

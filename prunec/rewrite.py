@@ -1,68 +1,32 @@
 """Program + Plan → smaller Program: slice every coupled tensor, fix shape constants."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import numpy as np
 import torch
 from torch import fx
 
-from prunec.coupling import Coupling, Key, shape_of
-from prunec.layers import Branch, drop_branches, find_branches, resolve
+from prunec.coupling import Coupling, shape_of
+from prunec.cut import Cut, Sizes
+from prunec.layers import drop_branches
 from prunec.plan import Plan
 from prunec.program_module import ProgramModule, copy_graph
 from prunec.rules import fixer_for
 
 
-@dataclass
-class Sizes:
-    """New size of every (value, dim) given what was dropped."""
-
-    dropped: dict[Key, np.ndarray]
-
-    def shape(self, node: fx.Node) -> list[int]:
-        return [s - len(self.dropped.get((node, d), ())) for d, s in enumerate(shape_of(node) or ())]
-
-    def changed(self, node: fx.Node) -> bool:
-        return any((node, d) in self.dropped for d in range(len(shape_of(node) or ())))
-
-
-def slice_state(coupling: Coupling, dropped: dict[Key, np.ndarray]) -> dict[str, torch.Tensor]:
+def slice_state(cut: Cut) -> dict[str, torch.Tensor]:
     """New state tensors: each dropped dim removed with index_select (others cloned)."""
-    fqns = coupling.program.placeholder_fqns()
     out: dict[str, torch.Tensor] = {}
-    by_node: dict[fx.Node, list[tuple[int, np.ndarray]]] = {}
-    for (node, dim), idx in dropped.items():
-        if node.op == "placeholder" and node.name in fqns:
-            by_node.setdefault(node, []).append((dim, idx))
-    for node in coupling.program.graph.nodes:
-        if node.op != "placeholder" or node.name not in fqns:
-            continue
-        tensor = coupling.program.tensor(fqns[node.name])
-        for dim, idx in by_node.get(node, []):
-            mask = np.ones(tensor.shape[dim], dtype=bool)
-            mask[idx] = False
-            keep = np.nonzero(mask)[0]
-            tensor = tensor.index_select(dim, torch.as_tensor(keep, dtype=torch.long))
-        out[fqns[node.name]] = tensor.detach().clone() if node not in by_node else tensor.detach()
+    cut_fqns = {fqn for fqn, _ in cut.state_dropped}
+    for fqn in cut.coupling.program.placeholder_fqns().values():
+        tensor = cut.coupling.program.tensor(fqn)
+        out[fqn] = cut.slice(fqn, tensor).detach() if fqn in cut_fqns else tensor.detach().clone()
     return out
 
 
-def dropped_branches(coupling: Coupling, plan: Plan) -> list[Branch]:
-    """The residual branches ``plan.meta["dropped_layers"]`` names (see prunec.layers)."""
-    names = plan.meta.get("dropped_layers") or []
-    if not names:
-        return []
-    program = coupling.program
-    return resolve(find_branches(program.graph, set(program.placeholder_fqns())), list(names))
-
-
-def rewrite(coupling: Coupling, plan: Plan) -> tuple[ProgramModule, dict[str, torch.Tensor], Sizes]:
-    """Apply ``plan``: returns the pruned ProgramModule, its new state, and the size map."""
-    plan.check(coupling)
-    dropped = coupling.dropped_by_key(plan.dropped_labels(coupling))
-    sizes = Sizes(dropped)
-    graph, node_map = copy_graph(coupling.program.graph)
+def rewrite_graph(cut: Cut) -> tuple[fx.Graph, dict[fx.Node, fx.Node]]:
+    """A copy of the traced graph with shape constants fixed for ``cut`` and its branches
+    dropped; also the old → new node map (dropped nodes map to erased nodes)."""
+    sizes = cut.sizes
+    graph, node_map = copy_graph(cut.coupling.program.graph)
     for old, new in node_map.items():
         if old.op != "call_function":
             continue
@@ -71,13 +35,24 @@ def rewrite(coupling: Coupling, plan: Plan) -> tuple[ProgramModule, dict[str, to
             fixer(old, new, sizes)
         if isinstance(new.meta.get("val"), torch.Tensor):
             new.meta.pop("val", None)  # shapes are stale now; re-export recomputes them
-    branches = dropped_branches(coupling, plan)
-    if branches:
-        drop_branches(graph, {old.name: new for old, new in node_map.items()}, branches)
-        fqns = coupling.program.placeholder_fqns()
+    if cut.branches:
+        drop_branches(graph, {old.name: new for old, new in node_map.items()}, cut.branches)
+        fqns = cut.coupling.program.placeholder_fqns()
         for node in list(graph.nodes):  # tensors only dropped branches read leave the program
             if node.op == "placeholder" and node.name in fqns and not node.users:
                 graph.erase_node(node)
-    state = slice_state(coupling, dropped)
+    return graph, node_map
+
+
+def rewrite(cut: Cut | Coupling, plan: Plan | None = None
+            ) -> tuple[ProgramModule, dict[str, torch.Tensor], Sizes]:
+    """Apply a cut (or ``Cut.of(coupling, plan)``): the pruned ProgramModule, its new state,
+    and the size map."""
+    if not isinstance(cut, Cut):
+        if plan is None:
+            raise TypeError("rewrite(coupling, plan) needs a plan")
+        cut = Cut.of(cut, plan)
+    graph, _ = rewrite_graph(cut)
+    state = slice_state(cut)
     graph.lint()
-    return ProgramModule(coupling.program, graph, state), state, sizes
+    return ProgramModule(cut.coupling.program, graph, state), state, cut.sizes

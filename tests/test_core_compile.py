@@ -124,15 +124,15 @@ def test_verifier_catches_a_broken_rewrite(monkeypatch) -> None:
 
     original = rw.slice_state
 
-    def broken(coupling, dropped):
-        state = original(coupling, dropped)
+    def broken(cut):
+        state = original(cut)
         state["layer1.0.conv2.weight"] = torch.roll(state["layer1.0.conv2.weight"], 1, dims=1)
         return state
 
     monkeypatch.setattr(rw, "slice_state", broken)
     monkeypatch.setattr("prunec.compiler.rewrite", rw.rewrite)
     model = torchvision.models.resnet18(num_classes=10).eval()
-    with pytest.raises(prunec.PruneError, match="verification failed"):
+    with pytest.raises(prunec.errors.InternalError, match="verification failed"):
         prunec.compile(model, X, channels=0.5)
 
 
