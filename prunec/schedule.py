@@ -59,6 +59,8 @@ class KeepFraction(Pass):
     Before: state.scores.  After: state.plan.kept (never grows a group)."""
 
     name = "keep_fraction"
+    requires = ("scores",)
+    provides = ("plan",)
 
     def __init__(self, kinds: tuple[str, ...], fraction: float, original: dict[str, int], round_to: int) -> None:
         self.kinds, self.fraction, self.original, self.round_to = kinds, fraction, original, round_to
