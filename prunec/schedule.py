@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from torch import nn
@@ -77,10 +77,12 @@ class KeepFraction(Pass):
 
 
 def compile_gradual(model: nn.Module, example_inputs: Any, schedule: Gradual, recover: dict[str, Any] | None,
-                    *, method: str = "l1", round_to: int = 8, **compile_kwargs: Any) -> Any:
+                    *, compile_once: Callable[..., Any], criterion: Callable[..., Pass],
+                    analyze: Callable[..., Any], method: str = "l1", round_to: int = 8,
+                    **compile_kwargs: Any) -> Any:
     """Run ``schedule`` on ``model``; returns the last step's CompileResult with a ``schedule``
-    report (fraction, plan, params, verify and recovery of every step)."""
-    from prunec.compiler import compile as compile_once, criterion
+    report (fraction, plan, params, verify and recovery of every step). The compiler hands in its
+    ``compile``, ``criterion`` and ``analyze`` (a later stage is a service, never an import)."""
     fractions = schedule.fractions()
     kinds = KIND_ARGS[schedule.kind]
     options = dict(recover or {})
@@ -93,7 +95,7 @@ def compile_gradual(model: nn.Module, example_inputs: Any, schedule: Gradual, re
     if isinstance(scorer, LeastSquaresSelection):
         raise InputError(f"'{method}' selects its own ratio and can't follow a schedule",
                          "use a scoring criterion (l1, l2, bn, taylor, …) for gradual pruning")
-    original = {g.name: g.size for g in _analyze(model, example_inputs, compile_kwargs)}
+    original = {g.name: g.size for g in analyze(model, example_inputs, compile_kwargs.get("example_kwargs")).groups}
     current, rewind, steps, result = model, None, [], None
     first = None
     for i, fraction in enumerate(fractions):
@@ -118,8 +120,3 @@ def compile_gradual(model: nn.Module, example_inputs: Any, schedule: Gradual, re
     result.report["schedule"] = {"final": schedule.final, "steps": schedule.steps, "every": schedule.every,
                                  "curve": schedule.curve, "rewind_at": schedule.rewind_at, "per_step": steps}
     return result
-
-
-def _analyze(model: nn.Module, example_inputs: Any, compile_kwargs: dict[str, Any]) -> list:
-    from prunec.compiler import analyze
-    return analyze(model, example_inputs, compile_kwargs.get("example_kwargs")).groups
