@@ -125,8 +125,8 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
     """
     if schedule is not None:
         from prunec.schedule import compile_gradual
-        return compile_gradual(model, example_inputs, schedule, recover, compile_once=compile,
-                               scorer=lambda: criterion(method, 0.0, round_to), round_to=round_to,
+        return compile_gradual(model, example_inputs, schedule, recover, compile_once=compile, criterion=criterion,
+                               analyze=analyze, method=method, round_to=round_to,
                                calib=calib, check=check, example_kwargs=example_kwargs, progress=progress,
                                static=static, dynamic_shapes=dynamic_shapes)
     timer = _Timer(progress)

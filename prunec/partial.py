@@ -26,6 +26,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from prunec.cost import count_macs, count_params
+from prunec.cut import Cut
 from prunec.errors import PruneError, TraceError
 from prunec.trace import eval_mode, keep_attributes
 from prunec.verify import compare, reference_module
@@ -138,7 +139,7 @@ def compile_parts(model: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, A
         if not result.report["module_synced"]:
             continue  # a fixed-shape program would break other input sizes: keep the part dense
         _set_submodule(pruned, path, result.model)
-        ref_state = reference_module(result.coupling, result.plan).state_dict()
+        ref_state = reference_module(Cut.of(result.coupling, result.plan)).state_dict()
         _load_matching(reference.get_submodule(path), ref_state)
     with torch.no_grad(), keep_attributes(pruned), keep_attributes(reference):
         abs_err, rel_err = compare(pruned(*inputs, **kwargs), reference(*inputs, **kwargs))

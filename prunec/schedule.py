@@ -19,12 +19,10 @@ from typing import Any, Callable
 import numpy as np
 from torch import nn
 
-from prunec.analyze import build_coupling
 from prunec.errors import InputError
 from prunec.passes import LeastSquaresSelection, Pass, PassResult, State
 from prunec.passes.select import check_ratio, keep_count
 from prunec.recover import Recovery
-from prunec.trace import trace
 
 KIND_ARGS = {"channels": ("channel", "mlp"), "mlp": ("mlp",), "heads": ("head",), "hidden": ("hidden",)}
 
@@ -81,11 +79,12 @@ class KeepFraction(Pass):
 
 
 def compile_gradual(model: nn.Module, example_inputs: Any, schedule: Gradual, recover: dict[str, Any] | None,
-                    *, compile_once: Callable[..., Any], scorer: Callable[[], Pass], round_to: int = 8,
+                    *, compile_once: Callable[..., Any], criterion: Callable[..., Pass],
+                    analyze: Callable[..., Any], method: str = "l1", round_to: int = 8,
                     **compile_kwargs: Any) -> Any:
     """Run ``schedule`` on ``model``; returns the last step's CompileResult with a ``schedule``
-    report (fraction, plan, params, verify and recovery of every step). ``compile_once`` is
-    ``prunec.compile`` and ``scorer`` makes the criterion pass (handed in: no import of the compiler)."""
+    report (fraction, plan, params, verify and recovery of every step). The compiler hands in its
+    ``compile``, ``criterion`` and ``analyze`` (a later stage is a service, never an import)."""
     fractions = schedule.fractions()
     kinds = KIND_ARGS[schedule.kind]
     options = dict(recover or {})
@@ -94,15 +93,15 @@ def compile_gradual(model: nn.Module, example_inputs: Any, schedule: Gradual, re
     if schedule.every and data is None:
         raise InputError("a gradual schedule recovers between steps and needs data",
                          "pass recover={'data': batches, ...}, or every=0")
-    first_scorer = scorer()
-    if isinstance(first_scorer, LeastSquaresSelection):
-        raise InputError(f"'{type(first_scorer).__name__}' selects its own ratio and can't follow a schedule",
+    scorer = criterion(method, 0.0, round_to)
+    if isinstance(scorer, LeastSquaresSelection):
+        raise InputError(f"'{method}' selects its own ratio and can't follow a schedule",
                          "use a scoring criterion (l1, l2, bn, taylor, …) for gradual pruning")
-    original = {g.name: g.size for g in _analyze(model, example_inputs, compile_kwargs)}
+    original = {g.name: g.size for g in analyze(model, example_inputs, compile_kwargs.get("example_kwargs")).groups}
     current, rewind, steps, result = model, None, [], None
     first = None
     for i, fraction in enumerate(fractions):
-        passes = [scorer(), KeepFraction(kinds, fraction, original, round_to)]
+        passes = [criterion(method, 0.0, round_to), KeepFraction(kinds, fraction, original, round_to)]
         result = compile_once(current, example_inputs, passes=passes, round_to=round_to, **compile_kwargs)
         student = result.model
         if rewind is not None:  # the kept units restart from their early weights
@@ -123,8 +122,3 @@ def compile_gradual(model: nn.Module, example_inputs: Any, schedule: Gradual, re
     result.report["schedule"] = {"final": schedule.final, "steps": schedule.steps, "every": schedule.every,
                                  "curve": schedule.curve, "rewind_at": schedule.rewind_at, "per_step": steps}
     return result
-
-
-def _analyze(model: nn.Module, example_inputs: Any, compile_kwargs: dict[str, Any]) -> list:
-    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    return build_coupling(trace(model, inputs, compile_kwargs.get("example_kwargs"))).groups
