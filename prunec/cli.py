@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 from pathlib import Path
@@ -202,6 +203,7 @@ def _run_compile(args: argparse.Namespace) -> int:
         progress = (lambda stage: status.update(stage)) if status is not None else None
         passes = _passes(args, loaded, search)
         method, layer_method = _methods(args)
+        inplace = not (args.recover_steps and not args.teacher)
         result = prunec.compile(loaded.model, loaded.example_inputs, example_kwargs=loaded.example_kwargs,
                                 channels=args.channels, mlp=args.mlp, heads=args.heads, hidden=args.hidden,
                                 layers=args.layers, passes=passes,
@@ -209,8 +211,13 @@ def _run_compile(args: argparse.Namespace) -> int:
                                 global_rank=args.global_rank,
                                 plan=plan, calib=calib, check=not args.no_verify, progress=progress,
                                 static=args.static, dynamic_shapes=loaded.extra.get("dynamic_shapes"),
-                                parts=False)  # artifacts need the whole program: untraceable stays an error
+                                parts=False,  # artifacts need the whole program: untraceable stays an error
+                                inplace=inplace)  # the original is no teacher: share what stays whole
         result = _recover_after_compile(args, loaded, result, status)
+        if inplace:  # verified: the original's weights are not needed to write the artifact
+            result.release_original(loaded.model)
+            loaded.model = None
+            gc.collect()
         if progress:
             progress(f"writing {args.target} artifact")
         result.report["artifact"] = BACKENDS[args.target](result, out, {

@@ -45,6 +45,32 @@ class CompileResult:
     example_inputs: tuple[Any, ...] = ()
     example_kwargs: dict[str, Any] = field(default_factory=dict)
     dynamic: DynamicProgram | None = None   # set when the program accepts any batch / sequence length
+    prerefit: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # verified tensors a refit replaced
+
+    def release_original(self, original: nn.Module) -> None:
+        """Stop referencing ``original``'s tensors, so the caller can free it (and the file its weights are
+        mapped from): tensors an ``inplace`` compile shared with it are copied, the traced programs are
+        dropped (``coupling`` is None afterwards)."""
+        theirs = {t.untyped_storage().data_ptr() for t in (*original.parameters(), *original.buffers())}
+        owned: dict[tuple[Any, ...], torch.Tensor] = {}
+        for root in {id(m): m for m in (self.model, self.program, getattr(self.dynamic, "program", None))
+                     if m is not None}.values():
+            for mod in root.modules():
+                for table in (mod._parameters, mod._buffers):
+                    for name, t in table.items():
+                        if t is None or t.untyped_storage().data_ptr() not in theirs:
+                            continue
+                        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+                        if key not in owned:
+                            owned[key] = t.detach().clone()
+                        if isinstance(t, nn.Parameter):
+                            t.data = owned[key]
+                        else:
+                            table[name] = owned[key]
+        self.coupling = None  # type: ignore[assignment]
+        if self.dynamic is not None:
+            self.dynamic.coupling = None  # type: ignore[assignment]
+        self.prerefit = {}
 
     def export(self, static: bool = False) -> torch.export.ExportedProgram:
         """Re-export the pruned program (a ``.pt2``-ready ExportedProgram), shape-dynamic when possible."""
@@ -109,7 +135,7 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
             check: bool = True, example_kwargs: dict[str, Any] | None = None,
             progress: Progress | None = None, static: bool = False, layer_method: str = "angular",
             dynamic_shapes: Any = None, parts: bool = True, schedule: Any = None,
-            recover: dict[str, Any] | None = None) -> Any:
+            recover: dict[str, Any] | None = None, inplace: bool = False) -> Any:
     """Prune ``model`` and return a CompileResult.
 
     ``channels`` applies to conv/linear channel groups (and MLP groups unless ``mlp`` is
@@ -121,7 +147,9 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
     format) names other dynamic dims, e.g. the ones a loaded ``.pt2`` recorded. If the whole model
     can't be traced and ``parts`` is on, the submodules that trace are pruned instead (a ``PartsResult``).
     ``schedule`` (a ``prunec.schedule.Gradual``) prunes step by step, distilling with ``recover``
-    options between steps.
+    options between steps. ``inplace``: the result shares the tensors pruning leaves whole with
+    ``model`` instead of copying them (memory: one copy of the weights, not two); training or editing
+    the result then edits ``model`` too.
     """
     if schedule is not None:
         from prunec.schedule import compile_gradual
@@ -163,7 +191,7 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
             notes, updates, passes_ran = [], {}, False
         plan.check(coupling)
     result = finish_compile(model, program, coupling, plan, timer, notes, check, updates,
-                            state.calib if passes_ran else calib)
+                            state.calib if passes_ran else calib, share=inplace)
     result.report["passes"] = state.results if passes_ran else {}
     r = result.report
     r["shortfall"] = shortfall(coupling, asked, plan.n_dropped(), len(plan.meta.get("dropped_layers") or []),
@@ -172,6 +200,7 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
         with timer.stage("dynamic"):
             make_dynamic(result, model, dynamic_shapes)
         result.report["time_s"] = {**timer.times, "total": round(sum(timer.times.values()), 4)}
+    result.prerefit = {}
     return result
 
 
@@ -199,7 +228,7 @@ def make_dynamic(result: CompileResult, model: nn.Module, spec: Any = None) -> N
     inputs, kwargs = result.example_inputs, result.example_kwargs
     try:
         dyn = replay(model, result.plan, result.program, inputs, kwargs, spec,
-                     exact=bool(verified.get("exact", True)))
+                     exact=bool(verified.get("exact", True)), prerefit=result.prerefit)
     except Exception as err:  # noqa: BLE001 - any failure keeps the verified static program
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         try:  # the synced user class may still trace with a symbolic batch (e.g. its own num_heads)
@@ -222,10 +251,11 @@ def make_dynamic(result: CompileResult, model: nn.Module, spec: Any = None) -> N
 def finish_compile(model: nn.Module, program: Program, coupling: Coupling, plan: Plan,
                    timer: _Timer, notes: list[str], check: bool,
                    updates: dict[str, torch.Tensor] | None = None,
-                   calib: Iterable[Any] | None = None) -> CompileResult:
-    """Rewrite, sync, verify, refit check and cost; an InternalError carries the plan."""
+                   calib: Iterable[Any] | None = None, share: bool = False) -> CompileResult:
+    """Rewrite, sync, verify, refit check and cost; an InternalError carries the plan. ``share``: the
+    unpruned tensors stay the original's (see ``rewrite``)."""
     try:
-        return _finish(model, program, coupling, plan, timer, notes, check, updates or {}, calib)
+        return _finish(model, program, coupling, plan, timer, notes, check, updates or {}, calib, share)
     except InternalError as err:
         err.context.setdefault("plan", plan.to_json())
         raise
@@ -233,11 +263,11 @@ def finish_compile(model: nn.Module, program: Program, coupling: Coupling, plan:
 
 def _finish(model: nn.Module, program: Program, coupling: Coupling, plan: Plan, timer: _Timer,
             notes: list[str], check: bool, updates: dict[str, torch.Tensor],
-            calib: Iterable[Any] | None) -> CompileResult:
+            calib: Iterable[Any] | None, share: bool) -> CompileResult:
     inputs, kwargs = program.example_inputs, program.example_kwargs
     with timer.stage("rewrite"):
         cut = Cut.of(coupling, plan)
-        pruned_program, state, _ = rewrite(cut)
+        pruned_program, state, _ = rewrite(cut, share=share, private=updates)
     with timer.stage("sync"):
         pruned, synced, sync_note = _sync(model, state, pruned_program, inputs, kwargs, cut.blocks)
     verify_result = None
@@ -249,10 +279,11 @@ def _finish(model: nn.Module, program: Program, coupling: Coupling, plan: Plan, 
                 f"verification failed: the pruned program differs from the reference with its exact "
                 f"units zeroed by rel. err {verify_result.rel_err:.3g} (max abs "
                 f"{verify_result.max_abs_err:.3g}, tolerance {verify_result.tolerance:g})")
+    prerefit: dict[str, torch.Tensor] = {}
     if updates:
         with timer.stage("refit check"):
             batches = calls(calib)[:REFIT_CHECK_BATCHES] if calib is not None else [(inputs, kwargs)]
-            refit = check_refit(pruned_program, original_program(coupling), state, updates, batches)
+            refit, prerefit = check_refit(pruned_program, original_program(coupling), state, updates, batches)
         notes = [*notes, (f"refit {refit['tensors']} tensors after the verified rewrite: output error vs the "
                           f"original on {refit['batches']} calibration batch(es) {refit['rel_err_before']:.4g} → "
                           f"{refit['rel_err_after']:.4g}") if refit["applied"] else
@@ -277,7 +308,7 @@ def _finish(model: nn.Module, program: Program, coupling: Coupling, plan: Plan, 
         "notes": notes, "plan": plan.meta,
     })
     report["time_s"] = {**timer.times, "total": round(sum(timer.times.values()), 4)}
-    return CompileResult(pruned, pruned_program, plan, report, coupling, inputs, kwargs)
+    return CompileResult(pruned, pruned_program, plan, report, coupling, inputs, kwargs, prerefit=prerefit)
 
 
 def original_program(coupling: Coupling) -> ProgramModule:

@@ -22,7 +22,7 @@ from prunec.coupling import Coupling
 from prunec.cut import Cut
 from prunec.plan import Plan
 from prunec.program_module import ProgramModule, copy_graph
-from prunec.rewrite import rewrite
+from prunec.rewrite import rewrite_graph
 from prunec.trace import trace
 from prunec.verify import EXACT_TOL, compare, verify
 
@@ -93,8 +93,12 @@ def _has_symbolic_input(coupling: Coupling) -> bool:
 
 
 def replay(model: torch.nn.Module, plan: Plan, static: torch.nn.Module, inputs: tuple[Any, ...],
-           kwargs: dict[str, Any], spec: Spec | None = None, exact: bool = True) -> DynamicProgram:
+           kwargs: dict[str, Any], spec: Spec | None = None, exact: bool = True,
+           prerefit: dict[str, torch.Tensor] | None = None) -> DynamicProgram:
     """Trace ``model`` with symbolic dims, apply ``plan``, check it against ``static`` and the reference.
+
+    The dynamic program runs on ``static``'s own tensors (no second copy of the weights); where a refit
+    replaced a verified tensor, ``prerefit`` holds that tensor for the check against the reference.
 
     Raises ValueError (with the reason) when the dynamic program can't be made or doesn't check out.
     """
@@ -109,9 +113,17 @@ def replay(model: torch.nn.Module, plan: Plan, static: torch.nn.Module, inputs: 
     if lost:
         raise ValueError(f"with a symbolic batch the trace does not couple group {lost[0]} the same way "
                          "(e.g. batch and heads merged in one reshape)")
-    dynamic, _, _ = rewrite(coupling, plan)
+    cut = Cut.of(coupling, plan)
+    graph, _ = rewrite_graph(cut)
+    graph.lint()
+    state = {**{k: v.detach() for k, v in static.state_dict(keep_vars=True).items()}, **(prerefit or {})}
+    fqns = program.placeholder_fqns()
+    missing = sorted({fqns[n.name] for n in graph.nodes if n.op == "placeholder" and n.name in fqns} - set(state))
+    if missing:
+        raise ValueError(f"the dynamic program's state differs from the static one ({missing[:2]})")
+    dynamic = ProgramModule(program, graph, state)
     other_args, other_kwargs = resized(inputs, kwargs, spec, grow=1)
-    check = verify(Cut.of(coupling, plan), dynamic, other_args, other_kwargs)
+    check = verify(cut, dynamic, other_args, other_kwargs)
     if not check.passed:  # the exact part (approximate groups are reported, not checked)
         raise ValueError(f"at another batch size the pruned program differs from the reference "
                          f"(rel. err {check.rel_err:.3g})")

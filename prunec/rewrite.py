@@ -1,6 +1,8 @@
 """Program + Plan → smaller Program: slice every coupled tensor, fix shape constants."""
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 from torch import fx
 
@@ -12,13 +14,18 @@ from prunec.program_module import ProgramModule, copy_graph
 from prunec.rules import fixer_for
 
 
-def slice_state(cut: Cut) -> dict[str, torch.Tensor]:
-    """New state tensors: each dropped dim removed with index_select (others cloned)."""
+def slice_state(cut: Cut, share: bool = False, private: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    """New state tensors: each dropped dim removed with index_select; the others cloned, or with ``share``
+    the original tensors themselves (no copy of the unpruned weights), except the ``private`` ones."""
     out: dict[str, torch.Tensor] = {}
     cut_fqns = {fqn for fqn, _ in cut.state_dropped}
+    private = set(private)
     for fqn in cut.coupling.program.placeholder_fqns().values():
-        tensor = cut.coupling.program.tensor(fqn)
-        out[fqn] = cut.slice(fqn, tensor).detach() if fqn in cut_fqns else tensor.detach().clone()
+        tensor = cut.coupling.program.tensor(fqn).detach()
+        if fqn in cut_fqns:
+            out[fqn] = cut.slice(fqn, tensor)
+        else:
+            out[fqn] = tensor if share and fqn not in private else tensor.clone()
     return out
 
 
@@ -44,15 +51,15 @@ def rewrite_graph(cut: Cut) -> tuple[fx.Graph, dict[fx.Node, fx.Node]]:
     return graph, node_map
 
 
-def rewrite(cut: Cut | Coupling, plan: Plan | None = None
+def rewrite(cut: Cut | Coupling, plan: Plan | None = None, *, share: bool = False, private: Iterable[str] = ()
             ) -> tuple[ProgramModule, dict[str, torch.Tensor], Sizes]:
     """Apply a cut (or ``Cut.of(coupling, plan)``): the pruned ProgramModule, its new state,
-    and the size map."""
+    and the size map. ``share``: unpruned tensors are the original's (see ``slice_state``)."""
     if not isinstance(cut, Cut):
         if plan is None:
             raise TypeError("rewrite(coupling, plan) needs a plan")
         cut = Cut.of(cut, plan)
     graph, _ = rewrite_graph(cut)
-    state = slice_state(cut)
+    state = slice_state(cut, share, private)
     graph.lint()
     return ProgramModule(cut.coupling.program, graph, state), state, cut.sizes

@@ -14,12 +14,14 @@ so a corrupted slicer is caught.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 import torch.utils._pytree as pytree
+from torch import fx
 
 from prunec.calib import Call, output_error, run
 from prunec.cut import Cut
@@ -58,27 +60,58 @@ UNCHECKED_STATE = {torch.ops.aten.lstm.input, torch.ops.aten.gru.input, torch.op
                    torch.ops.aten.rnn_tanh.data, torch.ops.aten.rnn_relu.data}
 
 
-def reference_module(cut: Cut, rewritten: Cut | None = None) -> ProgramModule:
-    """The program with ``rewritten`` cut out structurally and the rest of ``cut`` zeroed where
-    it is consumed (input-channel weights of the next conv/linear), dropped branches × 0."""
+Zero = tuple[str, int, torch.Tensor]   # (fqn, dim, indices) to set to 0 in the reference's state
+
+
+def _reference_parts(cut: Cut, rewritten: Cut | None) -> tuple[fx.Graph, dict[str, torch.Tensor], list[Zero]]:
+    """The reference's graph, its state (the program's own tensors except sliced approximate dims) and the
+    slices to zero: ``rewritten`` cut out structurally, the rest of ``cut`` zeroed where it is consumed
+    (input-channel weights of the next conv/linear), dropped branches × 0."""
     program, coupling = cut.coupling.program, cut.coupling
     rewritten = rewritten or cut.restrict((), branches=False)
     graph, node_map = rewrite_graph(rewritten)
-    state: dict[str, torch.Tensor] = {}
-    for fqn in program.placeholder_fqns().values():
-        state[fqn] = rewritten.slice(fqn, program.tensor(fqn))
+    state = {fqn: rewritten.slice(fqn, program.tensor(fqn)) for fqn in program.placeholder_fqns().values()}
+    zeros: list[Zero] = []
     for (fqn, dim), idx in cut.state_dropped.items():
         if (fqn, dim) not in coupling.consumed:
             continue
         zero = np.setdiff1d(idx, rewritten.state_dropped.get((fqn, dim), ()))
         if zero.size:
-            t = state[fqn].detach().clone()
-            t.index_fill_(dim, torch.as_tensor(rewritten.renumber(fqn, dim, zero), dtype=torch.long), 0.0)
-            state[fqn] = t
+            zeros.append((fqn, dim, torch.as_tensor(rewritten.renumber(fqn, dim, zero), dtype=torch.long)))
     if cut.branches:
         drop_branches(graph, {old.name: new for old, new in node_map.items()}, cut.branches, zero_only=True)
     graph.lint()
-    return ProgramModule(program, graph, state)
+    return graph, state, zeros
+
+
+def reference_module(cut: Cut, rewritten: Cut | None = None) -> ProgramModule:
+    """The reference (see ``_reference_parts``) as a module of its own: zeroed tensors are copies."""
+    graph, state, zeros = _reference_parts(cut, rewritten)
+    for fqn, dim, idx in zeros:
+        if state[fqn] is cut.coupling.program.tensor(fqn):
+            state[fqn] = state[fqn].detach().clone()
+        state[fqn].detach().index_fill_(dim, idx, 0.0)
+    return ProgramModule(cut.coupling.program, graph, state)
+
+
+@contextmanager
+def zeroed_reference(cut: Cut, rewritten: Cut | None = None) -> Iterator[ProgramModule]:
+    """The reference without a copy of the weights: the program's own tensors are zeroed in place and
+    restored exactly on exit (only the zeroed slices are saved). Nothing else may run on them meanwhile."""
+    graph, state, zeros = _reference_parts(cut, rewritten)
+    saved: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for fqn, dim, idx in zeros:
+                t = state[fqn].detach()
+                if state[fqn] is cut.coupling.program.tensor(fqn):  # shared with the user's model: restore later
+                    saved.append((t, dim, idx, t.index_select(dim, idx)))
+                t.index_fill_(dim, idx, 0.0)
+        yield ProgramModule(cut.coupling.program, graph, state)
+    finally:
+        with torch.no_grad():
+            for t, dim, idx, values in reversed(saved):
+                t.index_copy_(dim, idx, values)
 
 
 def compare(a: Any, b: Any) -> tuple[float, float]:
@@ -124,12 +157,28 @@ def verify(cut: Cut, pruned: torch.nn.Module, inputs: tuple[Any, ...],
     """Check ``pruned`` against the references (see the module docstring)."""
     kwargs = dict(kwargs or {})
     approx = cut.approximate
-    reference = reference_module(cut, cut.restrict(approx, branches=False))
     batch = (tuple(inputs), kwargs)
     got = _outputs(pruned, batch, "pruned program")
-    abs_err, rel_err = compare(got, _outputs(reference, batch, "exact-part reference"))
+    with zeroed_reference(cut, cut.restrict(approx, branches=False)) as reference:
+        abs_err, rel_err = compare(got, _outputs(reference, batch, "exact-part reference"))
+        sizes, notes = _other_batch_check(cut, pruned, reference, batch)
+    abs_err, rel_err = max(abs_err, sizes.pop("abs", 0.0)), max(rel_err, sizes.pop("rel", 0.0))
+    approximate = None
+    if approx:
+        with zeroed_reference(cut) as reference:
+            a_abs, a_rel = compare(got, run(reference, batch))
+        approximate = {"rel_err": a_rel, "max_abs_err": a_abs, "groups": approx}
+    passed = bool(np.isfinite(rel_err)) and rel_err <= tolerance
+    return VerifyResult(abs_err, rel_err, passed, not approx, tolerance, approx, approximate,
+                        sizes["checked"], notes)
+
+
+def _other_batch_check(cut: Cut, pruned: torch.nn.Module, reference: torch.nn.Module, batch: Call
+                       ) -> tuple[dict[str, Any], list[str]]:
+    """Run pruned and reference at the example batch + 1: the batch sizes checked, the errors there, notes."""
     leaves = [t for t in pytree.tree_leaves(batch) if isinstance(t, torch.Tensor) and t.dim()]
-    sizes, notes = ([int(leaves[0].shape[0])] if leaves else []), []
+    out: dict[str, Any] = {"checked": [int(leaves[0].shape[0])] if leaves else []}
+    notes: list[str] = []
     grown = other_batch(*batch)
     unchecked = sorted({str(n.target) for n in cut.coupling.program.graph.nodes if n.target in UNCHECKED_STATE})
     if grown is not None and unchecked:  # their C++ kernels crash (not raise) on a hidden state of another batch
@@ -143,22 +192,17 @@ def verify(cut: Cut, pruned: torch.nn.Module, inputs: tuple[Any, ...],
             notes.append(f"batch {b2} not checked: the traced program only runs at batch {b} "
                          f"({type(err).__name__})")
         else:
-            a2, r2 = compare(_outputs(pruned, more, f"pruned program at batch {b2}"), want2)
-            abs_err, rel_err = max(abs_err, a2), max(rel_err, r2)
-            sizes.append(b2)
-    approximate = None
-    if approx:
-        a_abs, a_rel = compare(got, run(reference_module(cut), batch))
-        approximate = {"rel_err": a_rel, "max_abs_err": a_abs, "groups": approx}
-    passed = bool(np.isfinite(rel_err)) and rel_err <= tolerance
-    return VerifyResult(abs_err, rel_err, passed, not approx, tolerance, approx, approximate,
-                        sizes, notes)
+            out["abs"], out["rel"] = compare(_outputs(pruned, more, f"pruned program at batch {b2}"), want2)
+            out["checked"].append(b2)
+    return out, notes
 
 
 def check_refit(pruned: torch.nn.Module, original: torch.nn.Module, state: dict[str, torch.Tensor],
-                updates: dict[str, torch.Tensor], batches: list[Call]) -> dict[str, Any]:
+                updates: dict[str, torch.Tensor], batches: list[Call]
+                ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Write refit ``updates`` into ``state`` (shared with ``pruned``) only if they bring the
-    pruned outputs closer to ``original``'s on ``batches``; returns both errors."""
+    pruned outputs closer to ``original``'s on ``batches``; returns both errors, and the verified
+    tensors the refit replaced (empty when it was not applied)."""
     for fqn, value in updates.items():
         if fqn not in state or state[fqn].shape != value.shape:
             raise InternalError(f"a pass refit '{fqn}' with shape {tuple(value.shape)}, but the pruned "
@@ -174,5 +218,5 @@ def check_refit(pruned: torch.nn.Module, original: torch.nn.Module, state: dict[
         with torch.no_grad():
             for fqn, value in saved.items():
                 state[fqn].copy_(value)
-    return {"rel_err_before": before, "rel_err_after": after, "applied": applied,
-            "tensors": len(updates), "batches": len(batches)}
+    return ({"rel_err_before": before, "rel_err_after": after, "applied": applied,
+             "tensors": len(updates), "batches": len(batches)}, saved if applied else {})

@@ -12,6 +12,20 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+def corrupt_rewriter(monkeypatch, fqn: str) -> None:
+    """Make the rewriter scramble ``fqn``'s input columns after slicing: the verifier must catch it."""
+    from prunec import rewrite as rw
+
+    original = rw.slice_state
+
+    def broken(cut, *args, **kwargs):
+        state = original(cut, *args, **kwargs)
+        state[fqn] = torch.roll(state[fqn], 1, dims=1)
+        return state
+
+    monkeypatch.setattr(rw, "slice_state", broken)
+
+
 def assert_verified(result, tol: float = 1e-4) -> None:
     """The compile's own verifier passed, exactly, within ``tol``."""
     v = result.report["verify"]

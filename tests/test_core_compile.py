@@ -7,7 +7,7 @@ import torchvision
 
 import prunec
 from prunec.backends import BACKENDS
-from tests.conftest import assert_verified
+from tests.conftest import assert_verified, corrupt_rewriter
 
 X = torch.randn(1, 3, 64, 64)
 
@@ -120,17 +120,7 @@ def test_criteria_choose_different_units(method: str) -> None:
 
 def test_verifier_catches_a_broken_rewrite(monkeypatch) -> None:
     """Corrupt the rewriter: the verifier must fail the compile."""
-    from prunec import rewrite as rw
-
-    original = rw.slice_state
-
-    def broken(cut):
-        state = original(cut)
-        state["layer1.0.conv2.weight"] = torch.roll(state["layer1.0.conv2.weight"], 1, dims=1)
-        return state
-
-    monkeypatch.setattr(rw, "slice_state", broken)
-    monkeypatch.setattr("prunec.compiler.rewrite", rw.rewrite)
+    corrupt_rewriter(monkeypatch, "layer1.0.conv2.weight")
     model = torchvision.models.resnet18(num_classes=10).eval()
     with pytest.raises(prunec.errors.InternalError, match="verification failed"):
         prunec.compile(model, X, channels=0.5)

@@ -5,7 +5,7 @@ from torch import nn
 
 import prunec
 from prunec.errors import InternalError
-from tests.conftest import assert_verified
+from tests.conftest import assert_verified, corrupt_rewriter
 
 
 class Mixed(nn.Module):
@@ -37,16 +37,7 @@ def test_mixed_plan_verifies_exact_part_and_reports_approximate() -> None:
 
 def test_corrupted_exact_group_is_caught_while_an_approximate_group_is_cut(monkeypatch) -> None:
     """fc2's input columns belong to the exact MLP group: scramble them after slicing."""
-    from prunec import rewrite as rw
-
-    original = rw.slice_state
-
-    def broken(cut):
-        state = original(cut)
-        state["fc2.weight"] = torch.roll(state["fc2.weight"], 1, dims=1)
-        return state
-
-    monkeypatch.setattr(rw, "slice_state", broken)
+    corrupt_rewriter(monkeypatch, "fc2.weight")
     with pytest.raises(InternalError, match="verification failed") as info:
         prunec.compile(Mixed().eval(), X, mlp=0.5, hidden=0.25, round_to=1)
     assert "plan" in info.value.context and "prunec bug" in info.value.one_line()
@@ -95,8 +86,8 @@ def test_cli_internal_error_exits_3_with_a_repro_bundle(monkeypatch, tmp_path, c
 
     original = rw.slice_state
 
-    def broken(cut):
-        state = original(cut)
+    def broken(cut, *args, **kwargs):
+        state = original(cut, *args, **kwargs)
         for fqn in state:
             if fqn.endswith("weight") and state[fqn].dim() == 4 and state[fqn].shape[1] > 1:
                 state[fqn] = torch.roll(state[fqn], 1, dims=1)
