@@ -96,8 +96,8 @@ class Cut:
     def slice(self, fqn: str, tensor: torch.Tensor, skip: Iterable[int] = ()) -> torch.Tensor:
         """``tensor`` (in ``fqn``'s original shape, except dims in ``skip``) cut to its pruned shape."""
         skip = set(skip)
-        for (f, dim), _ in sorted(self.state_dropped.items(), key=lambda kv: kv[0][1]):
-            if f == fqn and dim not in skip:
+        for (f, dim), gone in sorted(self.state_dropped.items(), key=lambda kv: kv[0][1]):
+            if f == fqn and dim not in skip and len(gone):
                 keep = self.kept(fqn, dim, tensor.shape[dim])
                 tensor = tensor.index_select(dim, torch.as_tensor(keep, dtype=torch.long))
         return tensor

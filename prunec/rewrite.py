@@ -18,7 +18,7 @@ def slice_state(cut: Cut, share: bool = False, private: Iterable[str] = ()) -> d
     """New state tensors: each dropped dim removed with index_select; the others cloned, or with ``share``
     the original tensors themselves (no copy of the unpruned weights), except the ``private`` ones."""
     out: dict[str, torch.Tensor] = {}
-    cut_fqns = {fqn for fqn, _ in cut.state_dropped}
+    cut_fqns = {fqn for (fqn, _), gone in cut.state_dropped.items() if len(gone)}
     private = set(private)
     for fqn in cut.coupling.program.placeholder_fqns().values():
         tensor = cut.coupling.program.tensor(fqn).detach()
