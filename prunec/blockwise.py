@@ -136,6 +136,14 @@ def bind(program: Program, layer: nn.Module) -> None:
             program.ep.constants[fqn] = state[fqn]
 
 
+def unbind(program: Program) -> None:
+    """Replace the traced program's tensors by meta tensors of the same shapes (frees the block)."""
+    for store in (program.ep.state_dict, program.ep.constants):
+        for fqn, t in list(store.items()):
+            if isinstance(t, torch.Tensor):
+                store[fqn] = t.to("meta")
+
+
 def plan_block(layer: nn.Module, program: Program, coupling: Coupling, ratios: dict[str, float],
                method: str, round_to: int, calib: list[Call] | None) -> tuple[Plan, list[str]]:
     """The default pipeline (criterion → select → config_heads) on one bound block."""
@@ -193,11 +201,9 @@ def run_block(module: nn.Module, call: Call) -> torch.Tensor:
 def reload_block(skel: Skeleton, config: Any, shard: Path, prefix: str, i: int, call: Call,
                  want: torch.Tensor) -> float:
     """Read a written shard back into ``config``'s own layer class; rel. error vs the verified program."""
-    written = Checkpoint(shard.parent, {})
-    from safetensors import safe_open
+    from safetensors import safe_open  # read back with the library's own reader, as from_pretrained does
     with safe_open(shard, framework="pt") as f:
-        written.weight_map = {k: shard.name for k in f.keys()}
-    weights, _ = block_weights(written, prefix)
+        weights = {k[len(prefix):]: f.get_tensor(k).float() for k in f.keys()}
     _, rel = compare(run_block(skel.new_layer(config, i, weights), call), want)
     return rel
 
@@ -277,6 +283,10 @@ def compile_blockwise(path: str | Path, out: str | Path, *, heads: float = 0.0, 
             counts = counts or kept
             pruned, state, verified = prune_block(coupling, plan, example, check)
             want = run_block(pruned, example)
+            calls = [((run_block(pruned, c),), c[1]) for c in calls]
+            before = sum(w.numel() for w in weights.values())
+            del weights, layer
+            unbind(program)  # the original block is freed before the pruned one is written and read back
             shard = writer.write({prefix + k: v.to(dtypes[k]) for k, v in state.items()})
             shapes.update({prefix + k: tuple(v.shape) for k, v in state.items()})
             if new_config is None:
@@ -288,12 +298,12 @@ def compile_blockwise(path: str | Path, out: str | Path, *, heads: float = 0.0, 
             report["blocks"].append({
                 "block": i, "verify": verified, "reload_rel_err": reload_rel,
                 "kept": {prefix + n: k for n, k in kept.items()},
-                "params_before": sum(w.numel() for w in weights.values()),
+                "plan": {n: [int(u) for u in k] for n, k in plan.kept.items()},
+                "params_before": before,
                 "params_after": sum(v.numel() for v in state.values()),
                 "notes": notes, "time_s": round(time.perf_counter() - t0, 3)})
             example = (want,), example[1]
-            calls = [((run_block(pruned, c),), c[1]) for c in calls]
-            del weights, layer, pruned, state, want
+            del pruned, state, want
         writer.finish()
         new_config.save_pretrained(tmp)
         check_folder(new_config, writer.weight_map, shapes)

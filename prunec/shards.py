@@ -1,25 +1,83 @@
 """Sharded safetensors checkpoints, one tensor group at a time: read lazily, write shard by shard.
 
 ``Checkpoint`` reads a ``save_pretrained`` folder (``model.safetensors`` or the sharded
-``model.safetensors.index.json`` form) tensor by tensor through ``safe_open``, so only what a
-caller asks for is ever in memory. ``ShardWriter`` writes one shard per call and the index json
-``from_pretrained`` reads at the end.
+``model.safetensors.index.json`` form) tensor by tensor, so only what a caller asks for is ever in
+memory. ``ShardWriter`` writes one shard per call and the index json ``from_pretrained`` reads.
+
+Both move bytes with plain file reads/writes straight into/out of the tensors' storage (the
+safetensors layout: u64 header length, JSON header, raw little-endian data): ``safe_open`` maps
+the file, so the pages it touches count in the process's RSS on top of the copy it returns, and
+``safetensors.torch.save_file`` first copies every tensor to ``bytes`` — each doubles a block's
+footprint. The files are read back with ``safe_open`` by transformers and by the tests.
 """
 from __future__ import annotations
 
 import json
+import struct
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from prunec.errors import InputError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def _bytes(t: torch.Tensor) -> memoryview:
+    """A contiguous tensor's storage as writable bytes (no copy)."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's header (name → dtype/shape/data_offsets) and where its data starts."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n)), 8 + n
+
+
+def read_tensors(path: Path, keys: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The named tensors of one safetensors file, each read straight into its own storage."""
+    header, start = read_header(path)
+    out = {}
+    with open(path, "rb") as f:
+        for key in keys:
+            info = header[key]
+            t = torch.empty(info["shape"], dtype=DTYPES[info["dtype"]])
+            begin, end = info["data_offsets"]
+            if t.numel():
+                f.seek(start + begin)
+                if f.readinto(_bytes(t)) != end - begin:
+                    raise InputError(f"{path.name} is truncated at {key}", "copy the checkpoint again")
+            out[key] = t
+    return out
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a safetensors file without copying the tensors (little-endian hosts)."""
+    if sys.byteorder != "little":
+        raise NotImplementedError("safetensors data is little-endian")
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for key, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[key] = {"dtype": NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for t in tensors.values():
+            if t.numel():
+                f.write(_bytes(t.detach().contiguous()))
 
 
 @dataclass
@@ -44,8 +102,8 @@ class Checkpoint:
                 raise InputError(f"{folder} lacks shard {missing[0]} named in its index", "copy the whole folder")
             return cls(folder, dict(weight_map))
         if (folder / SINGLE).is_file():
-            with safe_open(folder / SINGLE, framework="pt") as f:
-                return cls(folder, {k: SINGLE for k in f.keys()})
+            header, _ = read_header(folder / SINGLE)
+            return cls(folder, {k: SINGLE for k in header if k != "__metadata__"})
         raise InputError(f"{folder} has no safetensors weights ({SINGLE} or {INDEX})",
                          "save the model with save_pretrained(safe_serialization=True)")
 
@@ -61,10 +119,8 @@ class Checkpoint:
             by_file.setdefault(self.weight_map[key], []).append(key)
         out: dict[str, torch.Tensor] = {}
         for name, names in by_file.items():
-            with safe_open(self.folder / name, framework="pt") as f:
-                for key in names:
-                    t = f.get_tensor(key)
-                    out[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+            for key, t in read_tensors(self.folder / name, names).items():
+                out[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
         return out
 
     def rows(self, key: str, index: torch.Tensor) -> torch.Tensor:
@@ -91,7 +147,7 @@ class ShardWriter:
         self.written += 1
         name = f"model-{self.written:05d}-of-{self.total:05d}.safetensors"
         path = self.folder / name
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+        write_tensors(path, tensors, {"format": "pt"})
         for key, t in tensors.items():
             self.weight_map[key] = name
             self.nbytes += t.numel() * t.element_size()
