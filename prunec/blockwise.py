@@ -12,6 +12,7 @@ block (original + pruned + reference) plus the activations. The hidden width is 
 from __future__ import annotations
 
 import copy
+import gc
 import resource
 import shutil
 import time
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from prunec.atomic import atomic_path
+from prunec.backends.torch_backend import TOKENIZER_FILES
 from prunec.coupling import Coupling
 from prunec.cut import Cut
 from prunec.errors import InputError, InternalError
@@ -32,9 +34,7 @@ from prunec.trace import Program, trace
 from prunec.verify import compare, verify
 
 SUPPORTED = ("llama", "mistral", "qwen2")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
-                   "generation_config.json")
+COPIED = (*TOKENIZER_FILES, "generation_config.json")  # copied from the input folder as they are
 Call = tuple[tuple[Any, ...], dict[str, Any]]
 
 
@@ -234,6 +234,73 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+@dataclass
+class BlockRun:
+    """State shared by the blocks of one compile: the source, the traced template, the writer."""
+
+    config: Any
+    ckpt: Checkpoint
+    skel: Skeleton
+    writer: ShardWriter
+    ratios: dict[str, float]
+    method: str
+    round_to: int
+    check: bool
+    program: Program | None = None
+    coupling: Coupling | None = None
+    new_config: Any = None
+    report: dict[str, Any] | None = None
+    shapes: dict[str, tuple[int, ...]] | None = None
+    counts: dict[str, int] | None = None
+
+    def template(self, layer: nn.Module, example: Call) -> None:
+        """Trace the first block once and analyze it: every block has this coupling."""
+        from prunec.analyze import build_coupling
+        self.program = trace(layer, *example)
+        self.coupling = build_coupling(self.program)
+        self.report["groups"] = [{"name": g.name, "kind": g.kind, "size": g.size} for g in self.coupling.groups]
+
+    def block(self, i: int, example: Call, calls: list[Call]) -> tuple[Call, list[Call]]:
+        """Load, plan, rewrite, verify, write and read back block ``i``; returns the next block's inputs."""
+        t0, prefix = time.perf_counter(), self.skel.prefix(i)
+        weights, dtypes = block_weights(self.ckpt, prefix)
+        before = sum(w.numel() for w in weights.values())
+        layer = self.skel.new_layer(self.config, i, weights)
+        del weights
+        if self.program is None:
+            self.template(layer, example)
+        bind(self.program, layer)
+        plan, notes = plan_block(layer, self.program, self.coupling, self.ratios, self.method, self.round_to,
+                                 calls or None)
+        kept = {n: len(k) for n, k in plan.kept.items()}
+        if self.counts is not None and kept != self.counts:
+            raise InternalError(f"block {i} keeps {kept}, block 0 {self.counts}: the config needs uniform widths")
+        self.counts = kept
+        pruned, state, verified = prune_block(self.coupling, plan, example, self.check)
+        want = run_block(pruned, example)
+        calls = [((run_block(pruned, c),), c[1]) for c in calls]
+        del layer, pruned
+        unbind(self.program)
+        shard = self.writer.write({prefix + k: v.to(dtypes[k]) for k, v in state.items()})
+        self.shapes.update({prefix + k: tuple(v.shape) for k, v in state.items()})
+        if self.new_config is None:
+            self.new_config, self.report["config"] = pruned_config(self.config, state)
+        after = sum(v.numel() for v in state.values())
+        del state
+        gc.collect()  # the verifier's reference module sits in reference cycles that hold the original block
+        reload_rel = reload_block(self.skel, self.new_config, shard, prefix, i, example, want)
+        if reload_rel > 1e-5:
+            raise InternalError(f"block {i} read back from its shard into {self.skel.layer_cls.__name__} differs "
+                                f"from the verified program by rel. err {reload_rel:.3g}")
+        self.report["blocks"].append({
+            "block": i, "verify": verified, "reload_rel_err": reload_rel,
+            "kept": {prefix + n: k for n, k in kept.items()},
+            "plan": {n: [int(u) for u in k] for n, k in plan.kept.items()},
+            "params_before": before, "params_after": after, "notes": notes,
+            "time_s": round(time.perf_counter() - t0, 3)})
+        return ((want,), example[1]), calls
+
+
 def compile_blockwise(path: str | Path, out: str | Path, *, heads: float = 0.0, mlp: float = 0.0,
                       method: str = "l1", round_to: int = 8, seq_len: int = 32, seed: int = 0,
                       calib: list[torch.Tensor] | None = None, check: bool = True,
@@ -254,65 +321,28 @@ def compile_blockwise(path: str | Path, out: str | Path, *, heads: float = 0.0, 
     others = [k for k in ckpt.weight_map if not any(k.startswith(skel.prefix(i)) for i in range(skel.n_layers))]
     report: dict[str, Any] = {"blockwise": True, "model_bytes": ckpt.nbytes, "blocks": [], "notes": [],
                               "method": method, "ratios": ratios, "calib_batches": len(calls)}
-    shapes: dict[str, tuple[int, ...]] = {}
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        writer = ShardWriter(tmp, len(others) + skel.n_layers)
+        run = BlockRun(config, ckpt, skel, ShardWriter(tmp, len(others) + skel.n_layers), ratios, method,
+                       round_to, check, report=report, shapes={})
         for key in others:  # embeddings, final norm, lm_head: the hidden width is kept
             tensor = ckpt.read([key])[key]
-            shapes[key] = tuple(tensor.shape)
-            writer.write({key: tensor})
+            run.shapes[key] = tuple(tensor.shape)
+            run.writer.write({key: tensor})
             del tensor
-        program = coupling = new_config = counts = None
         for i in range(skel.n_layers):
-            t0, prefix = time.perf_counter(), skel.prefix(i)
             if progress:
                 progress(f"block {i + 1}/{skel.n_layers}")
-            weights, dtypes = block_weights(ckpt, prefix)
-            layer = skel.new_layer(config, i, weights)
-            if program is None:  # trace once: every block has the same coupling
-                program = trace(layer, *example)
-                from prunec.analyze import build_coupling
-                coupling = build_coupling(program)
-                report["groups"] = [{"name": g.name, "kind": g.kind, "size": g.size} for g in coupling.groups]
-            bind(program, layer)
-            plan, notes = plan_block(layer, program, coupling, ratios, method, round_to, calls or None)
-            kept = {n: len(k) for n, k in plan.kept.items()}
-            if counts is not None and kept != counts:
-                raise InternalError(f"block {i} keeps {kept}, block 0 {counts}: the config needs uniform widths")
-            counts = counts or kept
-            pruned, state, verified = prune_block(coupling, plan, example, check)
-            want = run_block(pruned, example)
-            calls = [((run_block(pruned, c),), c[1]) for c in calls]
-            before = sum(w.numel() for w in weights.values())
-            del weights, layer
-            unbind(program)  # the original block is freed before the pruned one is written and read back
-            shard = writer.write({prefix + k: v.to(dtypes[k]) for k, v in state.items()})
-            shapes.update({prefix + k: tuple(v.shape) for k, v in state.items()})
-            if new_config is None:
-                new_config, report["config"] = pruned_config(config, state)
-            reload_rel = reload_block(skel, new_config, shard, prefix, i, example, want)
-            if reload_rel > 1e-5:
-                raise InternalError(f"block {i} read back from its shard into {skel.layer_cls.__name__} differs "
-                                    f"from the verified program by rel. err {reload_rel:.3g}")
-            report["blocks"].append({
-                "block": i, "verify": verified, "reload_rel_err": reload_rel,
-                "kept": {prefix + n: k for n, k in kept.items()},
-                "plan": {n: [int(u) for u in k] for n, k in plan.kept.items()},
-                "params_before": before,
-                "params_after": sum(v.numel() for v in state.values()),
-                "notes": notes, "time_s": round(time.perf_counter() - t0, 3)})
-            example = (want,), example[1]
-            del pruned, state, want
-        writer.finish()
-        new_config.save_pretrained(tmp)
-        check_folder(new_config, writer.weight_map, shapes)
-        for name in TOKENIZER_FILES:
+            example, calls = run.block(i, example, calls)
+        run.writer.finish()
+        run.new_config.save_pretrained(tmp)
+        check_folder(run.new_config, run.writer.weight_map, run.shapes)
+        for name in COPIED:
             if (path / name).is_file():
                 shutil.copy2(path / name, tmp / name)
     report["notes"] += sorted({n.split(": ", 1)[-1] for b in report["blocks"] for n in b["notes"]})
-    report.update(output_bytes=writer.nbytes, peak_rss_mb=round(peak_rss_mb(), 1), rss_at_start_mb=round(rss_start, 1),
-                  time_s=round(time.perf_counter() - start, 3), artifact=str(out),
-                  params_before=sum(b["params_before"] for b in report["blocks"]),
+    report.update(output_bytes=run.writer.nbytes, peak_rss_mb=round(peak_rss_mb(), 1),
+                  rss_at_start_mb=round(rss_start, 1), time_s=round(time.perf_counter() - start, 3),
+                  artifact=str(out), params_before=sum(b["params_before"] for b in report["blocks"]),
                   params_after=sum(b["params_after"] for b in report["blocks"]))
     return report
