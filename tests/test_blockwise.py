@@ -130,3 +130,12 @@ def test_blockwise_bad_input_is_one_line_exit_2(case, llama, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("prunec: error:") and len(err.splitlines()) == 1, err
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.pt2").exists()
+
+
+def test_cli_picks_blockwise_for_a_checkpoint_over_a_quarter_of_ram(llama, tmp_path, capsys, monkeypatch):
+    import os
+    folder, _ = llama
+    real = os.sysconf
+    monkeypatch.setattr(os, "sysconf", lambda name: 10 if name == "SC_PHYS_PAGES" else real(name))
+    assert main([f"hf:{folder}", "--mlp", "0.25", "-o", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out.count("verify PASSED") == 3   # one line per block: the blockwise path ran
