@@ -221,7 +221,7 @@ def check_folder(config: Any, weight_map: dict[str, str], shapes: dict[str, tupl
 
 
 def rss_mb() -> float:
-    """This process's resident set size now (MB; Linux /proc, else the peak)."""
+    """This process's resident set size now (MiB; Linux /proc, else the peak)."""
     try:
         pages = int(Path("/proc/self/statm").read_text().split()[1])
     except (OSError, ValueError, IndexError):
@@ -230,7 +230,7 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set size so far (MB)."""
+    """This process's peak resident set size so far (MiB: ru_maxrss is in KiB on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

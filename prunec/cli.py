@@ -311,8 +311,8 @@ def _blockwise_lines(report: dict[str, Any], out: Path) -> list[str]:
     before, after = report["params_before"], report["params_after"]
     lines += [f"blocks  params {before:,} → {after:,} ({100 * after / max(before, 1):.1f}%); config "
               + ", ".join(f"{k} {v}" for k, v in report["config"].items()),
-              f"memory  peak RSS {report['peak_rss_mb'] / 1e3:.2f} GB ({report['rss_at_start_mb'] / 1e3:.2f} GB "
-              f"after imports) for a {gb(report['model_bytes'])} checkpoint",
+              f"memory  peak RSS {gb(report['peak_rss_mb'] * 2**20)} ({report['peak_rss_mb'] * 2**20 / report['model_bytes']:.2f}× "
+              f"the {gb(report['model_bytes'])} checkpoint; {gb(report['rss_at_start_mb'] * 2**20)} before the first block)",
               f"time    {report['time_s']:.1f}s",
               *(f"note    {n}" for n in report["notes"]),
               f"wrote   {out} (from_pretrained folder, {gb(report['output_bytes'])})"]
