@@ -317,7 +317,11 @@ def compile_blockwise(path: str | Path, out: str | Path, *, heads: float = 0.0, 
     skel = Skeleton.of(config)
     gen = torch.Generator().manual_seed(seed)
     example = first_inputs(ckpt, skel, config, torch.randint(0, config.vocab_size, (1, seq_len), generator=gen))
-    calls = [first_inputs(ckpt, skel, config, t) for t in calib or []]
+    rows = [row[None] for t in calib or [] for row in torch.as_tensor(t).reshape(-1, torch.as_tensor(t).shape[-1])]
+    if any(r.shape[1] != seq_len for r in rows):
+        raise InputError(f"calibration token windows must be {seq_len} long (the traced block's sequence length)",
+                         f"cut them to seq_len={seq_len} or pass seq_len")
+    calls = [first_inputs(ckpt, skel, config, r.long()) for r in rows]
     others = [k for k in ckpt.weight_map if not any(k.startswith(skel.prefix(i)) for i in range(skel.n_layers))]
     report: dict[str, Any] = {"blockwise": True, "model_bytes": ckpt.nbytes, "blocks": [], "notes": [],
                               "method": method, "ratios": ratios, "calib_batches": len(calls)}

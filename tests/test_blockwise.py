@@ -139,3 +139,10 @@ def test_cli_picks_blockwise_for_a_checkpoint_over_a_quarter_of_ram(llama, tmp_p
     monkeypatch.setattr(os, "sysconf", lambda name: 10 if name == "SC_PHYS_PAGES" else real(name))
     assert main([f"hf:{folder}", "--mlp", "0.25", "-o", str(tmp_path / "out")]) == 0
     assert capsys.readouterr().out.count("verify PASSED") == 3   # one line per block: the blockwise path ran
+
+
+def test_calibration_windows_of_another_length_are_refused(llama, tmp_path):
+    folder, _ = llama
+    with pytest.raises(prunec.InputError, match="must be 12 long"):
+        compile_blockwise(folder, tmp_path / "out", mlp=0.25, method="wanda", calib=[torch.zeros(2, 5)], seq_len=12)
+    assert not (tmp_path / "out").exists()
