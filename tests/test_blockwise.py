@@ -45,7 +45,7 @@ def qwen2(tmp_path):
 def _whole(model, heads, mlp, **kw):
     ids = torch.randint(0, model.config.vocab_size, (1, 16))
     return prunec.compile(model, (), example_kwargs={"input_ids": ids, "use_cache": False}, heads=heads, mlp=mlp,
-                          **kw)
+                          static=True, **kw)
 
 
 @pytest.mark.parametrize("which", ["llama", "qwen2"])
@@ -62,7 +62,7 @@ def test_blockwise_equals_whole_model_compile(which, request, tmp_path):
     with torch.no_grad():
         got, want = reloaded(input_ids=ids).logits, whole.model(input_ids=ids, use_cache=False).logits
     assert torch.allclose(got, want, rtol=0, atol=1e-5 * want.abs().max())
-    assert reloaded.generate(ids[:1], max_new_tokens=4, do_sample=False).shape == (1, 14)
+    assert reloaded.generate(ids[:1], max_new_tokens=4, min_new_tokens=4, do_sample=False).shape == (1, 14)
     assert sum(p.numel() for p in reloaded.parameters()) == sum(p.numel() for p in whole.model.parameters())
 
 
@@ -81,7 +81,7 @@ def test_cli_blockwise_writes_a_from_pretrained_folder(llama, tmp_path, capsys):
     tok = transformers.AutoTokenizer.from_pretrained(out)
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     ids = tok("The quick brown fox", return_tensors="pt")["input_ids"]
-    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
+    assert model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
 
 
 def test_sequential_calibration_block0_matches_whole_model(llama, tmp_path):
@@ -93,7 +93,7 @@ def test_sequential_calibration_block0_matches_whole_model(llama, tmp_path):
     batches = [stream[i * 12:(i + 1) * 12][None] for i in range(4)]
     report = compile_blockwise(folder, tmp_path / "out", mlp=0.25, method="wanda", calib=batches, seq_len=12)
     whole = prunec.compile(model, (), example_kwargs={"input_ids": batches[0], "use_cache": False}, mlp=0.25,
-                           method="wanda", calib=[{"input_ids": b, "use_cache": False} for b in batches])
+                           method="wanda", calib=[{"input_ids": b, "use_cache": False} for b in batches], static=True)
     name = "mlp.gate_proj.weight@0"
     assert report["blocks"][0]["plan"][name] == list(whole.plan.kept[f"model.layers.0.{name}"])
     l1 = compile_blockwise(folder, tmp_path / "out_l1", mlp=0.25)
