@@ -163,10 +163,11 @@ def plan_block(layer: nn.Module, program: Program, coupling: Coupling, ratios: d
 
 def prune_block(coupling: Coupling, plan: Plan, call: Call, check: bool
                 ) -> tuple[nn.Module, dict[str, torch.Tensor], dict[str, Any] | None]:
-    """Rewrite one block and verify it against its zeroed reference on ``call``."""
+    """Rewrite one block (tensors it leaves whole are shared, not copied) and verify it against its zeroed
+    reference on ``call``."""
     from prunec.rewrite import rewrite
     cut = Cut.of(coupling, plan)
-    pruned, state, _ = rewrite(cut)
+    pruned, state, _ = rewrite(cut, share=True)
     if not check:
         return pruned, state, None
     result = verify(cut, pruned, *call)
