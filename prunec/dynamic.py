@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.utils._pytree as pytree
@@ -75,13 +75,18 @@ def resized(inputs: tuple[Any, ...], kwargs: dict[str, Any], spec: Spec,
             grow: int = 0) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Example inputs resized along the spec's dynamic dims (see ``_resize``): with ``grow`` another batch
     size and, for token inputs, another sequence length, so a rewrite that bakes a size in is caught."""
+    return _map_dims(inputs, kwargs, spec, lambda t, d: _resize(t, d, grow))
+
+
+def _map_dims(inputs: tuple[Any, ...], kwargs: dict[str, Any], spec: Spec,
+              fn: Callable[[Any, Any], Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``fn(tensor, its dynamic dims)`` over every input leaf the spec names."""
     specs = list(spec)
-    new_args = tuple(pytree.tree_map(lambda t, d: _resize(t, d, grow), a, s, is_leaf=lambda x: x is None)
-                     if s is not None else a for a, s in zip(inputs, specs[:len(inputs)]))
-    new_kwargs = {k: (pytree.tree_map(lambda t, d: _resize(t, d, grow), v, s, is_leaf=lambda x: x is None)
-                      if s is not None else v)
-                  for (k, v), s in zip(kwargs.items(), specs[len(inputs):])}
-    return new_args, new_kwargs
+
+    def each(value: Any, dims: Any) -> Any:
+        return pytree.tree_map(fn, value, dims, is_leaf=lambda x: x is None) if dims is not None else value
+    return (tuple(each(a, s) for a, s in zip(inputs, specs[:len(inputs)])),
+            {k: each(v, s) for (k, v), s in zip(kwargs.items(), specs[len(inputs):])})
 
 
 def _has_symbolic_input(coupling: Coupling) -> bool:
@@ -90,6 +95,18 @@ def _has_symbolic_input(coupling: Coupling) -> bool:
         if isinstance(val, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in val.shape):
             return True
     return False
+
+
+def _symbolic_trace(module: torch.nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any], spec: Spec | None,
+                    who: str) -> tuple[Spec, tuple[Any, ...], dict[str, Any], Any, Coupling]:
+    """Trace ``module`` with ``spec``'s dims symbolic (on inputs resized so no dim is 0/1-specialised)."""
+    spec = spec or default_spec(inputs, kwargs)
+    wide_args, wide_kwargs = resized(inputs, kwargs, spec)
+    program = trace(module, wide_args, wide_kwargs, dynamic_shapes=spec)
+    coupling = build_coupling(program)
+    if not _has_symbolic_input(coupling):
+        raise ValueError(f"torch.export specialised every input dim of {who}")
+    return spec, wide_args, wide_kwargs, program, coupling
 
 
 def replay(model: torch.nn.Module, plan: Plan, static: torch.nn.Module, inputs: tuple[Any, ...],
@@ -102,12 +119,7 @@ def replay(model: torch.nn.Module, plan: Plan, static: torch.nn.Module, inputs: 
 
     Raises ValueError (with the reason) when the dynamic program can't be made or doesn't check out.
     """
-    spec = spec or default_spec(inputs, kwargs)
-    wide_args, wide_kwargs = resized(inputs, kwargs, spec)
-    program = trace(model, wide_args, wide_kwargs, dynamic_shapes=spec)
-    coupling = build_coupling(program)
-    if not _has_symbolic_input(coupling):
-        raise ValueError("torch.export specialised every input dim of the model")
+    spec, wide_args, wide_kwargs, program, coupling = _symbolic_trace(model, inputs, kwargs, spec, "the model")
     names = {g.name: g.size for g in coupling.groups}
     lost = [n for n, size in plan.sizes.items() if names.get(n) != size]
     if lost:
@@ -183,11 +195,7 @@ def _twice(static: torch.nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, A
     def double(t: Any, dims: Any) -> Any:
         return torch.cat([t, t.flip(0) + 0.5 * torch.randn_like(t) if t.is_floating_point() else t.flip(0)])\
             if isinstance(t, torch.Tensor) and isinstance(dims, dict) and 0 in dims else t
-    specs = list(spec)
-    args2 = tuple(pytree.tree_map(double, a, s, is_leaf=lambda x: x is None) if s is not None else a
-                  for a, s in zip(inputs, specs[:len(inputs)]))
-    kwargs2 = {k: pytree.tree_map(double, v, s, is_leaf=lambda x: x is None) if s is not None else v
-               for (k, v), s in zip(kwargs.items(), specs[len(inputs):])}
+    args2, kwargs2 = _map_dims(inputs, kwargs, spec, double)
     halves = []
     for part in (0, 1):
         n = lambda t: t.chunk(2)[part] if isinstance(t, torch.Tensor) and t.dim() else t  # noqa: E731
@@ -204,12 +212,8 @@ def export_synced(module: torch.nn.Module, static: torch.nn.Module, inputs: tupl
                   kwargs: dict[str, Any], spec: Spec | None = None) -> DynamicProgram:
     """Trace the synced (pruned) user module with symbolic dims; check it against the static program
     on the example and, at twice the batch, against the static program run half by half."""
-    spec = spec or default_spec(inputs, kwargs)
-    wide_args, wide_kwargs = resized(inputs, kwargs, spec)
-    program = trace(module, wide_args, wide_kwargs, dynamic_shapes=spec)
-    coupling = build_coupling(program)
-    if not _has_symbolic_input(coupling):
-        raise ValueError("torch.export specialised every input dim of the pruned module")
+    spec, wide_args, wide_kwargs, program, coupling = _symbolic_trace(module, inputs, kwargs, spec,
+                                                                      "the pruned module")
     dynamic = ProgramModule(program, copy_graph(program.graph)[0], program.state())
     (args2, kwargs2), want = _twice(static, inputs, kwargs, spec)
     with torch.no_grad():
