@@ -71,23 +71,25 @@ def keep_whole(model: nn.Module, coupling: Any) -> dict[str, str]:
     return whole
 
 
+def _sync_grouped(m: nn.Module, lead: str, follow: str) -> None:
+    """``lead``: the channels on the weight's dim 0; whole groups go, so ``groups`` follows them."""
+    shape = _weight_shape(m)
+    old = getattr(m, lead)
+    setattr(m, lead, shape[0])
+    m.groups = m.groups * shape[0] // old if m.groups > 1 else 1
+    setattr(m, follow, shape[1] * m.groups)
+
+
 @module_sync(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def _conv(m: nn.Conv2d) -> None:
-    shape = _weight_shape(m)
-    old_out = m.out_channels
-    m.out_channels = shape[0]
-    m.groups = m.groups * m.out_channels // old_out if m.groups > 1 else 1
-    m.in_channels = shape[1] * m.groups
+    """Weight (out, in/groups, k…)."""
+    _sync_grouped(m, "out_channels", "in_channels")
 
 
 @module_sync(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 def _conv_transpose(m: nn.ConvTranspose2d) -> None:
-    """Weight (in, out/groups, k…): whole groups go, so groups follows the input channels."""
-    shape = _weight_shape(m)
-    old_in = m.in_channels
-    m.in_channels = shape[0]
-    m.groups = m.groups * m.in_channels // old_in if m.groups > 1 else 1
-    m.out_channels = shape[1] * m.groups
+    """Weight (in, out/groups, k…)."""
+    _sync_grouped(m, "in_channels", "out_channels")
 
 
 @module_sync(nn.PReLU)
