@@ -1,7 +1,7 @@
 """Latency-aware selection: widths from a latency table measured on the deployment runtime.
 
-With ``ratios`` each group's width is snapped to the widest latency step that costs no more than
-the width the ratio asks for (instead of a fixed ``round_to``). With ``target`` (a fraction of the
+With ``ratios`` each group's width is snapped to the widest latency step at or below the width the
+ratio asks for (instead of a fixed ``round_to``); a step is a width faster than every wider one. With ``target`` (a fraction of the
 dense latency, or ms) a greedy knapsack steps groups down their latency staircases, each time where
 the predicted latency falls most per unit of importance lost (HALP / NetAdapt style).
 """
@@ -20,14 +20,13 @@ from prunec.plan import Plan
 
 
 def snap(table: LatencyTable, group: str, budget: int) -> int:
-    """The widest latency step whose predicted latency is at most that of ``budget`` units."""
-    curve = table.group_curve(group)
-    ws = sorted(curve)
-    if not ws:
+    """The widest latency step (a width faster than every wider one) at or below ``budget`` units;
+    the narrowest step if none is (a plateau's free units are kept)."""
+    steps = table.steps(group)
+    if not steps:
         return budget
-    limit = float(np.interp(budget, ws, [curve[w] for w in ws])) if budget >= ws[0] else curve[ws[0]]
-    fits = [w for w in table.steps(group) if curve[w] <= limit * (1 + 1e-9)]
-    return max(fits) if fits else min(table.steps(group))
+    fits = [w for w in steps if w <= budget]
+    return max(fits) if fits else min(steps)
 
 
 def importance(scores: np.ndarray) -> np.ndarray:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from prunec.coupling import Coupling, shape_of
-from prunec.errors import InputError
+from prunec.errors import InputError, InternalError
 from prunec.runtimes import Runtime, get_runtime, time_interleaved
 from prunec.trace import Program
 
@@ -299,7 +299,7 @@ def _measure_ops(ops: list[Op], sizes: dict[str, int], rt: Runtime, batch: int, 
     for i, op in enumerate(ops):
         if progress:
             progress(f"profiling op {i + 1}/{len(ops)} ({op.name})")
-        c_in = op.w_shape[1] * (1 if op.depthwise else op.groups)
+        c_in = op.x_shape[-1] if op.kind == "linear" else op.x_shape[1]
         c_out = op.w_shape[0]
         k = op.in_per_unit
         sides = {"both": (op.out_group, c_out)} if op.depthwise else \
@@ -311,8 +311,12 @@ def _measure_ops(ops: list[Op], sizes: dict[str, int], rt: Runtime, batch: int, 
         for side, w in todo:
             ci = w * (k if side == "in" else 1) if side in ("in", "both") else c_in
             co = w if side in ("out", "both") else c_out
-            module, x = op.module(ci, co, batch)
-            runs.append(rt.prepare(module, (x,), threads))
+            try:
+                module, x = op.module(ci, co, batch)
+                runs.append(rt.prepare(module, (x,), threads))
+            except Exception as err:  # noqa: BLE001 - a variant we built wrongly is our bug
+                raise InternalError(f"could not build {op.name} at {side} width {w} on {rt.name}: "
+                                    f"{type(err).__name__}: {str(err).strip()[:200]}", op=op.__dict__) from err
         for job, sec in zip(todo, time_interleaved(runs, rounds)):
             done[(op.signature(), *job)] = sec * 1e3
         full[op.name] = done[(op.signature(), "full", c_out)]

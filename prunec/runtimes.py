@@ -96,6 +96,9 @@ def _prepare_executorch(module: torch.nn.Module, x: tuple[torch.Tensor, ...], th
 @contextmanager
 def _threads(n: int) -> Iterator[None]:
     old = torch.get_num_threads()
+    if old == n:  # set_num_threads rebuilds the thread pool: only when it changes
+        yield
+        return
     torch.set_num_threads(n)
     try:
         yield
