@@ -20,13 +20,15 @@ from prunec.plan import Plan
 
 
 def snap(table: LatencyTable, group: str, budget: int) -> int:
-    """The widest latency step (a width faster than every wider one) at or below ``budget`` units;
-    the narrowest step if none is (a plateau's free units are kept)."""
+    """The widest latency step at or below ``budget`` units (the narrowest step if none is), moved up
+    to the widest step that costs no more (a plateau's free units are kept)."""
     steps = table.steps(group)
     if not steps:
         return budget
     fits = [w for w in steps if w <= budget]
-    return max(fits) if fits else min(steps)
+    base = max(fits) if fits else min(steps)
+    curve = table.group_curve(group)
+    return max(w for w in steps if curve[w] <= curve[base])
 
 
 def importance(scores: np.ndarray) -> np.ndarray:
@@ -49,14 +51,15 @@ def allocate(table: LatencyTable, scores: dict[str, np.ndarray], target_ms: floa
     pred = table.predict(widths)
 
     def move(g: str) -> tuple[float, float, int] | None:
-        lower = [w for w in steps[g] if w < widths[g]]
-        if not lower:
-            return None
-        w = lower[-1]
-        trial = {**widths, g: w}
-        saved = table.scale * sum(table.op_ms(op, widths) - table.op_ms(op, trial) for op in touching[g])
-        lost = gain[g][widths[g]] - gain[g][w]
-        return saved / max(lost, 1e-12), saved, w
+        """The lower step of ``g`` with the most predicted ms saved per importance lost."""
+        best = None
+        for w in (w for w in steps[g] if w < widths[g]):
+            trial = {**widths, g: w}
+            saved = table.scale * sum(table.op_ms(op, widths) - table.op_ms(op, trial) for op in touching[g])
+            lost = gain[g][widths[g]] - gain[g][w]
+            if saved > 0 and (best is None or saved / max(lost, 1e-12) > best[0]):
+                best = (saved / max(lost, 1e-12), saved, w)
+        return best
 
     moves = {g: move(g) for g in steps}
     while pred > target_ms:
@@ -98,7 +101,7 @@ class LatencySelect(Pass):
                  ratios: dict[str, float] | None = None, batch: int = 1, threads: int | None = None,
                  kinds: tuple[str, ...] = ("channel", "mlp"), max_ratio: float = 0.9, points: int = 16,
                  rounds: int = 5, table: LatencyTable | None = None, cache: Any = True,
-                 refine: int = 2) -> None:
+                 refine: int = 3, measure: bool = True) -> None:
         self.ratios = {k: check_ratio(k, float(v)) for k, v in (ratios or {}).items() if v}
         if target is None and not self.ratios:
             raise InputError("latency-aware selection needs a latency target or ratios",
@@ -107,34 +110,41 @@ class LatencySelect(Pass):
         self.runtime, self.batch, self.threads = runtime, batch, threads
         self.kinds = tuple(self.ratios) if self.ratios and target is None else kinds
         self.max_ratio, self.points, self.rounds = max_ratio, points, rounds
-        self.table, self.cache, self.refine = table, cache, refine
+        self.table, self.cache, self.refine, self.measure = table, cache, refine, measure
 
     def _refine(self, state: State, table: LatencyTable, scores: dict[str, np.ndarray], floor: dict[str, int],
                 target_ms: float, widths: dict[str, int], pred: float, info: dict[str, Any]
                 ) -> tuple[dict[str, int], float]:
-        """Measure the allocation end to end (interleaved with the dense model) and re-aim the
-        prediction ``refine`` times when the measured ratio misses the target's by more than 5 %."""
+        """Measure the allocation end to end (interleaved with the unpruned model, both as compile
+        returns them) and re-aim the predicted target up to ``refine`` times (secant steps) while the
+        measured ratio misses the goal by more than 5 %; keep the allocation measured closest."""
         goal = target_ms / table.dense_ms
-        aim, tries = target_ms, []
+        aim, tries, best = target_ms, [], None
         for _ in range(self.refine + 1):
             plan = Plan(meta={})
             _keep(plan, state.scores, widths)
-            pruned = state.need_services("latency_select").prune(plan)
-            ms = measure(self.runtime, {"dense": state.model, "pruned": pruned}, state.program.example_inputs,
+            dense, pruned = state.services.deployed(plan)  # as compile returns them: exported alike
+            ms = measure(self.runtime, {"dense": dense, "pruned": pruned}, state.program.example_inputs,
                          self.batch, table.meta["key_fields"]["threads"], self.rounds)
             ratio = ms["pruned"] / ms["dense"]
             if self.target[0] == "ms":  # an absolute target: aim at it under this run's load
                 goal = target_ms / ms["dense"]
-            tries.append({"predicted_ms": pred, "aim_ms": aim, "measured_ratio": ratio})
+            tries.append({"predicted_ms": pred, "aim_ms": aim, "measured_ratio": ratio, "goal": goal})
+            if best is None or abs(ratio - goal) < abs(best[2] - goal):
+                best = (widths, pred, ratio)
             if abs(ratio / goal - 1) <= 0.05 or len(tries) > self.refine:
                 break
-            aim *= goal / ratio
+            a, b = tries[-2:] if len(tries) > 1 else (None, tries[-1])
+            slope = (b["measured_ratio"] - a["measured_ratio"]) / (b["aim_ms"] - a["aim_ms"]) \
+                if a and b["aim_ms"] != a["aim_ms"] else 0.0
+            aim = aim + (goal - ratio) / slope if slope > 0 else aim * goal / ratio
+            aim = min(max(aim, target_ms / 4), target_ms * 2, table.dense_ms * 0.99)  # a bounded search
             try:
                 widths, pred = allocate(table, scores, aim, floor)
             except InputError:
-                break  # the re-aimed target is beyond reach: keep the last allocation
+                break  # the re-aimed target is beyond reach: keep the closest allocation
         info["refine"] = tries
-        return widths, pred
+        return best[0], best[1]
 
     def run(self, state: State) -> PassResult:
         table = self.table or profile(state.model, state.program, state.coupling, self.runtime, self.batch,
@@ -144,7 +154,8 @@ class LatencySelect(Pass):
                   and g.name not in state.plan.kept]
         info: dict[str, Any] = {"runtime": self.runtime, "batch": self.batch,
                                 "threads": table.meta["key_fields"]["threads"], "dense_ms": table.dense_ms,
-                                "table": table.meta.get("cache"), "ops_timed": len(table.ops)}
+                                "table": table.meta.get("cache"), "ops_timed": len(table.ops),
+                                "measure": self.measure}
         if self.target is not None:
             kind, value = self.target
             target_ms = value * table.dense_ms if kind == "fraction" else value
@@ -152,7 +163,7 @@ class LatencySelect(Pass):
             floor = {g: max(1, math.ceil(len(s) * (1 - self.max_ratio))) for g, s in scores.items()}
             widths, pred = allocate(table, scores, target_ms, floor)
             info.update(mode="target", target_ms=target_ms)
-            if self.refine and state.services is not None:
+            if self.refine and state.services is not None and state.services.deployed is not None:
                 widths, pred = self._refine(state, table, scores, floor, target_ms, widths, pred, info)
         else:
             widths = {}

@@ -94,13 +94,23 @@ def criterion(method: str, ratio: float = 0.5, round_to: int = 8) -> Pass:
     return cls()
 
 
-def services(coupling: Coupling) -> Services:
+def services(coupling: Coupling, model: nn.Module | None = None) -> Services:
     """The rewriter and cost model as services for passes that try plans."""
     program = coupling.program
     return Services(prune=lambda plan: rewrite(Cut.of(coupling, plan))[0],
                     original=lambda: original_program(coupling),
                     macs=lambda m: count_macs(m, program.example_inputs, program.example_kwargs),
-                    params=count_params)
+                    params=count_params,
+                    deployed=(lambda plan: deployed(model, coupling, plan)) if model is not None else None)
+
+
+def deployed(model: nn.Module, coupling: Coupling, plan: Plan) -> tuple[nn.Module, nn.Module]:
+    """(unpruned, pruned) as compile would return them: the user's class when it syncs, else programs."""
+    program = coupling.program
+    cut = Cut.of(coupling, plan)
+    pruned, state, _ = rewrite(cut)
+    module, synced, _ = _sync(model, state, pruned, program.example_inputs, program.example_kwargs, cut.blocks)
+    return (model, module) if synced else (original_program(coupling), module)
 
 
 def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp: float = 0.0,
@@ -164,7 +174,7 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
             kinds = ({k for k, v in ratios.items() if v} | set(latency.kinds if latency else ())) \
                 if passes is None else None
             state = run_passes(pipeline, State(model, program, coupling, calib=calib, kinds=kinds,
-                                               services=services(coupling)))
+                                               services=services(coupling, model)))
             plan, notes, updates, passes_ran = state.plan, state.notes, state.updates, True
         else:
             notes, updates, passes_ran = [], {}, False
@@ -173,10 +183,11 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
                             state.calib if passes_ran else calib)
     result.report["passes"] = state.results if passes_ran else {}
     r = result.report
-    if passes_ran and "latency_select" in state.results:
+    if passes_ran and state.results.get("latency_select", {}).get("measure"):
         from prunec.latency import measured_report
         with timer.stage("latency"):
-            r["latency"] = measured_report(state.results["latency_select"], model, result.model, inputs)
+            dense = model if r["module_synced"] else original_program(coupling)  # exported alike
+            r["latency"] = measured_report(state.results["latency_select"], dense, result.model, inputs)
     r["shortfall"] = shortfall(coupling, asked, plan.n_dropped(), len(plan.meta.get("dropped_layers") or []),
                                r["macs_before"], r["macs_after"])
     if not static:

@@ -26,7 +26,7 @@ from prunec.errors import InputError, InternalError
 from prunec.runtimes import Runtime, get_runtime, time_interleaved
 from prunec.trace import Program
 
-MODEL_VERSION = 1   # bump when the measuring or the JSON layout changes: old caches stop matching
+MODEL_VERSION = 2   # bump when the measuring or the JSON layout changes: old caches stop matching
 aten = torch.ops.aten
 CONVS = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3}
 Progress = Callable[[str], None]
@@ -171,14 +171,20 @@ class LatencyTable:
                   if (op.in_group if side == "in" else op.out_group) == group for w in c}
         return {w: self.predict({group: w}) for w in sorted(widths)}
 
-    def steps(self, group: str) -> list[int]:
-        """Widths on the latency frontier: each strictly faster than every wider timed width."""
+    def group_ms(self, group: str) -> float:
+        """Predicted ms of the ops ``group``'s width touches, all whole."""
+        return self.scale * sum(self.full[op.name] for op in self.ops if group in (op.in_group, op.out_group))
+
+    def steps(self, group: str, tol: float = 0.05) -> list[int]:
+        """Widths on the latency frontier: no wider timed width is faster by more than ``tol`` of the
+        group's own ops' latency (timing noise must not make a width look dominated)."""
         curve = self.group_curve(group)
+        margin = tol * self.group_ms(group)
         out, best = [], math.inf
         for w in sorted(curve, reverse=True):
-            if curve[w] < best - 1e-12:
+            if curve[w] <= best + margin:
                 out.append(w)
-                best = curve[w]
+            best = min(best, curve[w])
         return sorted(out)
 
     def staircase(self, group: str, rel: float = 0.02) -> list[int]:
@@ -317,7 +323,7 @@ def _measure_ops(ops: list[Op], sizes: dict[str, int], rt: Runtime, batch: int, 
             except Exception as err:  # noqa: BLE001 - a variant we built wrongly is our bug
                 raise InternalError(f"could not build {op.name} at {side} width {w} on {rt.name}: "
                                     f"{type(err).__name__}: {str(err).strip()[:200]}", op=op.__dict__) from err
-        for job, sec in zip(todo, time_interleaved(runs, rounds)):
+        for job, sec in zip(todo, time_interleaved(runs, rounds, stat="min")):
             done[(op.signature(), *job)] = sec * 1e3
         full[op.name] = done[(op.signature(), "full", c_out)]
         curves[op.name] = {side: {**{w: done[(op.signature(), side, w)]

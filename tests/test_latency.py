@@ -53,7 +53,7 @@ def test_predict_is_scaled_to_dense_and_separable() -> None:
 
 def test_steps_and_snap_skip_slow_widths_and_take_free_ones() -> None:
     t = fake_table(STAIRS, LINEAR)
-    assert t.steps("a") == [8, 16]          # 4 is no faster than 8; 12 is slower than 16
+    assert t.steps("a") == [4, 8, 16]       # 12 is slower than 16 (4 and 8 tie: both are steps)
     assert snap(t, "a", 12) == 8            # 12 is slower than 16: the step below it
     assert snap(t, "a", 5) == 8             # 4..8 cost the same: the free units are kept
     assert snap(t, "b", 12) == 12
