@@ -190,6 +190,31 @@ def run_model(name: str, args, log) -> list[dict]:
     return out
 
 
+def plot(rows: list[dict], png: Path) -> None:
+    """Measured latency ratio vs MACs ratio per (model, batch), one marker per selection."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = sorted({(r["model"], r["batch"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
+    styles = {"prunec default": ("o", "C0"), "prunec latency-aware": ("s", "C2"), "TP default": ("^", "C3"),
+              "target-latency": ("*", "C1"), "channels same latency": ("D", "C4")}
+    for ax, (model, batch) in zip(axes[0], panels):
+        ax.plot([0, 1], [0, 1], "k--", lw=1, label="latency ∝ MACs")
+        for tool, (mk, col) in styles.items():
+            pts = sorted((r["macs_ratio"], r["measured_ratio"]) for r in rows
+                         if r["model"] == model and r["batch"] == batch and r["tool"] == tool)
+            if pts:
+                ax.plot(*zip(*pts), marker=mk, color=col, ls="-" if len(pts) > 1 else "", ms=9, label=tool)
+        ax.set_title(f"{model}, onnxruntime CPU, batch {batch}")
+        ax.set_xlabel("MACs (fraction of dense)")
+        ax.set_ylabel("measured latency (fraction of dense)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="mobilenet_v3_large,resnet50")
@@ -201,7 +226,11 @@ def main() -> None:
     ap.add_argument("--points", type=int, default=16)
     ap.add_argument("--iters", type=int, default=4, help="bisection steps per search")
     ap.add_argument("--no-tp", action="store_true")
+    ap.add_argument("--plot-only", action="store_true", help="redraw docs/latency.png from the JSON")
     args = ap.parse_args()
+    if args.plot_only:
+        plot(json.loads(OUT.read_text())["rows"], ROOT / "docs" / "latency.png")
+        return
     args.models = args.models.split(",")
     args.batches = [int(b) for b in args.batches.split(",")]
     args.targets = [float(t) for t in args.targets.split(",")]
