@@ -218,6 +218,7 @@ def plot(rows: list[dict], png: Path) -> None:
 
 
 def main() -> None:
+    global OUT
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="mobilenet_v3_large,resnet50")
     ap.add_argument("--batches", default="1,8")
@@ -229,14 +230,13 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=4, help="bisection steps per search")
     ap.add_argument("--no-tp", action="store_true")
     ap.add_argument("--skip-macs", action="store_true", help="only dense, --target-latency and same-latency rows")
-    ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "latency_aware.json"))
     ap.add_argument("--plot-only", action="store_true", help="redraw docs/latency.png from the JSON")
     args = ap.parse_args()
+    OUT = Path(args.out)
     if args.plot_only:
         plot(json.loads(OUT.read_text())["rows"], ROOT / "docs" / "latency.png")
         return
-    global OUT
-    OUT = Path(args.out)
     args.models = args.models.split(",")
     args.batches = [int(b) for b in args.batches.split(",")]
     args.targets = [float(t) for t in args.targets.split(",")]
