@@ -103,14 +103,22 @@ def same_latency(base, want_ratio: float, batch: int, threads: int, rounds: int,
     return best
 
 
+def session(path: Path, threads: int):
+    """An ORT CPU session as in bench/latency.py, with ``threads`` intra-op threads."""
+    so = old.ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.execution_mode = old.ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = old.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return old.ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
 def time_rows(rows: dict, batch: int, rounds: int, threads: int, tmp: Path) -> dict:
     """Median ms of every row's model at ``batch``: ONNX (dynamo=False), ORT sessions, interleaved."""
     sessions = {}
     for i, (key, row) in enumerate(rows.items()):
         path = tmp / f"{abs(hash(key))}_{i}.onnx"
         old.export_onnx(row["model"], path)
-        sessions[key] = old.session(path)
-        sessions[key].set_providers(["CPUExecutionProvider"])
+        sessions[key] = session(path, threads)
     feed = {"x": np.random.default_rng(0).standard_normal((batch, 3, 224, 224), dtype=np.float32)}
     iters = 5 if batch == 1 else 2
     for s in sessions.values():
