@@ -241,10 +241,11 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "latency_aware.json"))
     ap.add_argument("--plot-only", action="store_true", help="redraw docs/latency.png from the JSON")
     args = ap.parse_args()
-    OUT = Path(args.out)
-    if args.plot_only:
-        plot(json.loads(OUT.read_text())["rows"], ROOT / "docs" / "latency.png")
+    if args.plot_only:  # --out may name several result files, comma-separated
+        rows = [r for f in args.out.split(",") for r in json.loads(Path(f).read_text())["rows"]]
+        plot(rows, ROOT / "docs" / "latency.png")
         return
+    OUT = Path(args.out)
     args.models = args.models.split(",")
     args.batches = [int(b) for b in args.batches.split(",")]
     args.targets = [float(t) for t in args.targets.split(",")]
