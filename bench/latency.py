@@ -1,6 +1,6 @@
 """ONNX Runtime CPU latency of pruned ResNet-50: prunec vs Torch-Pruning at matched MACs.
 
-    python bench/latency.py                  # writes docs/latency.md, docs/latency.png
+    python bench/latency.py                  # writes docs/latency_round_to.md and .png
     python bench/latency.py --rounds 3 --no-doc   # quick
 
 For each target (~50% and ~25% of the dense MACs remaining) the pruning ratio is found by
@@ -32,8 +32,8 @@ import prunec
 import torch_pruning as tp
 
 ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "latency.md"
-PNG = ROOT / "docs" / "latency.png"
+DOC = ROOT / "docs" / "latency_round_to.md"
+PNG = ROOT / "docs" / "latency_round_to.png"
 OUT = ROOT / "bench" / "results" / "latency.json"
 X = torch.randn(1, 3, 224, 224)
 
@@ -245,7 +245,7 @@ def write_doc(rows, meta) -> None:
     lines += ["", f"prunec default efficiency: min {min(effs):.2f}, mean {statistics.mean(effs):.2f} over "
               f"{len(effs)} (target, batch) points → target ≥ 0.95 "
               f"{'**met**' if min(effs) >= 0.95 else '**not met at every point**'}.", "",
-              "![speedup vs MACs reduction](latency.png)", "",
+              "![speedup vs MACs reduction](latency_round_to.png)", "",
               "Raw numbers: `bench/results/latency.json`.", ""]
     DOC.write_text("\n".join(lines))
 

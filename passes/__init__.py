@@ -6,6 +6,7 @@ from prunec.passes.config_heads import ConfigHeads
 from prunec.passes.fisher import Fisher
 from prunec.passes.head_importance import HeadImportance
 from prunec.passes.lasso import Lasso
+from prunec.passes.latency_select import LatencySelect
 from prunec.passes.layer_drop import LayerDrop
 from prunec.passes.magnitude import L1, L2, Magnitude
 from prunec.passes.movement import Movement
@@ -20,4 +21,4 @@ from prunec.passes.wanda import Wanda
 __all__ = ["PASSES", "Pass", "PassResult", "State", "register_pass", "run_passes",
            "Magnitude", "L1", "L2", "BNScale", "ConfigHeads", "Taylor", "Fisher", "OBD", "Activation",
            "ActivationVariance", "Wanda", "ThiNet", "Lasso", "LeastSquaresSelection", "Select",
-           "keep_count", "LayerDrop", "Sensitivity", "TargetSearch", "HeadImportance", "Movement"]
+           "keep_count", "LatencySelect", "LayerDrop", "Sensitivity", "TargetSearch", "HeadImportance", "Movement"]

@@ -78,8 +78,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blockwise", action="store_true",
                    help="hf: decoder LLMs (Llama, Mistral, Qwen2): compile block by block, streaming weights from "
                         "the safetensors shards (automatic when the checkpoint is over a quarter of RAM)")
+    p.add_argument("--target-latency", default=None,
+                   help="latency to reach on --runtime: a fraction of the dense model's (0.5) or a time (12ms)")
+    add_runtime_flags(p, default=None)
     add_recover_flags(p)
     return p
+
+
+def add_runtime_flags(p: argparse.ArgumentParser, default: str | None = "onnxruntime") -> None:
+    """--runtime/--batch/--threads: where latency is measured (compile and `prunec profile`)."""
+    p.add_argument("--runtime", default=default, help="time widths on this runtime: onnxruntime, executorch, "
+                   "torch (with --channels: widths snap to its latency steps; default for --target-latency: "
+                   "the --target's runtime)")
+    p.add_argument("--batch", type=int, default=1, help="batch size latency is measured at (default 1)")
+    p.add_argument("--threads", type=int, default=None, help="runtime threads (default: all CPUs)")
+
+
+def _profile(argv: Sequence[str]) -> int:
+    """`prunec profile MODEL --runtime R`: time each prunable group's layers at candidate widths."""
+    p = _Parser(prog="prunec profile", description="Measure the latency of every conv/linear a prunable "
+                "group's width touches, at candidate widths, on a runtime; cache the table and print "
+                "each group's latency staircase.")
+    p.add_argument("model", metavar="MODEL")
+    add_runtime_flags(p)
+    p.add_argument("--points", type=int, default=16, help="widths timed per group (default 16)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (default 5)")
+    p.add_argument("--reprofile", action="store_true", help="measure again, replacing the cached table")
+    p.add_argument("-o", "--output", help="also write the table (JSON) here")
+    for flag in ("--input-shape", "--weights"):
+        p.add_argument(flag)
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--trust-pickle", action="store_true")
+    args = p.parse_args(argv)
+    import prunec
+    from prunec.atomic import atomic_path, check_writable
+    from prunec.latency import cache_dir, describe_staircase, profile
+    from prunec.load import load_model
+    from prunec.runtimes import get_runtime
+    get_runtime(args.runtime)
+    if args.batch < 1 or (args.threads is not None and args.threads < 1) or args.points < 2 or args.rounds < 1:
+        raise InputError("--batch, --threads and --rounds must be ≥ 1 and --points ≥ 2", "e.g. --batch 1 --points 16")
+    if args.output:
+        check_writable(args.output)
+    loaded = load_model(args.model, args.input_shape, args.weights, args.trust_pickle, args.seq_len)
+    coupling = prunec.analyze(loaded.model, loaded.example_inputs, loaded.example_kwargs)
+    table = profile(loaded.model, coupling.program, coupling, args.runtime, args.batch, args.threads,
+                    args.points, args.rounds, cache=cache_dir(), reprofile=args.reprofile)
+    print(f"{loaded.name} on {args.runtime} (batch {args.batch}, {table.meta['key_fields']['threads']} threads): "
+          f"dense {table.dense_ms:.4g} ms; {len(table.ops)} ops timed")
+    print("\n".join(describe_staircase(table)))
+    if args.output:
+        with atomic_path(args.output) as tmp:
+            Path(tmp).write_text(json.dumps(table.to_json(), indent=1))
+    print(f"table   {table.meta.get('cache')}")
+    return 0
 
 
 def _inspect(argv: Sequence[str]) -> int:
@@ -195,6 +247,7 @@ def _run_compile(args: argparse.Namespace) -> int:
     if hf_input and _use_blockwise(args):
         return _run_blockwise(args, out)
     search = _search_pass(args)
+    runtime = _runtime(args, search)
     torch.manual_seed(args.seed)
     with console.status("loading", spinner="dots") if console.is_terminal else _null() as status:
         loaded = load_model(args.model, args.input_shape, args.weights, args.trust_pickle, args.seq_len,
@@ -217,6 +270,8 @@ def _run_compile(args: argparse.Namespace) -> int:
                                 plan=plan, calib=calib, check=not args.no_verify, progress=progress,
                                 static=args.static, dynamic_shapes=loaded.extra.get("dynamic_shapes"),
                                 parts=False,  # artifacts need the whole program: untraceable stays an error
+                                runtime=runtime, target_latency=args.target_latency,
+                                batch=args.batch, threads=args.threads,
                                 inplace=inplace)  # the original is no teacher: share what stays whole
         result = _recover_after_compile(args, loaded, result, status)
         if inplace:  # verified: the original's weights are not needed to write the artifact
@@ -263,7 +318,8 @@ BLOCKWISE_REFUSED = {"channels": "use --mlp for MLP units", "hidden": "the hidde
                      "save_plan": "the report holds each block's kept counts", "global_rank": "widths are uniform",
                      "sparsity": "2:4 is not applied", "recover_steps": "recover the written folder afterwards",
                      "target_macs": "give --heads/--mlp", "target_params": "give --heads/--mlp",
-                     "max_drop": "give --heads/--mlp", "input_shape": "use --seq-len", "weights": "the folder holds them"}
+                     "max_drop": "give --heads/--mlp", "input_shape": "use --seq-len", "weights": "the folder holds them",
+                     "target_latency": "give --heads/--mlp", "runtime": "latency tables are per whole model"}
 
 
 def _run_blockwise(args: argparse.Namespace, out: Path | None) -> int:
@@ -369,6 +425,27 @@ def _search_pass(args: argparse.Namespace) -> Any:
     return asked[0]
 
 
+RUNTIME_OF_TARGET = {"onnx": "onnxruntime", "executorch": "executorch", "torch": "torch"}
+
+
+def _runtime(args: argparse.Namespace, search: str | None) -> str | None:
+    """The runtime latency is measured on (None: no latency-aware selection); checked before loading."""
+    from prunec.latency import parse_target
+    from prunec.runtimes import get_runtime
+    if args.runtime is None and args.target_latency is None:
+        return None
+    if search is not None or args.plan:
+        raise InputError(f"--target-latency/--runtime and {'--plan' if args.plan else '--' + search.replace('_', '-')} "
+                         "both given", "ask for one target")
+    if args.batch < 1 or (args.threads is not None and args.threads < 1):
+        raise InputError("--batch and --threads must be ≥ 1", "e.g. --batch 1 --threads 2")
+    if args.target_latency is not None:
+        parse_target(args.target_latency)
+    runtime = args.runtime or RUNTIME_OF_TARGET.get(args.target, "onnxruntime")
+    get_runtime(runtime)
+    return runtime
+
+
 def _passes(args: argparse.Namespace, loaded: Any, search: str | None) -> list | None:
     """The pipeline for target searches (None: compile's default pipeline from the ratios)."""
     if search is None:
@@ -436,12 +513,26 @@ def _summary(report: dict[str, Any], out: Path) -> None:
         f"{len(report['groups'])}; {len(report['frozen'])} tensor dims frozen",
         f"module  {'synced (your class, attributes updated)' if report['module_synced'] else report['module_note']}",
         f"time    {report['time_s']['total']:.2f}s ({', '.join(f'{k} {v:.2f}' for k, v in report['time_s'].items() if k != 'total')})",
+        *_latency_lines(report.get("latency")),
         *(f"note    {note}" for note in report.get("notes", [])),
         *_artifact_lines(report.get("artifact") or {}),
         *([_recover_line(report["recover"])] if report.get("recover") else []),
         f"wrote   {out}",
     ]
     print("\n".join(lines))
+
+
+def _latency_lines(lat: dict[str, Any] | None) -> list[str]:
+    """Predicted vs measured latency of the result on the runtime (dense timed in the same run)."""
+    if not lat:
+        return []
+    where = f"{lat['runtime']}, batch {lat['batch']}, {lat['threads']} threads"
+    pred = f"predicted {lat['predicted_ms']:.4g} ms ({lat['predicted_ratio']:.2f} of dense)"
+    if lat.get("measured_ms") is None:
+        return [f"latency {pred}; not measured: {lat.get('reason')} ({where})"]
+    aim = f"; target {lat['target_ms']:.4g} ms" if lat.get("target_ms") else ""
+    return [f"latency {pred}, measured {lat['measured_ms']:.4g} ms vs dense {lat['dense_ms']:.4g} ms "
+            f"({lat['measured_ratio']:.2f}){aim} ({where}; load {lat.get('load')})"]
 
 
 def _verify_lines(v: dict[str, Any]) -> list[str]:
@@ -615,6 +706,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _inspect(argv[1:])
         if argv and argv[0] == "recover":
             return _recover(argv[1:])
+        if argv and argv[0] == "profile":
+            return _profile(argv[1:])
         if argv and argv[0] == "sensitivity":
             return _sensitivity(argv[1:])
         return _compile(argv)

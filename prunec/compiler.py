@@ -19,7 +19,8 @@ from prunec.diagnose import check_finite, shortfall
 from prunec.dynamic import DynamicProgram, describe_spec, export_program, export_synced, replay
 from prunec.errors import InputError, InternalError, TraceError
 from prunec.module_sync import keep_whole, synced_copy
-from prunec.passes import PASSES, ConfigHeads, LayerDrop, LeastSquaresSelection, Pass, Select, State, run_passes
+from prunec.passes import (PASSES, ConfigHeads, LatencySelect, LayerDrop, LeastSquaresSelection, Pass, Select,
+                           State, run_passes)
 from prunec.passes.base import Services
 from prunec.passes.select import check_ratio
 from prunec.plan import Plan
@@ -119,13 +120,23 @@ def criterion(method: str, ratio: float = 0.5, round_to: int = 8) -> Pass:
     return cls()
 
 
-def services(coupling: Coupling) -> Services:
+def services(coupling: Coupling, model: nn.Module | None = None) -> Services:
     """The rewriter and cost model as services for passes that try plans."""
     program = coupling.program
     return Services(prune=lambda plan: rewrite(Cut.of(coupling, plan))[0],
                     original=lambda: original_program(coupling),
                     macs=lambda m: count_macs(m, program.example_inputs, program.example_kwargs),
-                    params=count_params)
+                    params=count_params,
+                    deployed=(lambda plan: deployed(model, coupling, plan)) if model is not None else None)
+
+
+def deployed(model: nn.Module, coupling: Coupling, plan: Plan) -> tuple[nn.Module, nn.Module]:
+    """(unpruned, pruned) as compile would return them: the user's class when it syncs, else programs."""
+    program = coupling.program
+    cut = Cut.of(coupling, plan)
+    pruned, state, _ = rewrite(cut)
+    module, synced, _ = _sync(model, state, pruned, program.example_inputs, program.example_kwargs, cut.blocks)
+    return (model, module) if synced else (original_program(coupling), module)
 
 
 def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp: float = 0.0,
@@ -135,7 +146,9 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
             check: bool = True, example_kwargs: dict[str, Any] | None = None,
             progress: Progress | None = None, static: bool = False, layer_method: str = "angular",
             dynamic_shapes: Any = None, parts: bool = True, schedule: Any = None,
-            recover: dict[str, Any] | None = None, inplace: bool = False) -> Any:
+            recover: dict[str, Any] | None = None, runtime: str | None = None,
+            target_latency: float | str | None = None, batch: int = 1, threads: int | None = None,
+            inplace: bool = False) -> Any:
     """Prune ``model`` and return a CompileResult.
 
     ``channels`` applies to conv/linear channel groups (and MLP groups unless ``mlp`` is
@@ -147,9 +160,12 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
     format) names other dynamic dims, e.g. the ones a loaded ``.pt2`` recorded. If the whole model
     can't be traced and ``parts`` is on, the submodules that trace are pruned instead (a ``PartsResult``).
     ``schedule`` (a ``prunec.schedule.Gradual``) prunes step by step, distilling with ``recover``
-    options between steps. ``inplace``: the result shares the tensors pruning leaves whole with
-    ``model`` instead of copying them (memory: one copy of the weights, not two); training or editing
-    the result then edits ``model`` too.
+    options between steps. ``runtime`` (onnxruntime, executorch, torch) picks widths from a latency
+    table measured on that runtime at ``batch``/``threads`` (``passes.LatencySelect``); with
+    ``target_latency`` (a fraction of the dense latency, or e.g. "12ms") a knapsack over groups meets
+    it, and the report's ``latency`` entry has the predicted and the measured latency. ``inplace``: the
+    result shares the tensors pruning leaves whole with ``model`` instead of copying them (memory: one
+    copy of the weights, not two); training or editing the result then edits ``model`` too.
     """
     if schedule is not None:
         from prunec.schedule import compile_gradual
@@ -180,12 +196,14 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
              if plan is None else {})  # what the user asked for (a replayed plan asks nothing)
     with timer.stage("plan"):
         if plan is None:
+            latency = _latency_pass(runtime, target_latency, ratios, batch, threads) if passes is None else None
             pipeline = list(passes) if passes is not None else _default_pipeline(
                 method, ratios, round_to, global_rank, layers, layer_method,
-                hf_heads=hasattr(getattr(model, "config", None), "num_attention_heads"))
-            kinds = {k for k, v in ratios.items() if v} if passes is None else None
+                hf_heads=hasattr(getattr(model, "config", None), "num_attention_heads"), latency=latency)
+            kinds = ({k for k, v in ratios.items() if v} | set(latency.kinds if latency else ())) \
+                if passes is None else None
             state = run_passes(pipeline, State(model, program, coupling, calib=calib, kinds=kinds,
-                                               services=services(coupling)))
+                                               services=services(coupling, model)))
             plan, notes, updates, passes_ran = state.plan, state.notes, state.updates, True
         else:
             notes, updates, passes_ran = [], {}, False
@@ -194,6 +212,11 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
                             state.calib if passes_ran else calib, share=inplace)
     result.report["passes"] = state.results if passes_ran else {}
     r = result.report
+    if passes_ran and state.results.get("latency_select", {}).get("measure"):
+        from prunec.latency import measured_report
+        with timer.stage("latency"):
+            dense = model if r["module_synced"] else original_program(coupling)  # exported alike
+            r["latency"] = measured_report(state.results["latency_select"], dense, result.model, inputs)
     r["shortfall"] = shortfall(coupling, asked, plan.n_dropped(), len(plan.meta.get("dropped_layers") or []),
                                r["macs_before"], r["macs_after"])
     if not static:
@@ -204,13 +227,34 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
     return result
 
 
+def _latency_pass(runtime: str | None, target: float | str | None, ratios: dict[str, float],
+                  batch: int, threads: int | None) -> Pass | None:
+    """The LatencySelect pass for ``runtime``/``target_latency`` (None without either)."""
+    if runtime is None and target is None:
+        return None
+    if ratios.get("head") or ratios.get("hidden"):
+        raise InputError("latency tables cover conv/linear channels, not heads or the hidden width",
+                         "drop --heads/--hidden, or prune them without --runtime/--target-latency")
+    if target is not None and any(ratios.values()):
+        raise InputError("a latency target and channel ratios both given",
+                         "the target sets the widths: drop --channels/--mlp/--heads/--hidden")
+    return LatencySelect(runtime or "onnxruntime", target, None if target is not None else ratios,
+                         batch=batch, threads=threads)
+
+
 def _default_pipeline(method: str, ratios: dict[str, float], round_to: int, global_rank: bool,
-                      layers: float, layer_method: str = "angular", hf_heads: bool = False) -> list[Pass]:
+                      layers: float, layer_method: str = "angular", hf_heads: bool = False,
+                      latency: Pass | None = None) -> list[Pass]:
     """``criterion → select [→ config_heads] [→ layer_drop]`` (a selecting criterion such as ThiNet
     needs no select; ``config_heads``: HF models get head counts their config can express)."""
     crit = criterion(method, ratios["channel"], round_to)
     pipeline = [crit]
-    if "scores" in crit.provides:
+    if latency is not None and "scores" not in crit.provides:
+        raise InputError(f"--method {method} selects channels itself: it can't use a latency table",
+                         "use a scoring method (l1, taylor, …) with --runtime/--target-latency")
+    if latency is not None:
+        pipeline.append(latency)
+    elif "scores" in crit.provides:
         pipeline.append(Select(ratios, round_to=round_to, global_rank=global_rank))
     elif ratios["head"] or ratios["hidden"]:
         raise InputError(f"--method {method} selects conv/linear channels itself: it can't prune heads "

@@ -1,0 +1,269 @@
+"""Latency-aware widths vs fixed round_to vs Torch-Pruning on ONNX Runtime CPU (issue 12).
+
+    python bench/latency_aware.py --models mobilenet_v3_large,resnet50 --batches 1,8 --rounds 5
+    python bench/latency_aware.py --models mobilenet_v3_large --batches 1 --targets 0.5 --rounds 3  # reduced
+
+Per model and batch: a latency table is profiled once on onnxruntime (prunec.latency.profile,
+--points widths per group, --threads threads, cached). Rows, all at matched MACs by bisection on the
+pruning ratio (MACs counted with torch_pruning.utils.count_ops_and_params for every model):
+prunec default (--channels, round_to=8), prunec latency-aware (--channels snapped on the table),
+Torch-Pruning default (MagnitudePruner L1, round_to=None). Then --target-latency 0.5 (the knapsack
+allocator, measured end to end) and plain --channels bisected to the same measured latency, with top-1
+agreement vs dense on a fixed synthetic image set. All rows of one batch are timed interleaved in one
+loop (order reversed every other round; medians); `uptime` load is recorded before and after.
+efficiency = speedup / MACs reduction.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import latency as old  # noqa: E402  (bench/latency.py: MACs counter, ONNX export, ORT session)
+
+import prunec  # noqa: E402
+import torch_pruning as tp  # noqa: E402
+from prunec.latency import measure, profile  # noqa: E402
+from prunec.passes import L1, LatencySelect  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "results" / "latency_aware.json"
+X = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+
+
+def load() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def images(n: int = 64) -> torch.Tensor:
+    """A fixed synthetic image set: smooth random fields (seeded), ImageNet-normalised scale."""
+    g = torch.Generator().manual_seed(123)
+    low = torch.randn(n, 3, 14, 14, generator=g)
+    return torch.nn.functional.interpolate(low, size=224, mode="bilinear", align_corners=False)
+
+
+def agreement(dense, pruned, imgs: torch.Tensor) -> dict:
+    with torch.no_grad():
+        a, b = dense(imgs), pruned(imgs)
+    return {"top1_agree": float((a.argmax(1) == b.argmax(1)).float().mean()),
+            "rel_err": float((a - b).norm() / a.norm()), "dense_classes": int(a.argmax(1).unique().numel())}
+
+
+def tp_default(base, ratio: float):
+    m = copy.deepcopy(base)
+    last = [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear)][-1]
+    tp.pruner.MagnitudePruner(m, X, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=ratio,
+                              ignored_layers=[last], round_to=None).step()
+    return m.eval()
+
+
+def latency_aware(base, ratio: float, table):
+    return prunec.compile(copy.deepcopy(base), X, passes=[L1(), LatencySelect(
+        ratios={"channel": ratio, "mlp": ratio}, table=table, measure=False)])
+
+
+def search(make, dense_macs: int, target: float, iters: int):
+    """Bisection on the ratio for MACs ≈ target (closest point evaluated)."""
+    lo, hi, best, mid = 0.0, 0.9, None, 1 - target ** 0.5
+    for _ in range(iters):
+        model = make(mid)
+        m = model.model if hasattr(model, "model") else model
+        mr = old.macs_of(m) / dense_macs
+        if best is None or abs(mr - target) < abs(best[2] - target):
+            best = (mid, model, mr)
+        if abs(mr - target) < 0.01:
+            break
+        lo, hi = (mid, hi) if mr > target else (lo, mid)
+        mid = (lo + hi) / 2
+    return best
+
+
+def same_latency(base, want_ratio: float, batch: int, threads: int, rounds: int, iters: int):
+    """Plain --channels (round_to=8) bisected so its measured latency ratio ≈ ``want_ratio``."""
+    lo, hi, best, mid = 0.0, 0.9, None, min(0.9, max(0.0, 1 - want_ratio ** 0.5))
+    for _ in range(iters):
+        r = prunec.compile(copy.deepcopy(base), X, channels=mid)
+        ms = measure("onnxruntime", {"dense": base, "p": r.model}, (X,), batch, threads, rounds)
+        got = ms["p"] / ms["dense"]
+        if best is None or abs(got - want_ratio) < abs(best[2] - want_ratio):
+            best = (mid, r, got)
+        lo, hi = (mid, hi) if got > want_ratio else (lo, mid)
+        mid = (lo + hi) / 2
+    return best
+
+
+def session(path: Path, threads: int):
+    """An ORT CPU session as in bench/latency.py, with ``threads`` intra-op threads."""
+    so = old.ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.execution_mode = old.ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = old.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return old.ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def time_rows(rows: dict, batch: int, rounds: int, threads: int, tmp: Path) -> dict:
+    """Median ms of every row's model at ``batch``: ONNX (dynamo=False), ORT sessions, interleaved."""
+    sessions = {}
+    for i, (key, row) in enumerate(rows.items()):
+        path = tmp / f"{abs(hash(key))}_{i}.onnx"
+        old.export_onnx(row["model"], path)
+        sessions[key] = session(path, threads)
+    feed = {"x": np.random.default_rng(0).standard_normal((batch, 3, 224, 224), dtype=np.float32)}
+    iters = 5 if batch == 1 else 2
+    for s in sessions.values():
+        for _ in range(2):
+            s.run(None, feed)
+    times = {k: [] for k in sessions}
+    for rnd in range(rounds):
+        for key in (list(sessions) if rnd % 2 == 0 else list(sessions)[::-1]):
+            for _ in range(iters):
+                a = time.perf_counter()
+                sessions[key].run(None, feed)
+                times[key].append(time.perf_counter() - a)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
+def run_model(name: str, args, log) -> list[dict]:
+    torch.manual_seed(0)
+    base = getattr(torchvision.models, name)(weights=None).eval()
+    dense_macs = old.macs_of(base)
+    coupling = prunec.analyze(base, (X,))
+    imgs = images()
+    out = []
+    tmp = Path(tempfile.mkdtemp(prefix="prunec_lat_"))
+    common = {}
+    for target in ([] if args.skip_macs else args.targets):
+        r, m, mr = search(lambda c: prunec.compile(copy.deepcopy(base), X, channels=c), dense_macs, target, args.iters)
+        common[f"prunec default @{target}"] = {"tool": "prunec default", "target": target, "ratio": r,
+                                               "model": m.model, "macs_ratio": mr}
+        log(f"{name} default @{target}: ratio {r:.3f} macs {mr:.3f}")
+        if not args.no_tp:
+            r, m, mr = search(lambda c: tp_default(base, c), dense_macs, target, args.iters)
+            common[f"TP default @{target}"] = {"tool": "TP default", "target": target, "ratio": r, "model": m,
+                                               "macs_ratio": mr}
+            log(f"{name} TP @{target}: ratio {r:.3f} macs {mr:.3f}")
+    for batch in args.batches:
+        t0 = time.time()
+        table = profile(base, coupling.program, coupling, "onnxruntime", batch, args.threads, args.points,
+                        args.rounds)
+        log(f"{name} b{batch}: table {len(table.ops)} ops, dense {table.dense_ms:.1f} ms ({time.time() - t0:.0f}s)")
+        rows = {"dense": {"tool": "dense", "model": base, "macs_ratio": 1.0, "ratio": 0.0}, **common}
+        for target in ([] if args.skip_macs else args.targets):
+            r, m, mr = search(lambda c: latency_aware(base, c, table), dense_macs, target, args.iters)
+            rows[f"prunec latency-aware @{target}"] = {"tool": "prunec latency-aware", "target": target, "ratio": r,
+                                                       "model": m.model, "macs_ratio": mr,
+                                                       "predicted_ratio": m.report["passes"]["latency_select"][
+                                                           "predicted_ms"] / table.dense_ms}
+            log(f"{name} b{batch} latency-aware @{target}: ratio {r:.3f} macs {mr:.3f}")
+        for goal in args.latency_targets:
+            res = prunec.compile(copy.deepcopy(base), X, passes=[L1(), LatencySelect(
+                target=goal, table=table, batch=batch, threads=args.threads, rounds=args.rounds, measure=False)])
+            info = res.report["passes"]["latency_select"]
+            rows[f"--target-latency {goal}"] = {
+                "tool": "target-latency", "target_latency": goal, "model": res.model,
+                "macs_ratio": old.macs_of(res.model) / dense_macs, "predicted_ratio": info["predicted_ms"] / table.dense_ms,
+                "refine": info.get("refine"), "verify_passed": res.report["verify"]["passed"],
+                **agreement(base, res.model, imgs)}
+            tries = info.get("refine") or [{"measured_ratio": goal}]
+            got = min(tries, key=lambda t: abs(t["measured_ratio"] - goal))["measured_ratio"]  # the one kept
+            log(f"{name} b{batch} target {goal}: in-pass measured {[round(t['measured_ratio'], 3) for t in tries]}, "
+                f"kept {got:.3f}")
+            r, m, ratio = same_latency(base, got, batch, args.threads, args.rounds, args.iters)
+            rows[f"--channels @ same latency as {goal}"] = {
+                "tool": "channels same latency", "ratio": r, "model": m.model, "measured_in_search": ratio,
+                "macs_ratio": old.macs_of(m.model) / dense_macs, **agreement(base, m.model, imgs)}
+            log(f"{name} b{batch} channels {r:.3f} at same latency: {ratio:.3f}")
+        before = load()
+        ms = time_rows(rows, batch, args.rounds, args.threads, tmp)
+        after = load()
+        for key, row in rows.items():
+            rec = {k: v for k, v in row.items() if k != "model"}
+            rec.update(model=name, name=key, batch=batch, ms=ms[key], speedup=ms["dense"] / ms[key],
+                       measured_ratio=ms[key] / ms["dense"], load_before=before, load_after=after,
+                       params=sum(p.numel() for p in row["model"].parameters()))
+            rec["efficiency"] = rec["speedup"] * row["macs_ratio"]
+            out.append(rec)
+            log(f"  {name} b{batch} {key:40s} MACs {row['macs_ratio']:.3f} {ms[key]:8.2f} ms "
+                f"speedup {rec['speedup']:.2f} eff {rec['efficiency']:.2f}")
+        OUT.write_text(json.dumps({"meta": vars(args) | {"partial": True}, "rows": out}, indent=1, default=str))
+    return out
+
+
+def plot(rows: list[dict], png: Path) -> None:
+    """Measured latency ratio vs MACs ratio per (model, batch), one marker per selection."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = sorted({(r["model"], r["batch"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
+    styles = {"prunec default": ("o", "C0"), "prunec latency-aware": ("s", "C2"), "TP default": ("^", "C3"),
+              "target-latency": ("*", "C1"), "channels same latency": ("D", "C4")}
+    for ax, (model, batch) in zip(axes[0], panels):
+        ax.plot([0, 1], [0, 1], "k--", lw=1, label="latency ∝ MACs")
+        for tool, (mk, col) in styles.items():
+            pts = sorted((r["macs_ratio"], r["measured_ratio"]) for r in rows
+                         if r["model"] == model and r["batch"] == batch and r["tool"] == tool)
+            if pts:
+                ax.plot(*zip(*pts), marker=mk, color=col, ls="-" if len(pts) > 1 else "", ms=9, label=tool)
+        ax.set_title(f"{model}, onnxruntime CPU, batch {batch}")
+        ax.set_xlabel("MACs (fraction of dense)")
+        ax.set_ylabel("measured latency (fraction of dense)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+def main() -> None:
+    global OUT
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="mobilenet_v3_large,resnet50")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--targets", default="0.5,0.25", help="MACs fractions to match")
+    ap.add_argument("--latency-targets", default="0.5")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--points", type=int, default=16)
+    ap.add_argument("--iters", type=int, default=4, help="bisection steps per search")
+    ap.add_argument("--no-tp", action="store_true")
+    ap.add_argument("--skip-macs", action="store_true", help="only dense, --target-latency and same-latency rows")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "latency_aware.json"))
+    ap.add_argument("--plot-only", action="store_true", help="redraw docs/latency.png from the JSON")
+    args = ap.parse_args()
+    if args.plot_only:  # --out may name several result files, comma-separated
+        rows = [r for f in args.out.split(",") for r in json.loads(Path(f).read_text())["rows"]]
+        plot(rows, ROOT / "docs" / "latency.png")
+        return
+    OUT = Path(args.out)
+    args.models = args.models.split(",")
+    args.batches = [int(b) for b in args.batches.split(",")]
+    args.targets = [float(t) for t in args.targets.split(",")]
+    args.latency_targets = [float(t) for t in args.latency_targets.split(",") if t]
+    torch.set_num_threads(args.threads)
+    start = time.time()
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - start:6.0f}s load {load()}] {msg}", flush=True)
+    rows = []
+    for name in args.models:
+        rows += run_model(name, args, log)
+    meta = vars(args) | {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                         "torch": torch.__version__, "torch_pruning": tp.__version__,
+                         "onnxruntime": old.ort.__version__, "seconds": round(time.time() - start)}
+    OUT.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+    log(f"wrote {OUT}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Latency-aware selection: widths from a latency table measured on the deployment runtime.
+
+With ``ratios`` each group's width is snapped to the widest latency step at or below the width the
+ratio asks for (instead of a fixed ``round_to``); a step is a width faster than every wider one. With ``target`` (a fraction of the
+dense latency, or ms) a greedy knapsack steps groups down their latency staircases, each time where
+the predicted latency falls most per unit of importance lost (HALP / NetAdapt style).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from prunec.errors import InputError, InternalError
+from prunec.latency import LatencyTable, measure, parse_target, profile
+from prunec.passes.base import Pass, PassResult, State, register_pass
+from prunec.passes.select import check_ratio, keep_count
+from prunec.plan import Plan
+
+
+def snap(table: LatencyTable, group: str, budget: int) -> int:
+    """The widest latency step at or below ``budget`` units (the narrowest step if none is), moved up
+    to the widest step that costs no more (a plateau's free units are kept)."""
+    steps = table.steps(group)
+    if not steps:
+        return budget
+    fits = [w for w in steps if w <= budget]
+    base = max(fits) if fits else min(steps)
+    curve = table.group_curve(group)
+    return max(w for w in steps if curve[w] <= curve[base])
+
+
+def importance(scores: np.ndarray) -> np.ndarray:
+    """Prefix sums of the group's scores (normalised by their mean), best first: [0, s1, s1+s2, …]."""
+    s = np.asarray(scores, dtype=np.float64)
+    s = s / s.mean() if s.mean() > 0 else s
+    return np.concatenate([[0.0], np.cumsum(np.sort(s)[::-1])])
+
+
+def allocate(table: LatencyTable, scores: dict[str, np.ndarray], target_ms: float,
+             min_keep: dict[str, int]) -> tuple[dict[str, int], float]:
+    """Greedy knapsack: from whole widths, repeatedly move the group whose next lower latency step
+    removes the most predicted ms per unit of importance lost, until the prediction ≤ ``target_ms``.
+    Returns (group → width, predicted ms); an InputError names the best reachable if it can't."""
+    steps = {g: [w for w in table.steps(g) if w >= min_keep.get(g, 1)] for g in scores}
+    steps = {g: s for g, s in steps.items() if len(s) > 1 or (s and s[-1] < len(scores[g]))}
+    gain = {g: importance(scores[g]) for g in steps}
+    touching: dict[str, list] = {g: [op for op in table.ops if g in (op.in_group, op.out_group)] for g in steps}
+    widths = {g: len(scores[g]) for g in steps}
+    pred = table.predict(widths)
+
+    def move(g: str) -> tuple[float, float, int] | None:
+        """The lower step of ``g`` with the most predicted ms saved per importance lost."""
+        best = None
+        for w in (w for w in steps[g] if w < widths[g]):
+            trial = {**widths, g: w}
+            saved = table.scale * sum(table.op_ms(op, widths) - table.op_ms(op, trial) for op in touching[g])
+            lost = gain[g][widths[g]] - gain[g][w]
+            if saved > 0 and (best is None or saved / max(lost, 1e-12) > best[0]):
+                best = (saved / max(lost, 1e-12), saved, w)
+        return best
+
+    moves = {g: move(g) for g in steps}
+    while pred > target_ms:
+        live = {g: m for g, m in moves.items() if m is not None and m[1] > 0}
+        if not live:
+            raise InputError(f"latency target {target_ms:.4g} ms is unreachable: the best reachable is "
+                             f"{pred:.4g} ms ({pred / table.dense_ms:.2f} of the dense {table.dense_ms:.4g} ms) "
+                             "with every prunable group at its narrowest allowed width",
+                             f"ask for at least {math.ceil(pred * 100 / table.dense_ms) / 100:.2f} "
+                             f"(or {math.ceil(pred * 10) / 10:g}ms)")
+        g = max(live, key=lambda k: live[k][0])
+        widths[g] = live[g][2]
+        pred -= live[g][1]
+        shared = {h for op in touching[g] for h in (op.in_group, op.out_group)}
+        for h in shared & set(moves):
+            moves[h] = move(h)
+    return widths, table.predict(widths)
+
+
+def _keep(plan: Plan, scores: dict[str, np.ndarray], widths: dict[str, int]) -> None:
+    """Keep the ``widths[g]`` highest-scoring units of each group ``g`` in ``plan``."""
+    for name, w in widths.items():
+        if w < len(scores[name]):
+            order = np.argsort(-scores[name], kind="stable")
+            plan.kept[name] = np.sort(order[:w]).tolist()
+            plan.sizes[name] = len(scores[name])
+
+
+@register_pass("latency_select")
+class LatencySelect(Pass):
+    """Keep the highest-scoring units, with widths chosen from a latency table of ``runtime``.
+    Before: state.scores per group.  After: state.plan.kept per group; results name the runtime,
+    the dense and predicted latency, and the cache file of the table."""
+
+    requires = ("scores",)
+    provides = ("plan",)
+
+    def __init__(self, runtime: str = "onnxruntime", target: float | str | None = None,
+                 ratios: dict[str, float] | None = None, batch: int = 1, threads: int | None = None,
+                 kinds: tuple[str, ...] = ("channel", "mlp"), max_ratio: float = 0.9, points: int = 16,
+                 rounds: int = 5, table: LatencyTable | None = None, cache: Any = True,
+                 refine: int = 3, measure: bool = True) -> None:
+        self.ratios = {k: check_ratio(k, float(v)) for k, v in (ratios or {}).items() if v}
+        if target is None and not self.ratios:
+            raise InputError("latency-aware selection needs a latency target or ratios",
+                             "give --target-latency 0.5, or --channels R with --runtime")
+        self.target = parse_target(target) if target is not None else None
+        self.runtime, self.batch, self.threads = runtime, batch, threads
+        self.kinds = tuple(self.ratios) if self.ratios and target is None else kinds
+        self.max_ratio, self.points, self.rounds = max_ratio, points, rounds
+        self.table, self.cache, self.refine, self.measure = table, cache, refine, measure
+
+    def _refine(self, state: State, table: LatencyTable, scores: dict[str, np.ndarray], floor: dict[str, int],
+                target_ms: float, widths: dict[str, int], pred: float, info: dict[str, Any]
+                ) -> tuple[dict[str, int], float]:
+        """Measure the allocation end to end (interleaved with the unpruned model, both as compile
+        returns them) and re-aim the predicted target up to ``refine`` times (proportional steps) while the
+        measured ratio misses the goal by more than 5 %; keep the allocation measured closest."""
+        goal = target_ms / table.dense_ms
+        aim, tries, best = target_ms, [], None
+        for _ in range(self.refine + 1):
+            plan = Plan(meta={})
+            _keep(plan, state.scores, widths)
+            dense, pruned = state.services.deployed(plan)  # as compile returns them: exported alike
+            ms = measure(self.runtime, {"dense": dense, "pruned": pruned}, state.program.example_inputs,
+                         self.batch, table.meta["key_fields"]["threads"], self.rounds)
+            ratio = ms["pruned"] / ms["dense"]
+            if self.target[0] == "ms":  # an absolute target: aim at it under this run's load
+                goal = target_ms / ms["dense"]
+            tries.append({"predicted_ms": pred, "aim_ms": aim, "measured_ratio": ratio, "goal": goal})
+            if best is None or abs(ratio - goal) < abs(best[2] - goal):
+                best = (widths, pred, ratio)
+            if abs(ratio / goal - 1) <= 0.05 or len(tries) > self.refine:
+                break
+            # proportional re-aim, at most ×/÷ 1.5 a step and within [target/3, min(2·target, 0.95·dense)]:
+            # end-to-end timings on a shared host are noisy, so no secant steps from two close points
+            aim *= min(1.5, max(1 / 1.5, goal / ratio))
+            aim = min(max(aim, target_ms / 3), target_ms * 2, table.dense_ms * 0.95)
+            try:
+                widths, pred = allocate(table, scores, aim, floor)
+            except InputError:
+                break  # the re-aimed target is beyond reach: keep the closest allocation
+        info["refine"] = tries
+        return best[0], best[1]
+
+    def run(self, state: State) -> PassResult:
+        table = self.table or profile(state.model, state.program, state.coupling, self.runtime, self.batch,
+                                      self.threads, self.points, self.rounds, self.cache)
+        timed = {g for op in table.ops for g in (op.in_group, op.out_group) if g}
+        groups = [g for g in state.coupling.groups if g.kind in self.kinds and g.name in state.scores
+                  and g.name not in state.plan.kept]
+        info: dict[str, Any] = {"runtime": self.runtime, "batch": self.batch,
+                                "threads": table.meta["key_fields"]["threads"], "dense_ms": table.dense_ms,
+                                "table": table.meta.get("cache"), "ops_timed": len(table.ops),
+                                "measure": self.measure}
+        if self.target is not None:
+            kind, value = self.target
+            target_ms = value * table.dense_ms if kind == "fraction" else value
+            scores = {g.name: state.scores[g.name] for g in groups if g.name in timed}
+            floor = {g: max(1, math.ceil(len(s) * (1 - self.max_ratio))) for g, s in scores.items()}
+            widths, pred = allocate(table, scores, target_ms, floor)
+            info.update(mode="target", target_ms=target_ms)
+            if self.refine and state.services is not None and state.services.deployed is not None:
+                widths, pred = self._refine(state, table, scores, floor, target_ms, widths, pred, info)
+        else:
+            widths = {}
+            for g in groups:
+                budget = keep_count(g.size, self.ratios[g.kind])
+                widths[g.name] = snap(table, g.name, budget) if g.name in timed else keep_count(
+                    g.size, self.ratios[g.kind], 8)
+            pred = table.predict(widths)
+            info.update(mode="snap", ratios=self.ratios)
+        _keep(state.plan, state.scores, widths)
+        info.update(predicted_ms=pred, widths={k: v for k, v in widths.items() if k in state.plan.kept})
+        state.results[self.name] = info
+        state.plan.meta.update({"latency": {k: v for k, v in info.items() if k != "widths"}})
+        return PassResult(state, True)
+
+    def ensures(self, state: State) -> None:
+        for name, kept in state.plan.kept.items():
+            if not kept:
+                raise InternalError(f"latency_select emptied group {name}")

@@ -1,0 +1,401 @@
+"""Latency model measured on a runtime: every conv/linear a prunable group's width touches, timed
+standalone at candidate widths, cached on disk, turned into per-group staircases and predictions.
+
+Model: an op's latency with ``c_in`` and ``c_out`` kept is ``T_in(c_in) · T_out(c_out) / T_full``
+(each curve measured with the other side whole; depthwise convs get one curve for both). The
+model's latency is the sum over ops, scaled so the unpruned sum equals the dense model measured
+end to end on the same runtime (the ops not timed are assumed to shrink in proportion).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from prunec.coupling import Coupling, shape_of
+from prunec.errors import InputError, InternalError
+from prunec.runtimes import Runtime, get_runtime, time_interleaved
+from prunec.trace import Program
+
+MODEL_VERSION = 2   # bump when the measuring or the JSON layout changes: old caches stop matching
+aten = torch.ops.aten
+CONVS = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3}
+Progress = Callable[[str], None]
+
+
+@dataclass
+class Op:
+    """One conv/linear: its shapes and which groups set its input and output widths."""
+
+    name: str                     # the weight's FQN
+    kind: str                     # conv1d | conv2d | conv3d | linear
+    x_shape: tuple[int, ...]
+    w_shape: tuple[int, ...]
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+    bias: bool = False
+    in_group: str | None = None
+    out_group: str | None = None
+    depthwise: bool = False       # groups == channels: one width sets in, out and groups
+    in_per_unit: int = 1          # channels per group unit (a flattened C×H×W feeding a linear: H·W)
+
+    def signature(self) -> str:
+        return json.dumps([self.kind, self.x_shape, self.w_shape, self.stride, self.padding,
+                           self.dilation, self.groups, self.bias, self.depthwise, self.in_per_unit])
+
+    def module(self, c_in: int, c_out: int, batch: int) -> tuple[nn.Module, torch.Tensor]:
+        """A standalone module with these widths and its input at ``batch``."""
+        if self.kind == "linear":
+            x = torch.randn(batch, *self.x_shape[1:-1], c_in)
+            return nn.Linear(c_in, c_out, bias=self.bias), x
+        dims = CONVS_BY_KIND[self.kind]
+        conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1]
+        groups = c_out if self.depthwise else self.groups
+        m = conv(c_in, c_out, self.w_shape[2:], stride=self.stride, padding=self.padding,
+                 dilation=self.dilation, groups=groups, bias=self.bias)
+        return m, torch.randn(batch, c_in, *self.x_shape[2:])
+
+
+CONVS_BY_KIND = {"conv1d": 1, "conv2d": 2, "conv3d": 3}
+
+
+def layer_ops(program: Program, coupling: Coupling) -> list[Op]:
+    """The conv/linear ops of ``program`` whose widths belong to prunable single-unit groups."""
+    fqns = program.placeholder_fqns()
+    owner = {key: (g.name, rows.shape[1]) for g in coupling.groups
+             if next(iter(g.members.values())).shape[1] == 1 for key, rows in g.members.items()}
+    ops = []
+    for node in program.graph.nodes:
+        if node.op != "call_function" or (node.target not in CONVS and node.target != aten.linear.default):
+            continue
+        w = node.args[1]
+        name = fqns.get(getattr(w, "name", ""))
+        x_shape, w_shape = shape_of(node.args[0]), shape_of(w)
+        if name is None or x_shape is None or w_shape is None:
+            continue
+        bias = len(node.args) > 2 and node.args[2] is not None
+        if node.target == aten.linear.default:
+            op = Op(name, "linear", x_shape, w_shape, bias=bias)
+        else:
+            n = CONVS[node.target]
+            args = list(node.args) + [None] * 7
+            stride, padding, dilation = (_tuple(args[3], 1, n), _tuple(args[4], 0, n), _tuple(args[5], 1, n))
+            if isinstance(args[4], str):
+                continue  # padding='same' | 'valid': not timed (its width stays whole in the model)
+            groups = int(args[6] or 1)
+            op = Op(name, f"conv{n}d", x_shape, w_shape, stride, padding, dilation, groups, bias,
+                    depthwise=groups > 1 and groups == x_shape[1] and w_shape[1] == 1)
+        out, inp = owner.get((name, 0), (None, 1)), owner.get((name, 1), (None, 1))
+        op.out_group = out[0] if out[1] == 1 else None
+        op.in_group, op.in_per_unit = (op.out_group, 1) if op.depthwise else inp
+        if op.depthwise and op.groups != w_shape[0]:
+            op.depthwise, op.in_group = False, None  # channel multiplier: only the out side is ours
+        if op.in_group or op.out_group:
+            ops.append(op)
+    return ops
+
+
+def _tuple(v: Any, default: int, n: int) -> tuple[int, ...]:
+    if v is None:
+        return (default,) * n
+    if isinstance(v, int):
+        return (v,) * n
+    return tuple(int(i) for i in v) * (n if len(v) == 1 else 1)
+
+
+def candidate_widths(size: int, points: int = 16, multiple: int = 8) -> list[int]:
+    """Widths to time for a group of ``size``: about ``points`` of them, multiples of ``multiple``
+    (every width for small groups), always including ``size``."""
+    if size <= points:
+        step = 1
+    elif size < 4 * multiple:
+        step = math.ceil(size / points)
+    else:
+        step = multiple * max(1, math.ceil(size / points / multiple))
+    return sorted(set(range(step, size, step)) | {size})
+
+
+@dataclass
+class LatencyTable:
+    """Measured op curves (ms) for one model, runtime, batch and thread count."""
+
+    meta: dict[str, Any]
+    dense_ms: float
+    ops: list[Op]
+    curves: dict[str, dict[str, dict[int, float]]]   # op name → {"in"|"out"|"both": {width: ms}}
+    full: dict[str, float]                            # op name → ms with every width whole
+    sizes: dict[str, int] = field(default_factory=dict)  # group → units
+
+    @property
+    def scale(self) -> float:
+        total = sum(self.full.values())
+        return self.dense_ms / total if total > 0 else 0.0
+
+    def _curve(self, op: str, side: str, w: int) -> float:
+        c = self.curves[op][side]
+        xs = sorted(c)
+        if w <= xs[0]:
+            return c[xs[0]] * w / xs[0]
+        return float(np.interp(w, xs, [c[x] for x in xs]))
+
+    def op_ms(self, op: Op, widths: dict[str, int]) -> float:
+        """Predicted ms (standalone units) of ``op`` with these group widths (others whole)."""
+        full = self.full[op.name]
+        if op.depthwise:
+            return self._curve(op.name, "both", widths[op.out_group]) if op.out_group in widths else full
+        t = full
+        if op.in_group in widths:
+            t *= self._curve(op.name, "in", widths[op.in_group]) / full
+        if op.out_group in widths:
+            t *= self._curve(op.name, "out", widths[op.out_group]) / full
+        return t
+
+    def predict(self, widths: dict[str, int]) -> float:
+        """Predicted end-to-end ms of the model with these group widths."""
+        return self.scale * sum(self.op_ms(op, widths) for op in self.ops)
+
+    def group_curve(self, group: str) -> dict[int, float]:
+        """Predicted model ms at each timed width of ``group`` (the others whole)."""
+        widths = {w for op in self.ops for side, c in self.curves[op.name].items()
+                  if (op.in_group if side == "in" else op.out_group) == group for w in c}
+        return {w: self.predict({group: w}) for w in sorted(widths)}
+
+    def group_ms(self, group: str) -> float:
+        """Predicted ms of the ops ``group``'s width touches, all whole."""
+        return self.scale * sum(self.full[op.name] for op in self.ops if group in (op.in_group, op.out_group))
+
+    def steps(self, group: str, tol: float = 0.05) -> list[int]:
+        """Widths on the latency frontier: no wider timed width is faster by more than ``tol`` of the
+        group's own ops' latency (timing noise must not make a width look dominated)."""
+        curve = self.group_curve(group)
+        margin = tol * self.group_ms(group)
+        out, best = [], math.inf
+        for w in sorted(curve, reverse=True):
+            if curve[w] <= best + margin:
+                out.append(w)
+            best = min(best, curve[w])
+        return sorted(out)
+
+    def staircase(self, group: str, rel: float = 0.02) -> list[int]:
+        """Widths where the predicted latency steps up by more than ``rel`` of the group's span."""
+        curve = self.group_curve(group)
+        ws = sorted(curve)
+        span = max(curve.values()) - min(curve.values()) if curve else 0.0
+        return [b for a, b in zip(ws, ws[1:]) if span > 0 and curve[b] - curve[a] > rel * span]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"meta": self.meta, "dense_ms": self.dense_ms, "sizes": self.sizes,
+                "ops": [op.__dict__ for op in self.ops], "full": self.full,
+                "curves": {o: {s: {str(w): t for w, t in c.items()} for s, c in sides.items()}
+                           for o, sides in self.curves.items()}}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> LatencyTable:
+        ops = [Op(**{k: tuple(v) if isinstance(v, list) else v for k, v in o.items()}) for o in d["ops"]]
+        curves = {o: {s: {int(w): float(t) for w, t in c.items()} for s, c in sides.items()}
+                  for o, sides in d["curves"].items()}
+        return cls(d["meta"], float(d["dense_ms"]), ops, curves, {k: float(v) for k, v in d["full"].items()},
+                   {k: int(v) for k, v in d.get("sizes", {}).items()})
+
+
+def cache_dir() -> Path:
+    """``$PRUNEC_CACHE_DIR/latency`` or ``~/.cache/prunec/latency``."""
+    root = os.environ.get("PRUNEC_CACHE_DIR") or Path.home() / ".cache" / "prunec"
+    return Path(root) / "latency"
+
+
+def key_fields(program: Program, ops: list[Op], runtime: Runtime, batch: int, threads: int,
+               points: int) -> dict[str, Any]:
+    """Everything a table depends on: the graph's ops and shapes, the runtime and its version, the
+    host, batch, threads, the widths grid. Any change gives another cache key."""
+    graph = [f"{n.op}:{n.target}:{shape_of(n)}" for n in program.graph.nodes]
+    return {"model": hashlib.sha256("\n".join(graph).encode()).hexdigest()[:16],
+            "ops": hashlib.sha256("\n".join(o.signature() + str((o.in_group, o.out_group))
+                                            for o in ops).encode()).hexdigest()[:16],
+            "runtime": runtime.name, "runtime_version": runtime.version(), "torch": torch.__version__,
+            "machine": f"{platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()}".strip(),
+            "batch": batch, "threads": threads, "points": points, "version": MODEL_VERSION}
+
+
+def cache_key(fields: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def load_cached(path: Path, fields: dict[str, Any]) -> LatencyTable | None:
+    """The table at ``path`` if it was measured for exactly ``fields``; a stale or foreign file under
+    this key is refused (InputError), never used."""
+    if not path.is_file():
+        return None
+    try:
+        table = LatencyTable.from_json(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError) as err:
+        raise InputError(f"latency cache {path} is unreadable ({type(err).__name__})",
+                         "delete it, or profile again with --reprofile") from None
+    if table.meta.get("key_fields") != fields:
+        diff = sorted(k for k in fields if table.meta.get("key_fields", {}).get(k) != fields[k])
+        raise InputError(f"latency cache {path} was measured for a different {', '.join(diff) or 'setup'}",
+                         "delete it, or profile again with --reprofile")
+    return table
+
+
+def batched(inputs: tuple[Any, ...], batch: int) -> tuple[Any, ...]:
+    """The example inputs with batch ``batch`` (row 0 repeated; other rows random)."""
+    out = []
+    for t in inputs:
+        if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] != batch:
+            t = t[:1].expand(batch, *t.shape[1:]).clone()
+            if t.is_floating_point() and batch > 1:
+                t[1:] = torch.randn_like(t[1:])
+        out.append(t)
+    return tuple(out)
+
+
+def profile(model: nn.Module, program: Program, coupling: Coupling, runtime: str = "onnxruntime",
+            batch: int = 1, threads: int | None = None, points: int = 16, rounds: int = 5,
+            cache: Path | None | bool = True, progress: Progress | None = None,
+            reprofile: bool = False) -> LatencyTable:
+    """Time every op a prunable group's width touches at candidate widths on ``runtime``; cached
+    under ``cache_dir()/<key>.json`` (``cache=False``: neither read nor write; a Path: that folder)."""
+    rt = get_runtime(runtime)
+    if batch < 1:
+        raise InputError(f"--batch {batch} must be ≥ 1", "e.g. --batch 1 or --batch 8")
+    threads = threads or os.cpu_count() or 1
+    ops = layer_ops(program, coupling)
+    fields = key_fields(program, ops, rt, batch, threads, points)
+    folder = None if cache is False else (cache_dir() if cache is True or cache is None else Path(cache))
+    path = folder / f"{cache_key(fields)}.json" if folder else None
+    table = load_cached(path, fields) if path and not reprofile else None
+    if table is not None:
+        table.meta["cache"] = str(path)
+        return table
+    sizes = {g.name: g.size for g in coupling.groups}
+    curves, full = _measure_ops(ops, sizes, rt, batch, threads, points, rounds, progress)
+    if progress:
+        progress("timing the dense model end to end")
+    dense = measure(rt, {"dense": model}, program.example_inputs, batch, threads, rounds)["dense"]
+    table = LatencyTable({"key_fields": fields, "key": cache_key(fields), "runtime_note": rt.note},
+                         dense, ops, curves, full, sizes)
+    if path:
+        from prunec.atomic import atomic_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            Path(tmp).write_text(json.dumps(table.to_json()))
+        table.meta["cache"] = str(path)
+    return table
+
+
+def _measure_ops(ops: list[Op], sizes: dict[str, int], rt: Runtime, batch: int, threads: int,
+                 points: int, rounds: int, progress: Progress | None
+                 ) -> tuple[dict[str, dict[str, dict[int, float]]], dict[str, float]]:
+    """Time each distinct (op signature, side, width) once, interleaved per op; ms."""
+    done: dict[tuple[str, str, int], float] = {}
+    curves: dict[str, dict[str, dict[int, float]]] = {}
+    full: dict[str, float] = {}
+    for i, op in enumerate(ops):
+        if progress:
+            progress(f"profiling op {i + 1}/{len(ops)} ({op.name})")
+        c_in = op.x_shape[-1] if op.kind == "linear" else op.x_shape[1]
+        c_out = op.w_shape[0]
+        k = op.in_per_unit
+        sides = {"both": (op.out_group, c_out)} if op.depthwise else \
+            {s: (g, n) for s, g, n in (("in", op.in_group, c_in // k), ("out", op.out_group, c_out)) if g}
+        jobs = [(side, w) for side, (g, n) in sides.items() for w in candidate_widths(n, points)]
+        jobs = [("full", c_out)] + [j for j in jobs if j[1] != sides[j[0]][1]]
+        todo = [j for j in jobs if (op.signature(), *j) not in done]
+        runs = []
+        for side, w in todo:
+            ci = w * (k if side == "in" else 1) if side in ("in", "both") else c_in
+            co = w if side in ("out", "both") else c_out
+            try:
+                module, x = op.module(ci, co, batch)
+                runs.append(rt.prepare(module, (x,), threads))
+            except Exception as err:  # noqa: BLE001 - a variant we built wrongly is our bug
+                raise InternalError(f"could not build {op.name} at {side} width {w} on {rt.name}: "
+                                    f"{type(err).__name__}: {str(err).strip()[:200]}", op=op.__dict__) from err
+        for job, sec in zip(todo, time_interleaved(runs, rounds, stat="min")):
+            done[(op.signature(), *job)] = sec * 1e3
+        full[op.name] = done[(op.signature(), "full", c_out)]
+        curves[op.name] = {side: {**{w: done[(op.signature(), side, w)]
+                                     for w in candidate_widths(n, points) if w != n}, n: full[op.name]}
+                           for side, (g, n) in sides.items()}
+    return curves, full
+
+
+def measure(rt: Runtime | str, models: dict[str, nn.Module], inputs: tuple[Any, ...], batch: int = 1,
+            threads: int | None = None, rounds: int = 5) -> dict[str, float]:
+    """Median end-to-end ms of each model on the runtime, timed interleaved."""
+    rt = get_runtime(rt) if isinstance(rt, str) else rt
+    x = batched(tuple(inputs), batch)
+    runs = [rt.prepare(m, x, threads or os.cpu_count() or 1) for m in models.values()]
+    return {name: sec * 1e3 for name, sec in zip(models, time_interleaved(runs, rounds))}
+
+
+def parse_target(value: float | str) -> tuple[str, float]:
+    """``0.5`` → ("fraction", 0.5); ``"12ms"`` / ``"0.012s"`` → ("ms", 12.0)."""
+    text = str(value).strip().lower()
+    try:
+        if text.endswith("ms"):
+            kind, v = "ms", float(text[:-2])
+        elif text.endswith("s"):
+            kind, v = "ms", float(text[:-1]) * 1e3
+        else:
+            kind, v = "fraction", float(text)
+    except ValueError:
+        raise InputError(f"--target-latency {value} is not a fraction or a time",
+                         "write e.g. --target-latency 0.5 (of the dense latency) or 12ms") from None
+    if not math.isfinite(v) or v <= 0 or (kind == "fraction" and v > 1):
+        raise InputError(f"--target-latency {value} is outside (0, 1] (fraction) or not a positive time",
+                         "write e.g. --target-latency 0.5 or 12ms")
+    return kind, v
+
+
+def describe_staircase(table: LatencyTable, limit: int = 12) -> list[str]:
+    """One line per group: dense width, its latency span, the widths where latency steps."""
+    groups = sorted({g for op in table.ops for g in (op.in_group, op.out_group) if g})
+    lines = []
+    for g in groups:
+        curve = table.group_curve(g)
+        if not curve:
+            continue
+        lo, hi = min(curve.values()), max(curve.values())
+        steps = table.staircase(g)
+        shown = ", ".join(map(str, steps[:limit])) + (" …" if len(steps) > limit else "")
+        lines.append(f"{g}: {table.sizes.get(g, max(curve))} units, model {lo:.3g}–{hi:.3g} ms over "
+                     f"{len(curve)} widths; steps at {shown or 'none'}")
+    return lines
+
+
+def measured_report(info: dict[str, Any], dense: nn.Module, pruned: nn.Module, inputs: tuple[Any, ...],
+                    rounds: int = 5) -> dict[str, Any]:
+    """The compile report's latency entry: what the selection predicted and what the runtime
+    measured for the dense and the pruned model, timed interleaved in this run."""
+    out = {k: info.get(k) for k in ("runtime", "batch", "threads", "mode", "target_ms", "table")}
+    out["predicted_ms"] = info["predicted_ms"]
+    out["predicted_ratio"] = info["predicted_ms"] / info["dense_ms"] if info["dense_ms"] else None
+    try:
+        ms = measure(info["runtime"], {"dense": dense, "pruned": pruned}, inputs, info["batch"],
+                     info["threads"], rounds)
+    except Exception as err:  # noqa: BLE001 - the pruned model is verified; only the timing failed
+        out.update(measured_ms=None, reason=f"{type(err).__name__}: {str(err).strip()[:200]}")
+        return out
+    out.update(dense_ms=ms["dense"], measured_ms=ms["pruned"], measured_ratio=ms["pruned"] / ms["dense"],
+               rounds=rounds, load=_load())
+    return out
+
+
+def _load() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None

@@ -1,0 +1,154 @@
+"""Runtimes to time modules on: a small table of timers (onnxruntime, executorch, torch).
+
+``RUNTIMES[name].prepare(module, x, threads)`` turns an ``nn.Module`` and its input into a
+zero-argument callable that runs it once on that runtime; ``time_interleaved`` times several such
+callables round by round (warm-up, order reversed every other round, medians).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import io
+import statistics
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+
+from prunec.errors import InputError
+
+Run = Callable[[], Any]
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """A runtime to time on: the package it needs, the pip extra that installs it, a preparer."""
+
+    name: str
+    package: str
+    extra: str
+    prepare: Callable[[torch.nn.Module, tuple[torch.Tensor, ...], int], Run]
+    note: str = ""
+
+    def version(self) -> str:
+        mod = importlib.import_module(self.package)
+        return str(getattr(mod, "__version__", "") or _dist_version(self.package))
+
+
+def _dist_version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _onnx_bytes(module: torch.nn.Module, x: tuple[torch.Tensor, ...]) -> bytes:
+    """The module as ONNX (TorchScript exporter, then dynamo), static shapes."""
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(module.eval(), x, buf, dynamo=False, opset_version=17)
+        except Exception:  # noqa: BLE001 - the dynamo exporter handles what TorchScript can't
+            buf = io.BytesIO()
+            torch.onnx.export(module.eval(), x, buf, dynamo=True, opset_version=18, verbose=False)
+    return buf.getvalue()
+
+
+def _prepare_ort(module: torch.nn.Module, x: tuple[torch.Tensor, ...], threads: int) -> Run:
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(_onnx_bytes(module, x), so, providers=["CPUExecutionProvider"])
+    feed = {i.name: t.detach().numpy() for i, t in zip(sess.get_inputs(), x)}
+    return lambda: sess.run(None, feed)
+
+
+def _prepare_torch(module: torch.nn.Module, x: tuple[torch.Tensor, ...], threads: int) -> Run:
+    module = module.eval()
+
+    def run() -> Any:
+        with torch.no_grad(), _threads(threads):
+            return module(*x)
+    return run
+
+
+def _prepare_executorch(module: torch.nn.Module, x: tuple[torch.Tensor, ...], threads: int) -> Run:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.runtime import Runtime as EtRuntime
+    with torch.no_grad():
+        ep = torch.export.export(module.eval(), x)
+    program = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch()
+    method = EtRuntime.get().load_program(program.buffer).load_method("forward")
+    inputs = list(x)
+    return lambda: method.execute(inputs)
+
+
+@contextmanager
+def _threads(n: int) -> Iterator[None]:
+    old = torch.get_num_threads()
+    if old == n:  # set_num_threads rebuilds the thread pool: only when it changes
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+RUNTIMES: dict[str, Runtime] = {
+    "onnxruntime": Runtime("onnxruntime", "onnxruntime", "onnx", _prepare_ort,
+                           "CPUExecutionProvider, ORT_ENABLE_ALL, sequential"),
+    "executorch": Runtime("executorch", "executorch", "executorch", _prepare_executorch,
+                          "XNNPACK delegate (its own thread pool: --threads is not applied)"),
+    "torch": Runtime("torch", "torch", "", _prepare_torch, "eager PyTorch CPU, torch.no_grad"),
+}
+
+
+def get_runtime(name: str) -> Runtime:
+    """The runtime called ``name``; an InputError if unknown or not installed."""
+    if name == "tensorrt":
+        raise InputError("latency profiling on tensorrt is not implemented",
+                         f"profile on one of {sorted(RUNTIMES)}")
+    if name not in RUNTIMES:
+        raise InputError(f"unknown runtime '{name}'", f"use one of {sorted(RUNTIMES)}")
+    rt = RUNTIMES[name]
+    if importlib.util.find_spec(rt.package) is None:
+        raise InputError(f"runtime '{name}' is not installed (no package '{rt.package}')",
+                         f"install it with: pip install 'prunec[{rt.extra}]'")
+    return rt
+
+
+def time_interleaved(runs: list[Run], rounds: int = 5, warmup: int = 2,
+                     min_sample_s: float = 0.002, stat: str = "median") -> list[float]:
+    """Seconds per call of each run (the median, or with ``stat="min"`` the fastest sample): warm-up,
+    then ``rounds`` rounds over all runs (order reversed every other round); a fast run is repeated
+    within a sample to ≥ ``min_sample_s``. Short kernels on a shared host: preemption only adds time,
+    so their minimum is the steadier estimate."""
+    inner = []
+    for run in runs:
+        start = time.perf_counter()
+        for _ in range(warmup):
+            run()
+        once = max((time.perf_counter() - start) / max(warmup, 1), 1e-7)
+        inner.append(max(1, min(100, int(min_sample_s / once))))
+    samples: list[list[float]] = [[] for _ in runs]
+    order = list(range(len(runs)))
+    for rnd in range(rounds):
+        for i in (order if rnd % 2 == 0 else order[::-1]):
+            start = time.perf_counter()
+            for _ in range(inner[i]):
+                runs[i]()
+            samples[i].append((time.perf_counter() - start) / inner[i])
+    pick = min if stat == "min" else statistics.median
+    return [pick(s) for s in samples]

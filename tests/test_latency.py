@@ -1,0 +1,159 @@
+"""Latency-aware widths: the table, its cache key, snapping, the allocator, targets, bad input."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import prunec
+from prunec.cli import main
+from prunec.errors import InputError
+from prunec.latency import LatencyTable, Op, candidate_widths, load_cached, parse_target, profile
+from prunec.passes.latency_select import allocate, snap
+
+
+def tiny() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.BatchNorm2d(64), nn.ReLU(),
+                         nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)).eval()
+
+
+def fake_table(a: dict[int, float], b: dict[int, float], dense_ms: float = 10.0) -> LatencyTable:
+    """Two groups 'a' (16 units) and 'b' (16 units): op1 out=a, op2 in=a out=b, op3 in=b."""
+    ops = [Op("op1", "conv2d", (1, 3, 8, 8), (16, 3, 1, 1), out_group="a"),
+           Op("op2", "conv2d", (1, 16, 8, 8), (16, 16, 1, 1), in_group="a", out_group="b"),
+           Op("op3", "linear", (1, 16), (4, 16), in_group="b")]
+    curves = {"op1": {"out": dict(a)}, "op2": {"in": dict(a), "out": dict(b)}, "op3": {"in": dict(b)}}
+    full = {"op1": a[16], "op2": a[16], "op3": b[16]}
+    assert a[16] == b[16]
+    return LatencyTable({"key_fields": {"threads": 1}}, dense_ms, ops, curves, full, {"a": 16, "b": 16})
+
+
+LINEAR = {w: w / 16 for w in (4, 8, 12, 16)}
+# 12 is slower than 16 (an odd width), 8 costs as much as 4 (a plateau)
+STAIRS = {4: 0.4, 8: 0.4, 12: 1.2, 16: 1.0}
+
+
+def test_candidate_widths() -> None:
+    assert candidate_widths(8) == list(range(1, 9))
+    assert candidate_widths(512, points=16) == list(range(32, 513, 32))
+    assert all(w % 8 == 0 for w in candidate_widths(200)) and candidate_widths(200)[-1] == 200
+
+
+def test_predict_is_scaled_to_dense_and_separable() -> None:
+    t = fake_table(LINEAR, LINEAR)
+    assert t.predict({}) == pytest.approx(10.0)
+    # op2 with both sides halved costs a quarter (in · out), the others a half
+    assert t.predict({"a": 8, "b": 8}) == pytest.approx(10.0 / 3 * (0.5 + 0.25 + 0.5))
+
+
+def test_steps_and_snap_skip_slow_widths_and_take_free_ones() -> None:
+    t = fake_table(STAIRS, LINEAR)
+    assert t.steps("a") == [4, 8, 16]       # 12 is slower than 16 (4 and 8 tie: both are steps)
+    assert snap(t, "a", 12) == 8            # 12 is slower than 16: the step below it
+    assert snap(t, "a", 5) == 8             # 4..8 cost the same: the free units are kept
+    assert snap(t, "b", 12) == 12
+    assert 8 in t.staircase("a") or 12 in t.staircase("a")
+
+
+def test_allocator_spends_removal_where_latency_per_importance_is_cheapest() -> None:
+    t = fake_table(LINEAR, LINEAR)
+    scores = {"a": np.ones(16), "b": np.r_[np.ones(8), np.full(8, 1e-3)]}   # b's last 8 units are unimportant
+    widths, pred = allocate(t, scores, 0.8 * t.dense_ms, {"a": 2, "b": 2})
+    assert pred <= 0.8 * t.dense_ms + 1e-9
+    assert widths["b"] <= 8 and widths["a"] == 16
+
+
+def test_allocator_unreachable_names_best_reachable() -> None:
+    t = fake_table(LINEAR, LINEAR)
+    with pytest.raises(InputError, match=r"unreachable: the best reachable is .* ms \(0\.\d+ of the dense"):
+        allocate(t, {"a": np.ones(16), "b": np.ones(16)}, 0.01, {"a": 8, "b": 8})
+
+
+def test_parse_target() -> None:
+    assert parse_target(0.5) == ("fraction", 0.5)
+    assert parse_target("12ms") == ("ms", 12.0)
+    assert parse_target("0.02s") == ("ms", 20.0)
+    for bad in ("fast", "1.5", "0", "-3ms"):
+        with pytest.raises(InputError):
+            parse_target(bad)
+
+
+def test_profile_caches_keyed_table_and_refuses_a_stale_one(tmp_path: Path) -> None:
+    model, x = tiny(), (torch.randn(1, 3, 16, 16),)
+    coupling = prunec.analyze(model, x)
+    t1 = profile(model, coupling.program, coupling, "torch", threads=1, points=4, rounds=2, cache=tmp_path)
+    files = list(tmp_path.glob("*.json"))
+    assert len(files) == 1 and t1.meta["cache"] == str(files[0])
+    assert len(t1.ops) == 4 and all(t1.full[o.name] > 0 for o in t1.ops)
+    t2 = profile(model, coupling.program, coupling, "torch", threads=1, points=4, rounds=2, cache=tmp_path)
+    assert t2.curves == t1.curves and t2.dense_ms == t1.dense_ms      # read back, not re-measured
+    profile(model, coupling.program, coupling, "torch", batch=2, threads=1, points=4, rounds=2, cache=tmp_path)
+    assert len(list(tmp_path.glob("*.json"))) == 2                      # another batch: another key
+    data = json.loads(files[0].read_text())
+    data["meta"]["key_fields"]["threads"] = 7                          # a table measured elsewhere
+    files[0].write_text(json.dumps(data))
+    with pytest.raises(InputError, match="measured for a different threads"):
+        load_cached(files[0], t1.meta["key_fields"])
+
+
+def _cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    code = main(args)
+    return code, capsys.readouterr().err.strip()
+
+
+def test_cli_bad_latency_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "m.pt2"
+    code, err = _cli(["zoo:convbn", "--target-latency", "0.5", "--runtime", "tvm", "-o", str(out)], capsys)
+    assert code == 2 and err == ("prunec: error: unknown runtime 'tvm'. Use one of "
+                                 "['executorch', 'onnxruntime', 'torch'].")
+    code, err = _cli(["zoo:convbn", "--target-latency", "soon", "-o", str(out)], capsys)
+    assert code == 2 and "is not a fraction or a time" in err and len(err.splitlines()) == 1
+    code, err = _cli(["zoo:convbn", "--target-latency", "0.5", "--channels", "0.3", "-o", str(out)], capsys)
+    assert code == 2 and "latency target and channel ratios both given" in err
+    code, err = _cli(["zoo:convbn", "--target-latency", "0.5", "--target-macs", "0.5", "-o", str(out)], capsys)
+    assert code == 2 and "Ask for one target" in err
+    import prunec.runtimes
+    monkeypatch.setattr(prunec.runtimes.importlib.util, "find_spec", lambda name: None)
+    code, err = _cli(["profile", "zoo:convbn", "--runtime", "executorch"], capsys)
+    assert code == 2 and err == ("prunec: error: runtime 'executorch' is not installed (no package 'executorch'). "
+                                 "Install it with: pip install 'prunec[executorch]'.")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_cli_unreachable_target_names_the_best(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PRUNEC_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "m.pt2"
+    code, err = _cli(["zoo:convbn", "--target-latency", "1us", "--runtime", "torch", "--threads", "1",
+                      "-o", str(out)], capsys)
+    assert code == 2, err
+    code, err = _cli(["zoo:convbn", "--target-latency", "0.001ms", "--runtime", "torch", "--threads", "1",
+                      "-o", str(out)], capsys)
+    assert code == 2 and "is unreachable: the best reachable is" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_target_latency_end_to_end_on_onnxruntime(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setenv("PRUNEC_CACHE_DIR", str(tmp_path / "cache"))
+    path, out, report = tmp_path / "tiny.pt", tmp_path / "tiny.onnx", tmp_path / "r.json"
+    torch.save(tiny(), path)
+    code = main([str(path), "--trust-pickle", "--input-shape", "1,3,64,64", "--target", "onnx",
+                 "--target-latency", "0.7", "--threads", "1", "-o", str(out), "--report", str(report)])
+    stdout = capsys.readouterr().out
+    assert code == 0
+    data = json.loads(report.read_text())
+    assert data["verify"]["passed"] and "verify  PASSED" in stdout
+    lat = data["latency"]
+    assert lat["runtime"] == "onnxruntime" and lat["mode"] == "target"
+    assert lat["predicted_ms"] > 0 and lat["measured_ms"] > 0 and lat["dense_ms"] > 0
+    assert data["macs_after"] < data["macs_before"]
+    assert "latency predicted" in stdout and "measured" in stdout
+    assert list((tmp_path / "cache" / "latency").glob("*.json"))
