@@ -346,7 +346,8 @@ def compile_blockwise(path: str | Path, out: str | Path, *, heads: float = 0.0, 
             if (path / name).is_file():
                 shutil.copy2(path / name, tmp / name)
     report["notes"] += sorted({n.split(": ", 1)[-1] for b in report["blocks"] for n in b["notes"]})
-    report.update(output_bytes=run.writer.nbytes, peak_rss_mb=round(peak_rss_mb(), 1),
+    peak = max(peak_rss_mb(), rss_mb(), rss_start)  # ru_maxrss's high-water mark lags /proc's count
+    report.update(output_bytes=run.writer.nbytes, peak_rss_mb=round(peak, 1),
                   rss_at_start_mb=round(rss_start, 1), time_s=round(time.perf_counter() - start, 3),
                   artifact=str(out), params_before=sum(b["params_before"] for b in report["blocks"]),
                   params_after=sum(b["params_after"] for b in report["blocks"]))
