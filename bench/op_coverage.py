@@ -29,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.common import Timeout, time_limit, write_section  # noqa: E402
 from prunec.analyze import build_coupling  # noqa: E402
 from prunec.rules import rule_for  # noqa: E402
 from prunec.trace import trace  # noqa: E402
@@ -208,21 +209,6 @@ CORPORA = {"torchvision": torchvision_corpus, "timm": timm_corpus, "hf": hf_corp
 
 
 # ----------------------------------------------------------------------------- measure
-class Timeout(Exception):
-    pass
-
-
-@contextmanager
-def time_limit(seconds: int) -> Iterator[None]:
-    def handler(signum: int, frame: Any) -> None:
-        raise Timeout(f"timed out after {seconds}s")
-    old = signal.signal(signal.SIGALRM, handler)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def _to_meta(value: Any) -> Any:
@@ -404,13 +390,7 @@ def write_doc(data: dict[str, Any], command: str) -> None:
             lines.append(f"| {group} | `{name}` | {o} | {m} ({miss_ops}) | {r['macs'] / 1e9:.3g} | {share} | {ex} | "
                          f"{r['groups']} | {r['total_s']} |")
     lines.append(END)
-    text = DOC.read_text() if DOC.exists() else "# Coverage\n"
-    section = "\n".join(lines)
-    if BEGIN in text:
-        text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    DOC.write_text(text)
+    write_section(DOC, BEGIN, END, lines)
 
 
 def main() -> None:

@@ -25,6 +25,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.common import Timeout, time_limit  # noqa: E402
+
 RESULTS = ROOT / "bench" / "results" / "sweep.json"
 DOC = ROOT / "docs" / "coverage.md"
 BEGIN, END = "<!-- sweep:begin -->", "<!-- sweep:end -->"
@@ -59,21 +62,6 @@ QUICK = [("torchvision", n) for n in ("resnet18", "mobilenet_v3_small", "densene
 
 
 # ----------------------------------------------------------------------------- worker
-class Timeout(Exception):
-    pass
-
-
-@contextmanager
-def time_limit(seconds: int):
-    def handler(signum, frame):
-        raise Timeout(f"timed out after {seconds}s")
-    old = signal.signal(signal.SIGALRM, handler)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def first_line(err: BaseException) -> str:

@@ -15,6 +15,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.common import write_section  # noqa: E402
 from prunec.errors import PrunecError  # noqa: E402
 from tests.test_tp_models import TP_MODELS, compile_tp  # noqa: E402
 
@@ -52,13 +53,7 @@ def main() -> None:
         lines.append(row(case))
         print(lines[-1], flush=True)
     lines.append(END)
-    text = DOC.read_text()
-    section = "\n".join(lines)
-    if BEGIN in text:
-        text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    DOC.write_text(text)
+    write_section(DOC, BEGIN, END, lines)
 
 
 if __name__ == "__main__":
