@@ -13,13 +13,13 @@ from torch import nn
 from prunec.analyze import build_coupling
 from prunec.cost import count_macs, count_params
 from prunec.coupling import Coupling
-from prunec.calib import calls
+from prunec.calib import calls, shape_key, with_example_options
 from prunec.cut import Cut
 from prunec.diagnose import check_finite, shortfall
 from prunec.dynamic import DynamicProgram, describe_spec, export_program, export_synced, replay
 from prunec.errors import InputError, InternalError, TraceError
 from prunec.module_sync import keep_whole, synced_copy
-from prunec.passes import PASSES, ConfigHeads, LayerDrop, LeastSquaresSelection, Pass, Select, State, run_passes
+from prunec.passes import PASSES, ConfigHeads, LayerDrop, LeastSquaresSelection, Pass, Refit, Select, State, run_passes
 from prunec.passes.base import Services
 from prunec.passes.select import check_ratio
 from prunec.plan import Plan
@@ -80,7 +80,8 @@ def analyze(model: nn.Module, example_inputs: Any, example_kwargs: dict[str, Any
 def methods() -> list[str]:
     """``--method`` names: registered passes that score units (or select and refit them)."""
     return sorted(n for n, cls in PASSES.items()
-                  if ("scores" in cls.provides and "plan" not in cls.provides) or "refits" in cls.provides)
+                  if ("scores" in cls.provides and "plan" not in cls.provides)
+                  or {"refits", "plan"} <= set(cls.provides))
 
 
 def criterion(method: str, ratio: float = 0.5, round_to: int = 8) -> Pass:
@@ -109,7 +110,7 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
             check: bool = True, example_kwargs: dict[str, Any] | None = None,
             progress: Progress | None = None, static: bool = False, layer_method: str = "angular",
             dynamic_shapes: Any = None, parts: bool = True, schedule: Any = None,
-            recover: dict[str, Any] | None = None) -> Any:
+            recover: dict[str, Any] | None = None, refit: str | None = None) -> Any:
     """Prune ``model`` and return a CompileResult.
 
     ``channels`` applies to conv/linear channel groups (and MLP groups unless ``mlp`` is
@@ -121,7 +122,9 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
     format) names other dynamic dims, e.g. the ones a loaded ``.pt2`` recorded. If the whole model
     can't be traced and ``parts`` is on, the submodules that trace are pruned instead (a ``PartsResult``).
     ``schedule`` (a ``prunec.schedule.Gradual``) prunes step by step, distilling with ``recover``
-    options between steps.
+    options between steps. ``refit`` ('ls' or 'bias', see ``prunec.passes.Refit``; needs ``calib``)
+    refits the Linear layers that read pruned units after selection; default: 'bias' for
+    ``method='flap'`` (FLAP's bias compensation), none otherwise; 'none' turns it off.
     """
     if schedule is not None:
         from prunec.schedule import compile_gradual
@@ -154,7 +157,7 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
         if plan is None:
             pipeline = list(passes) if passes is not None else _default_pipeline(
                 method, ratios, round_to, global_rank, layers, layer_method,
-                hf_heads=hasattr(getattr(model, "config", None), "num_attention_heads"))
+                hf_heads=hasattr(getattr(model, "config", None), "num_attention_heads"), refit=refit)
             kinds = {k for k, v in ratios.items() if v} if passes is None else None
             state = run_passes(pipeline, State(model, program, coupling, calib=calib, kinds=kinds,
                                                services=services(coupling)))
@@ -176,9 +179,10 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
 
 
 def _default_pipeline(method: str, ratios: dict[str, float], round_to: int, global_rank: bool,
-                      layers: float, layer_method: str = "angular", hf_heads: bool = False) -> list[Pass]:
-    """``criterion → select [→ config_heads] [→ layer_drop]`` (a selecting criterion such as ThiNet
-    needs no select; ``config_heads``: HF models get head counts their config can express)."""
+                      layers: float, layer_method: str = "angular", hf_heads: bool = False,
+                      refit: str | None = None) -> list[Pass]:
+    """``criterion → select [→ config_heads] [→ layer_drop] [→ refit]`` (a selecting criterion such as
+    ThiNet needs no select; ``config_heads``: HF models get head counts their config can express)."""
     crit = criterion(method, ratios["channel"], round_to)
     pipeline = [crit]
     if "scores" in crit.provides:
@@ -190,6 +194,11 @@ def _default_pipeline(method: str, ratios: dict[str, float], round_to: int, glob
         pipeline.append(ConfigHeads())
     if layers:
         pipeline.append(LayerDrop(check_ratio("layers", layers), by=layer_method))
+    refit = refit or ("bias" if method == "flap" else "none")
+    if refit != "none":
+        if "refits" in crit.provides:
+            raise InputError(f"--method {method} refits its consumers itself", "drop --refit")
+        pipeline.append(Refit(refit))
     return pipeline
 
 
@@ -251,8 +260,13 @@ def _finish(model: nn.Module, program: Program, coupling: Coupling, plan: Plan, 
                 f"{verify_result.max_abs_err:.3g}, tolerance {verify_result.tolerance:g})")
     if updates:
         with timer.stage("refit check"):
-            batches = calls(calib)[:REFIT_CHECK_BATCHES] if calib is not None else [(inputs, kwargs)]
-            refit = check_refit(pruned_program, original_program(coupling), state, updates, batches)
+            batches = [with_example_options(program, c) for c in calls(calib or [])[:REFIT_CHECK_BATCHES]]
+            if synced:   # the eager modules run any shape; the static program only the example's
+                refit = check_refit(pruned, model, state, updates, batches or [(inputs, kwargs)])
+            else:
+                like = shape_key((inputs, kwargs))
+                batches = [c for c in batches if shape_key(c) == like] or [(inputs, kwargs)]
+                refit = check_refit(pruned_program, original_program(coupling), state, updates, batches)
         notes = [*notes, (f"refit {refit['tensors']} tensors after the verified rewrite: output error vs the "
                           f"original on {refit['batches']} calibration batch(es) {refit['rel_err_before']:.4g} → "
                           f"{refit['rel_err_after']:.4g}") if refit["applied"] else
