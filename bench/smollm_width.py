@@ -3,7 +3,7 @@
     HF_HUB_OFFLINE=1 .venv/bin/python bench/smollm_width.py --model-dir /tmp/q14/smollm2_fp32 --windows 16
 
 Every row is one ``prunec hf:DIR --mlp 0.25 --method M [--refit ls] --calib calib.txt --calib-samples 32
---seq-len 128 -o OUT`` process (timed with /usr/bin/time -v); the output folder is reloaded with
+--seq-len 128 --static -o OUT`` process (timed with /usr/bin/time -v); the output folder is reloaded with
 ``from_pretrained`` and its perplexity measured on the eval windows of bench/smollm_ppl.py (held-out
 Wikipedia summaries, non-overlapping 128-token windows, exp(mean next-token NLL)). Calibration text:
 the first 400 articles of the calibration pool (disjoint from the eval articles), one per line.
@@ -39,7 +39,7 @@ def row(name: str, args: argparse.Namespace, calib_txt: Path, eval_ids: torch.Te
     subprocess.run(["rm", "-rf", str(out)], check=True)
     exe = str(Path(sys.executable).parent / "prunec")
     cmd = [exe, f"hf:{args.model_dir}", "--mlp", "0.25", "--method", method, "--refit", refit or "none",
-           "--calib", str(calib_txt), "--calib-samples", str(args.calib), "--seq-len", "128", "-o", str(out),
+           "--calib", str(calib_txt), "--calib-samples", str(args.calib), "--seq-len", "128", "--static", "-o", str(out),
            "--report", str(out) + ".json"]
     res: dict = {"name": name, "command": " ".join(cmd[1:]), "load_before": load_avg()}
     t = time.perf_counter()

@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity-method", default="magnitude", choices=["magnitude", "wanda", "sparsegpt"],
                    help="how 2:4 masks are chosen (wanda/sparsegpt calibrate on the example inputs)")
     p.add_argument("--no-sequential", dest="sequential", action="store_false",
-                   help="2:4 wanda/sparsegpt: one forward for every layer's statistics instead of block by block "
+                   help="2:4 wanda/sparsegpt and --refit: one forward for every layer's statistics instead of block by block "
                         "(default for models with a list of blocks: each block calibrated on the outputs of the "
                         "already sparsified blocks before it)")
     p.add_argument("--refit", choices=["none", "ls", "bias"], default=None,
@@ -213,7 +213,7 @@ def _run_compile(args: argparse.Namespace) -> int:
                                 channels=args.channels, mlp=args.mlp, heads=args.heads, hidden=args.hidden,
                                 layers=args.layers, passes=passes,
                                 method=method, layer_method=layer_method, round_to=args.round_to,
-                                global_rank=args.global_rank, refit=args.refit,
+                                global_rank=args.global_rank, refit=args.refit, sequential=args.sequential,
                                 plan=plan, calib=calib, check=not args.no_verify, progress=progress,
                                 static=args.static, dynamic_shapes=loaded.extra.get("dynamic_shapes"),
                                 parts=False)  # artifacts need the whole program: untraceable stays an error

@@ -110,7 +110,7 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
             check: bool = True, example_kwargs: dict[str, Any] | None = None,
             progress: Progress | None = None, static: bool = False, layer_method: str = "angular",
             dynamic_shapes: Any = None, parts: bool = True, schedule: Any = None,
-            recover: dict[str, Any] | None = None, refit: str | None = None) -> Any:
+            recover: dict[str, Any] | None = None, refit: str | None = None, sequential: bool = True) -> Any:
     """Prune ``model`` and return a CompileResult.
 
     ``channels`` applies to conv/linear channel groups (and MLP groups unless ``mlp`` is
@@ -124,7 +124,8 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
     ``schedule`` (a ``prunec.schedule.Gradual``) prunes step by step, distilling with ``recover``
     options between steps. ``refit`` ('ls' or 'bias', see ``prunec.passes.Refit``; needs ``calib``)
     refits the Linear layers that read pruned units after selection; default: 'bias' for
-    ``method='flap'`` (FLAP's bias compensation), none otherwise; 'none' turns it off.
+    ``method='flap'`` (FLAP's bias compensation), none otherwise; 'none' turns it off. ``sequential``:
+    the refit calibrates each block of an LLM on the pruned, refit blocks before it (else one forward).
     """
     if schedule is not None:
         from prunec.schedule import compile_gradual
@@ -157,7 +158,8 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
         if plan is None:
             pipeline = list(passes) if passes is not None else _default_pipeline(
                 method, ratios, round_to, global_rank, layers, layer_method,
-                hf_heads=hasattr(getattr(model, "config", None), "num_attention_heads"), refit=refit)
+                hf_heads=hasattr(getattr(model, "config", None), "num_attention_heads"), refit=refit,
+                sequential=sequential)
             kinds = {k for k, v in ratios.items() if v} if passes is None else None
             state = run_passes(pipeline, State(model, program, coupling, calib=calib, kinds=kinds,
                                                services=services(coupling)))
@@ -180,7 +182,7 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
 
 def _default_pipeline(method: str, ratios: dict[str, float], round_to: int, global_rank: bool,
                       layers: float, layer_method: str = "angular", hf_heads: bool = False,
-                      refit: str | None = None) -> list[Pass]:
+                      refit: str | None = None, sequential: bool = True) -> list[Pass]:
     """``criterion → select [→ config_heads] [→ layer_drop] [→ refit]`` (a selecting criterion such as
     ThiNet needs no select; ``config_heads``: HF models get head counts their config can express)."""
     crit = criterion(method, ratios["channel"], round_to)
@@ -198,7 +200,7 @@ def _default_pipeline(method: str, ratios: dict[str, float], round_to: int, glob
     if refit != "none":
         if "refits" in crit.provides:
             raise InputError(f"--method {method} refits its consumers itself", "drop --refit")
-        pipeline.append(Refit(refit))
+        pipeline.append(Refit(refit, sequential=sequential))
     return pipeline
 
 

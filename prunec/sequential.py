@@ -64,15 +64,16 @@ def _next_inputs(call: Call, output: Any) -> Call:
 
 
 def run_sequential(model: nn.Module, batches: Iterable[Call],
-                   process: Callable[[str, nn.Module, list[Call]], None]) -> list[str]:
+                   process: Callable[[str, nn.Module, list[Call]], nn.Module | None]) -> list[str]:
     """Call ``process(path, block, inputs)`` for each block in order, ``inputs`` computed by the
-    processed blocks before it; returns the block paths (empty: no block list, nothing done)."""
+    processed blocks before it: the block as ``process`` left it, or the module it returns (a
+    processed copy). Returns the block paths (empty: no block list, nothing done)."""
     blocks = find_blocks(model)
     if not blocks:
         return []
     inputs = block_inputs(model, blocks[0][1], batches)
     for path, block in blocks:
-        process(path, block, inputs)
+        done = process(path, block, inputs) or block
         with torch.no_grad():
-            inputs = [_next_inputs(call, block(*call[0], **call[1])) for call in inputs]
+            inputs = [_next_inputs(call, done(*call[0], **call[1])) for call in inputs]
     return [path for path, _ in blocks]

@@ -77,6 +77,13 @@ def test_refit_lowers_output_error_vs_the_original() -> None:
     assert refit["rel_err_after"] < 0.8 * refit["rel_err_before"], refit
     errors = r.report["passes"]["refit"]["errors"]
     assert len(errors) == 4 and all(after < before for before, after in errors.values())
+    assert r.report["passes"]["refit"]["sequential"]   # block 1 refit on block 0's pruned output
+    one = prunec.compile(model, (), example_kwargs=example(), mlp=0.5, heads=0.5, method="wanda", round_to=1,
+                         calib=calib, refit="ls", sequential=False)
+    assert not one.report["passes"]["refit"]["sequential"]
+    assert one.plan.kept == r.plan.kept and one.report["verify"]["refit"]["applied"]
+    second = "model.layers.1.mlp.down_proj.weight"   # other inputs → another solution for block 1
+    assert not torch.allclose(one.program.state_dict()[second], r.program.state_dict()[second], atol=1e-6)
     ids = torch.randint(0, 64, (2, 9))   # the result runs any shape with the refit weights in it
     assert r.model(input_ids=ids).logits.shape == (2, 9, 64)
 
