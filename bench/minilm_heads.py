@@ -14,7 +14,8 @@ Criteria (each followed by ``Select({"head": ratio})``, same ratio in every laye
   on calibration query/document pairs, per batch of 8 pairs (in-batch negatives need the batch).
 * ``wanda_sp``, ``flap``: the data-driven width criteria on the calibration documents.
 * ``+ refit``: each criterion again, then ``Refit("ls")``: least-squares refit of every layer's
-  ``attention.output.dense`` (with its bias) on the calibration documents (``--refit``).
+  ``attention.output.dense`` (with its bias) on the calibration documents, unpadded, one document
+  per batch (padding positions would be fit too) (``--refit``).
 
 Reports cosine similarity of mean-pooled embeddings to the dense model's (queries and documents),
 top-1 retrieval agreement with the dense model and retrieval accuracy, measured in this run.
@@ -78,6 +79,9 @@ def main() -> int:
 
     example = encode(docs[:BATCH])
     cal_docs = [encode([d for _, d in calibration[i:i + BATCH]]) for i in range(0, len(calibration), BATCH)]
+    # the refit fits every position it sees: calibrate it on unpadded documents, one per batch (any length)
+    cal_free = [dict(tok([d], truncation=True, max_length=SEQ, return_tensors="pt")) for _, d in calibration]
+    cal_free = [{"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]} for b in cal_free]
     cal_pairs = [encode([q for q, _ in calibration[i:i + BATCH]] + [d for _, d in calibration[i:i + BATCH]])
                  for i in range(0, len(calibration), BATCH)]
     criteria = {
@@ -108,7 +112,7 @@ def main() -> int:
             load_before = Path("/proc/loadavg").read_text().split()[0]
             r = prunec.compile(load(), (), example_kwargs=example,
                                passes=[criteria[base_name](), Select({"head": ratio}),
-                                       *([Refit("ls", calib=cal_docs)] if refit else [])])
+                                       *([Refit("ls", calib=cal_free)] if refit else [])])
             seconds = time.perf_counter() - start
             q, d = embed(r.model, tok, queries), embed(r.model, tok, docs)
             top1 = (q @ d.T).argmax(1)
