@@ -14,8 +14,12 @@ Methods (scores within each group of 4, the 2 lowest are zeroed):
   wanda      |w| · ‖x_i‖₂, x_i the i-th input channel on the calibration inputs (Sun et al., 2023)
   sparsegpt  column-wise OBS update with H = XᵀX (Frantar & Alistarh, 2023): the mask of each
              group of 4 columns is chosen by w²/[H⁻¹]²_ii, the error is pushed onto later columns.
-             H of every layer comes from one forward of the dense pruned model (not the
-             sequential layer-by-layer variant of the paper).
+             Sequential by default (``sequential=True``, as in the paper and llmcompressor): the
+             layers of each block of the model's block list (an LLM's decoder layers) are calibrated
+             on the outputs of the already sparsified blocks before it (``prunec.sequential``); the
+             layers outside the blocks, and models without a block list, get one forward of the
+             whole model after that. ``sequential=False``: one forward for every layer.
+             (wanda is sequential the same way.)
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunec.errors import InputError
+from prunec.sequential import run_sequential
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 MIN_IN = 16
@@ -70,16 +75,43 @@ def eligible_layers(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, s
 
 
 def sparsify_2_4(model: nn.Module, method: str = "magnitude", calib: Iterable[Any] | None = None,
-                 percdamp: float = 0.01) -> dict[str, Any]:
+                 percdamp: float = 0.01, sequential: bool = True) -> dict[str, Any]:
     """Zero 2 of every 4 weights along the input axis of eligible Conv2d/Linear layers, in place.
-    ``calib``: batches ``(args, kwargs)`` for wanda/sparsegpt. Returns stats for the report."""
+    ``calib``: batches ``(args, kwargs)`` for wanda/sparsegpt; ``sequential``: block by block (see
+    the module doc). Returns stats for the report."""
     if method not in METHODS:
         raise InputError(f"--sparsity-method {method} is unknown", f"use one of {', '.join(METHODS)}")
     layers, skipped = eligible_layers(model)
     batches = list(calib or [])
     if method != "magnitude" and not batches:
         raise InputError(f"--sparsity-method {method} needs calibration inputs", "use magnitude")
-    stats, uncalibrated = _capture(model, layers, batches, method) if method != "magnitude" else ({}, [])
+    uncalibrated: list[str] = []
+    blocks: list[str] = []
+    if method != "magnitude" and sequential:
+        def process(path: str, block: nn.Module, inputs: list[Any]) -> None:
+            inside = {n: m for n, m in layers.items() if n.startswith(path + ".")}
+            stats, missing = _capture(block, inside, inputs, method)
+            uncalibrated.extend(missing)
+            _apply(inside, stats, method, percdamp)
+        blocks = run_sequential(model, batches, process)
+    rest = {n: m for n, m in layers.items() if not any(n.startswith(b + ".") for b in blocks)}
+    stats, missing = _capture(model, rest, batches, method) if method != "magnitude" and rest else ({}, [])
+    _apply(rest, stats, method, percdamp)
+    uncalibrated.extend(missing)
+    zeros = sum(int((m.weight == 0).sum()) for m in layers.values())
+    total = sum(m.weight.numel() for m in layers.values())
+    return {"pattern": "2:4", "method": method, "layers_sparsified": len(layers),
+            "layers_skipped": len(skipped), "skipped": skipped,
+            "mean_sparsity": round(zeros / total, 4) if total else 0.0,
+            "calibration_batches": len(batches) if method != "magnitude" else 0,
+            "sequential_blocks": len(blocks),
+            # layers whose forward never ran (e.g. nn.MultiheadAttention.out_proj, used via its
+            # .weight): their masks fell back to magnitude
+            "uncalibrated": uncalibrated}
+
+
+def _apply(layers: dict[str, nn.Module], stats: dict[str, torch.Tensor], method: str, percdamp: float) -> None:
+    """Write each layer's 2:4-sparse weight (masks by ``method``, from the captured ``stats``)."""
     with torch.no_grad():
         for name, mod in layers.items():
             w = _to_groups_layout(mod.weight)
@@ -89,15 +121,6 @@ def sparsify_2_4(model: nn.Module, method: str = "magnitude", calib: Iterable[An
                 score = w.abs() * (stats[name].sqrt() if method == "wanda" else 1.0)
                 new = w * _mask_2_4(score)
             mod.weight.copy_(_from_groups_layout(new, mod.weight.shape).to(mod.weight.dtype))
-    zeros = sum(int((m.weight == 0).sum()) for m in layers.values())
-    total = sum(m.weight.numel() for m in layers.values())
-    return {"pattern": "2:4", "method": method, "layers_sparsified": len(layers),
-            "layers_skipped": len(skipped), "skipped": skipped,
-            "mean_sparsity": round(zeros / total, 4) if total else 0.0,
-            "calibration_batches": len(batches) if method != "magnitude" else 0,
-            # layers whose forward never ran (e.g. nn.MultiheadAttention.out_proj, used via its
-            # .weight): their masks fell back to magnitude
-            "uncalibrated": uncalibrated}
 
 
 def _to_groups_layout(w: torch.Tensor) -> torch.Tensor:
@@ -194,4 +217,5 @@ def apply_from_options(result: Any, options: dict[str, Any]) -> dict[str, Any] |
     if parse_pattern(options.get("sparsity")) is None:
         return None
     calib = options.get("calib") or [(tuple(result.example_inputs), dict(result.example_kwargs))]
-    return sparsify_2_4(result.model, options.get("sparsity_method") or "magnitude", calib)
+    return sparsify_2_4(result.model, options.get("sparsity_method") or "magnitude", calib,
+                        sequential=options.get("sequential", True))

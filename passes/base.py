@@ -115,7 +115,7 @@ def check_order(passes: list[Pass], state: State) -> None:
     for p in passes:
         missing = [r for r in p.requires if r not in have]
         if missing:
-            makers = sorted(n for n, c in PASSES.items() if missing[0] in c.provides)[:6]
+            makers = sorted((n for n, c in PASSES.items() if missing[0] in c.provides), key=lambda n: (n != "l1", n))[:6]
             raise InputError(f"pass '{p.name}' needs {missing[0]}, which no earlier pass provides",
                              f"put one of {makers} before it")
         have |= set(p.provides)

@@ -99,7 +99,7 @@ def sample_inputs(state: State, calib: list[tuple[Any, ...]], cons: list[Consume
             pick = torch.randperm(x.shape[0], generator=gen)[:per_batch]
             rows[id(c)].append(x[pick])
 
-    collect(state.program, calib, lambda n, v: on_value(n, v) if n in by_node else None)
+    collect(state.program, calib, lambda n, v: on_value(n, v) if n in by_node else None, watch=by_node)
     return {k: torch.cat(v)[:samples] for k, v in rows.items()}
 
 

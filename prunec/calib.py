@@ -24,7 +24,7 @@ from torch.export.graph_signature import InputKind
 
 from prunec.errors import InputError
 from prunec.program_module import ProgramModule, copy_graph
-from prunec.trace import Program
+from prunec.trace import Program, trace
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 TEXT_EXTS = {".txt", ".jsonl", ".json"}
@@ -211,12 +211,66 @@ class _Collector(fx.Interpreter):
 
 
 def collect(program: Program | ProgramModule, calib: Iterable[Any],
-            fn: Callable[[fx.Node, Any], None]) -> None:
+            fn: Callable[[fx.Node, Any], None], watch: Iterable[fx.Node] | None = None) -> None:
     """Call ``fn(node, value)`` for every op (and input) of ``program``'s graph on every calibration batch.
 
     Implemented with a ``torch.fx.Interpreter`` over the ATen graph (not module hooks), so every
-    value, including functional ops, is visible by its node; ``fn`` keeps running sums.
+    value, including functional ops, is visible by its node; ``fn`` keeps running sums. The graph is
+    static (traced at the example's shapes): a batch of another batch size or sequence length runs
+    through the model re-traced at that batch's shapes (cached on the Program), whose nodes are
+    matched to the example graph's by name and op. A ``watch``-ed node without a match is an InputError.
     """
+    source = program.graph_module.graph if isinstance(program, ProgramModule) else program.graph
+    originals = {n.name: n for n in source.nodes}
+    watched = list(watch or ())
+    example = shape_key((tuple(program.example_inputs), dict(program.example_kwargs))) \
+        if isinstance(program, Program) else None
+    runners: dict[Any, tuple[_Collector, list[tuple[str, str | None]], dict[str, torch.Tensor]]] = {}
+    with torch.no_grad():
+        for batch in calib:
+            call = call_args(batch)
+            if isinstance(program, Program):
+                call = with_example_options(program, call)
+            key = shape_key(call)
+            if key not in runners:
+                target = program if example is None or key == example else _reshaped(program, call, key)
+                runners[key] = _runner(target, originals, fn, watched)
+            interp, inputs, state = runners[key]
+            leaves = iter(pytree.tree_leaves(call))
+            flat = [next(leaves) if kind == "user" else state[fqn] for kind, fqn in inputs]
+            interp.run(*flat)
+
+
+def shape_key(call: Call) -> tuple[Any, ...]:
+    """What a static trace depends on: keyword names, tensor shapes/dtypes, other leaves' values."""
+    leaves, spec = pytree.tree_flatten(call)
+    return (str(spec), *((tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else repr(t) for t in leaves))
+
+
+def with_example_options(program: Program, call: Call) -> Call:
+    """The batch's keyword inputs in the example's order, with the example's non-tensor options
+    (e.g. ``use_cache=False``) filled in where the batch leaves them out."""
+    args, kwargs = call
+    example = program.example_kwargs
+    merged = {k: kwargs[k] if k in kwargs else v for k, v in example.items()
+              if k in kwargs or not isinstance(v, torch.Tensor)}
+    return args, {**merged, **{k: v for k, v in kwargs.items() if k not in merged}}
+
+
+def _reshaped(program: Program, call: Call, key: tuple[Any, ...]) -> Program:
+    """``program``'s model traced at the shapes of ``call`` (cached on ``program``)."""
+    if key not in program.reshaped:
+        if program.model is None:
+            raise InputError("a calibration batch is shaped unlike the example inputs and this program "
+                             "has no model to re-trace", "give calibration batches shaped like the example")
+        args, kwargs = call
+        program.reshaped[key] = trace(program.model, args, kwargs)
+    return program.reshaped[key]
+
+
+def _runner(program: Program | ProgramModule, originals: dict[str, fx.Node], fn: Callable[[fx.Node, Any], None],
+            watched: list[fx.Node]) -> tuple["_Collector", list[tuple[str, str | None]], dict[str, torch.Tensor]]:
+    """An interpreter over ``program``'s graph reporting values under the example graph's nodes."""
     if isinstance(program, ProgramModule):
         graph_module, inputs = program.graph_module, program._inputs
         state = {fqn: p for fqn, p in [*program.named_parameters(), *program.named_buffers()]}
@@ -226,14 +280,13 @@ def collect(program: Program | ProgramModule, calib: Iterable[Any],
         inputs = [("user", None) if s.kind == InputKind.USER_INPUT else ("state", s.target)
                   for s in program.ep.graph_signature.input_specs]
         state = program.state()
-    source = program.graph_module.graph if isinstance(program, ProgramModule) else program.graph
-    originals = {n.name: n for n in source.nodes}
-    interp = _Collector(graph_module, originals, fn)
-    with torch.no_grad():
-        for batch in calib:
-            leaves = iter(pytree.tree_leaves(call_args(batch)))
-            flat = [next(leaves) if kind == "user" else state[fqn] for kind, fqn in inputs]
-            interp.run(*flat)
+    matched = {n.name: originals[n.name] for n in graph_module.graph.nodes
+               if n.name in originals and originals[n.name].target == n.target}
+    missing = [n.name for n in watched if n.name not in matched]
+    if missing:
+        raise InputError(f"a calibration batch of other shapes traces to another graph (no op {missing[0]})",
+                         "give calibration batches shaped like the example inputs")
+    return _Collector(graph_module, matched, fn), inputs, state
 
 
 def grad_sums(model: nn.Module, calib: Iterable[Any], fn: Callable[[dict[str, torch.Tensor],

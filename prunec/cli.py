@@ -55,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", default=None, help="semi-structured sparsity after pruning: 2:4 (onnx, tensorrt, coreml)")
     p.add_argument("--sparsity-method", default="magnitude", choices=["magnitude", "wanda", "sparsegpt"],
                    help="how 2:4 masks are chosen (wanda/sparsegpt calibrate on the example inputs)")
+    p.add_argument("--no-sequential", dest="sequential", action="store_false",
+                   help="2:4 wanda/sparsegpt and --refit: one forward for every layer's statistics instead of block by block "
+                        "(default for models with a list of blocks: each block calibrated on the outputs of the "
+                        "already sparsified blocks before it)")
+    p.add_argument("--refit", choices=["none", "ls", "bias"], default=None,
+                   help="after selection, refit the Linear layers that read pruned units on --calib data: ls "
+                        "(least squares), bias (FLAP bias compensation); default: bias for --method flap, else none")
     p.add_argument("--coreml-target", default="iOS16", help="Core ML minimum deployment target (default iOS16)")
     p.add_argument("--int8", action="store_true", help="tensorrt: build an INT8 engine (default FP16)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset for onnx/tensorrt (≥ 17, default 18)")
@@ -266,7 +273,7 @@ def _run_compile(args: argparse.Namespace) -> int:
                                 channels=args.channels, mlp=args.mlp, heads=args.heads, hidden=args.hidden,
                                 layers=args.layers, passes=passes,
                                 method=method, layer_method=layer_method, round_to=args.round_to,
-                                global_rank=args.global_rank,
+                                global_rank=args.global_rank, refit=args.refit, sequential=args.sequential,
                                 plan=plan, calib=calib, check=not args.no_verify, progress=progress,
                                 static=args.static, dynamic_shapes=loaded.extra.get("dynamic_shapes"),
                                 parts=False,  # artifacts need the whole program: untraceable stays an error
@@ -282,6 +289,7 @@ def _run_compile(args: argparse.Namespace) -> int:
             progress(f"writing {args.target} artifact")
         result.report["artifact"] = BACKENDS[args.target](result, out, {
             "loaded": loaded, "sparsity": args.sparsity, "sparsity_method": args.sparsity_method,
+            "sequential": args.sequential,
             "coreml_target": args.coreml_target, "int8": args.int8, "opset": args.opset,
             "hf_folder": hf_input and is_dir,
             "calib": [((), b) if isinstance(b, dict) else (tuple(b), {}) for b in calib] if calib else None})
@@ -319,7 +327,8 @@ BLOCKWISE_REFUSED = {"channels": "use --mlp for MLP units", "hidden": "the hidde
                      "sparsity": "2:4 is not applied", "recover_steps": "recover the written folder afterwards",
                      "target_macs": "give --heads/--mlp", "target_params": "give --heads/--mlp",
                      "max_drop": "give --heads/--mlp", "input_shape": "use --seq-len", "weights": "the folder holds them",
-                     "target_latency": "give --heads/--mlp", "runtime": "latency tables are per whole model"}
+                     "target_latency": "give --heads/--mlp", "runtime": "latency tables are per whole model",
+                     "refit": "refits are not applied block by block"}
 
 
 def _run_blockwise(args: argparse.Namespace, out: Path | None) -> int:

@@ -13,14 +13,14 @@ from torch import nn
 from prunec.analyze import build_coupling
 from prunec.cost import count_macs, count_params
 from prunec.coupling import Coupling
-from prunec.calib import calls
+from prunec.calib import calls, shape_key, with_example_options
 from prunec.cut import Cut
 from prunec.diagnose import check_finite, shortfall
 from prunec.dynamic import DynamicProgram, describe_spec, export_program, export_synced, replay
 from prunec.errors import InputError, InternalError, TraceError
 from prunec.module_sync import keep_whole, synced_copy
-from prunec.passes import (PASSES, ConfigHeads, LatencySelect, LayerDrop, LeastSquaresSelection, Pass, Select,
-                           State, run_passes)
+from prunec.passes import (PASSES, ConfigHeads, LatencySelect, LayerDrop, LeastSquaresSelection, Pass, Refit,
+                           Select, State, run_passes)
 from prunec.passes.base import Services
 from prunec.passes.select import check_ratio
 from prunec.plan import Plan
@@ -107,7 +107,8 @@ def analyze(model: nn.Module, example_inputs: Any, example_kwargs: dict[str, Any
 def methods() -> list[str]:
     """``--method`` names: registered passes that score units (or select and refit them)."""
     return sorted(n for n, cls in PASSES.items()
-                  if ("scores" in cls.provides and "plan" not in cls.provides) or "refits" in cls.provides)
+                  if ("scores" in cls.provides and "plan" not in cls.provides)
+                  or {"refits", "plan"} <= set(cls.provides))
 
 
 def criterion(method: str, ratio: float = 0.5, round_to: int = 8) -> Pass:
@@ -148,7 +149,7 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
             dynamic_shapes: Any = None, parts: bool = True, schedule: Any = None,
             recover: dict[str, Any] | None = None, runtime: str | None = None,
             target_latency: float | str | None = None, batch: int = 1, threads: int | None = None,
-            inplace: bool = False) -> Any:
+            inplace: bool = False, refit: str | None = None, sequential: bool = True) -> Any:
     """Prune ``model`` and return a CompileResult.
 
     ``channels`` applies to conv/linear channel groups (and MLP groups unless ``mlp`` is
@@ -165,7 +166,10 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
     ``target_latency`` (a fraction of the dense latency, or e.g. "12ms") a knapsack over groups meets
     it, and the report's ``latency`` entry has the predicted and the measured latency. ``inplace``: the
     result shares the tensors pruning leaves whole with ``model`` instead of copying them (memory: one
-    copy of the weights, not two); training or editing the result then edits ``model`` too.
+    copy of the weights, not two); training or editing the result then edits ``model`` too. ``refit`` ('ls' or 'bias', see
+    ``prunec.passes.Refit``; needs ``calib``) refits the Linear layers that read pruned units after selection;
+    default: 'bias' for ``method='flap'`` (FLAP's bias compensation), none otherwise; 'none' turns it off.
+    ``sequential``: the refit calibrates each block of an LLM on the pruned, refit blocks before it.
     """
     if schedule is not None:
         from prunec.schedule import compile_gradual
@@ -199,7 +203,8 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
             latency = _latency_pass(runtime, target_latency, ratios, batch, threads) if passes is None else None
             pipeline = list(passes) if passes is not None else _default_pipeline(
                 method, ratios, round_to, global_rank, layers, layer_method,
-                hf_heads=hasattr(getattr(model, "config", None), "num_attention_heads"), latency=latency)
+                hf_heads=hasattr(getattr(model, "config", None), "num_attention_heads"), latency=latency,
+                refit=refit, sequential=sequential)
             kinds = ({k for k, v in ratios.items() if v} | set(latency.kinds if latency else ())) \
                 if passes is None else None
             state = run_passes(pipeline, State(model, program, coupling, calib=calib, kinds=kinds,
@@ -244,9 +249,10 @@ def _latency_pass(runtime: str | None, target: float | str | None, ratios: dict[
 
 def _default_pipeline(method: str, ratios: dict[str, float], round_to: int, global_rank: bool,
                       layers: float, layer_method: str = "angular", hf_heads: bool = False,
-                      latency: Pass | None = None) -> list[Pass]:
-    """``criterion → select [→ config_heads] [→ layer_drop]`` (a selecting criterion such as ThiNet
-    needs no select; ``config_heads``: HF models get head counts their config can express)."""
+                      latency: Pass | None = None, refit: str | None = None,
+                      sequential: bool = True) -> list[Pass]:
+    """``criterion → select [→ config_heads] [→ layer_drop] [→ refit]`` (a selecting criterion such as
+    ThiNet needs no select; ``config_heads``: HF models get head counts their config can express)."""
     crit = criterion(method, ratios["channel"], round_to)
     pipeline = [crit]
     if latency is not None and "scores" not in crit.provides:
@@ -263,6 +269,11 @@ def _default_pipeline(method: str, ratios: dict[str, float], round_to: int, glob
         pipeline.append(ConfigHeads())
     if layers:
         pipeline.append(LayerDrop(check_ratio("layers", layers), by=layer_method))
+    refit = refit or ("bias" if method == "flap" else "none")
+    if refit != "none":
+        if "refits" in crit.provides:
+            raise InputError(f"--method {method} refits its consumers itself", "drop --refit")
+        pipeline.append(Refit(refit, sequential=sequential))
     return pipeline
 
 
@@ -326,8 +337,13 @@ def _finish(model: nn.Module, program: Program, coupling: Coupling, plan: Plan, 
     prerefit: dict[str, torch.Tensor] = {}
     if updates:
         with timer.stage("refit check"):
-            batches = calls(calib)[:REFIT_CHECK_BATCHES] if calib is not None else [(inputs, kwargs)]
-            refit, prerefit = check_refit(pruned_program, original_program(coupling), state, updates, batches)
+            batches = [with_example_options(program, c) for c in calls(calib or [])[:REFIT_CHECK_BATCHES]]
+            if synced:   # the eager modules run any shape; the static program only the example's
+                refit, prerefit = check_refit(pruned, model, state, updates, batches or [(inputs, kwargs)])
+            else:
+                like = shape_key((inputs, kwargs))
+                batches = [c for c in batches if shape_key(c) == like] or [(inputs, kwargs)]
+                refit, prerefit = check_refit(pruned_program, original_program(coupling), state, updates, batches)
         notes = [*notes, (f"refit {refit['tensors']} tensors after the verified rewrite: output error vs the "
                           f"original on {refit['batches']} calibration batch(es) {refit['rel_err_before']:.4g} → "
                           f"{refit['rel_err_after']:.4g}") if refit["applied"] else

@@ -24,6 +24,10 @@ class Program:
     ep: ExportedProgram
     example_inputs: tuple[Any, ...]
     example_kwargs: dict[str, Any] = field(default_factory=dict)
+    # the traced module (calibration batches shaped unlike the example are run through a re-trace of it)
+    model: Any = field(default=None, repr=False, compare=False)
+    # input-shape signature → a Program traced at those shapes (filled by prunec.calib.collect)
+    reshaped: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def graph(self) -> fx.Graph:
@@ -80,7 +84,7 @@ def trace(model: torch.nn.Module, example_inputs: tuple[Any, ...],
             with torch.no_grad(), keep_attributes(model):
                 ep = torch.export.export(model, tuple(example_inputs), kwargs or None,
                                          dynamic_shapes=dynamic_shapes, strict=strict)
-            return Program(ep, tuple(example_inputs), kwargs)
+            return Program(ep, tuple(example_inputs), kwargs, model=model)
         except Exception as err:  # export raises many types; keep the first for the message
             errors.append(err)
             if _is_input_mismatch(err):
