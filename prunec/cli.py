@@ -1,4 +1,4 @@
-"""Command line: `prunec MODEL --channels 0.5 …` and `prunec inspect MODEL`. Only this module prints or exits."""
+"""Command line: `prunec MODEL --channels 0.5 …`, `prunec inspect|profile|sensitivity MODEL`. Only the cli_* modules print or exit."""
 from __future__ import annotations
 
 import argparse
@@ -6,20 +6,13 @@ import gc
 import json
 import sys
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, Sequence
 
 from rich.console import Console
 from rich.table import Table
 
 from prunec.errors import InputError, InternalError, PrunecError
-
-console = Console(stderr=True, highlight=False)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        print(f"prunec: error: {message}. Run 'prunec --help' for usage.", file=sys.stderr)
-        raise SystemExit(2)
+from prunec.cli_base import Parser, console
 
 
 def _ratio(text: str) -> float:
@@ -31,7 +24,7 @@ def _ratio(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     from prunec.backends import BACKENDS
-    p = _Parser(prog="prunec", description="Structured-pruning compiler for PyTorch models. "
+    p = Parser(prog="prunec", description="Structured-pruning compiler for PyTorch models. "
                 "MODEL is a .pt2, a pickled module (.pt/.pth, with --trust-pickle), "
                 "torchvision:NAME, timm:NAME, zoo:NAME or hf:DIR. Use 'prunec inspect MODEL' to list groups.")
     p.add_argument("model", metavar="MODEL")
@@ -88,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-latency", default=None,
                    help="latency to reach on --runtime: a fraction of the dense model's (0.5) or a time (12ms)")
     add_runtime_flags(p, default=None)
+    from prunec.cli_recover import add_recover_flags
     add_recover_flags(p)
     return p
 
@@ -103,7 +97,7 @@ def add_runtime_flags(p: argparse.ArgumentParser, default: str | None = "onnxrun
 
 def _profile(argv: Sequence[str]) -> int:
     """`prunec profile MODEL --runtime R`: time each prunable group's layers at candidate widths."""
-    p = _Parser(prog="prunec profile", description="Measure the latency of every conv/linear a prunable "
+    p = Parser(prog="prunec profile", description="Measure the latency of every conv/linear a prunable "
                 "group's width touches, at candidate widths, on a runtime; cache the table and print "
                 "each group's latency staircase.")
     p.add_argument("model", metavar="MODEL")
@@ -142,7 +136,7 @@ def _profile(argv: Sequence[str]) -> int:
 
 
 def _inspect(argv: Sequence[str]) -> int:
-    p = _Parser(prog="prunec inspect", description="List the prunable groups of MODEL and why others are frozen.")
+    p = Parser(prog="prunec inspect", description="List the prunable groups of MODEL and why others are frozen.")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--input-shape")
     p.add_argument("--seq-len", type=int, default=None)
@@ -179,7 +173,7 @@ def _inspect(argv: Sequence[str]) -> int:
 
 
 def _sensitivity(argv: Sequence[str]) -> int:
-    p = _Parser(prog="prunec sensitivity", description="Prune each group alone at several ratios and "
+    p = Parser(prog="prunec sensitivity", description="Prune each group alone at several ratios and "
                 "write the relative output error on --calib data (JSON, and a PNG plot next to it).")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--calib", help="calibration data (default: the example input)")
@@ -251,8 +245,9 @@ def _run_compile(args: argparse.Namespace) -> int:
     for path in (args.report, args.save_plan):
         if path:
             check_writable(path)
-    if hf_input and _use_blockwise(args):
-        return _run_blockwise(args, out)
+    from prunec.cli_blockwise import run_blockwise, use_blockwise
+    if hf_input and use_blockwise(args):
+        return run_blockwise(args, out)
     search = _search_pass(args)
     runtime = _runtime(args, search)
     torch.manual_seed(args.seed)
@@ -280,7 +275,8 @@ def _run_compile(args: argparse.Namespace) -> int:
                                 runtime=runtime, target_latency=args.target_latency,
                                 batch=args.batch, threads=args.threads,
                                 inplace=inplace)  # the original is no teacher: share what stays whole
-        result = _recover_after_compile(args, loaded, result, status)
+        from prunec.cli_recover import recover_after_compile
+        result = recover_after_compile(args, loaded, result, status)
         if inplace:  # verified: the original's weights are not needed to write the artifact
             result.release_original(loaded.model)
             loaded.model = None
@@ -301,94 +297,6 @@ def _run_compile(args: argparse.Namespace) -> int:
             Path(tmp).write_text(json.dumps(result.report, indent=1, default=str))
     _summary(result.report, out)
     return 0
-
-
-def _use_blockwise(args: argparse.Namespace) -> bool:
-    """--blockwise, or a supported decoder checkpoint over a quarter of physical memory."""
-    import os
-
-    from prunec.blockwise import is_supported
-    from prunec.shards import Checkpoint
-    folder = args.model[3:]
-    if args.blockwise:
-        return True
-    if not is_supported(folder):
-        return False
-    try:
-        size = Checkpoint.open(folder).nbytes
-    except InputError:
-        return False
-    return size > os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4
-
-
-BLOCKWISE_REFUSED = {"channels": "use --mlp for MLP units", "hidden": "the hidden width is kept block by block",
-                     "layers": "blocks are pruned one at a time, none dropped", "plan": "plans are not replayed",
-                     "save_plan": "the report holds each block's kept counts", "global_rank": "widths are uniform",
-                     "sparsity": "2:4 is not applied", "recover_steps": "recover the written folder afterwards",
-                     "target_macs": "give --heads/--mlp", "target_params": "give --heads/--mlp",
-                     "max_drop": "give --heads/--mlp", "input_shape": "use --seq-len", "weights": "the folder holds them",
-                     "target_latency": "give --heads/--mlp", "runtime": "latency tables are per whole model",
-                     "refit": "refits are not applied block by block"}
-
-
-def _run_blockwise(args: argparse.Namespace, out: Path | None) -> int:
-    """`prunec hf:DIR --heads R --mlp R -o OUT --blockwise`: prunec.blockwise, then a per-block summary."""
-    from prunec.blockwise import compile_blockwise
-    from prunec.hf import _tokenizer
-    given = [n for n in BLOCKWISE_REFUSED if getattr(args, n, None)]
-    if given:
-        flag = "--" + given[0].replace("_", "-").replace("global-rank", "global")
-        raise InputError(f"{flag} is not supported block by block ({BLOCKWISE_REFUSED[given[0]]})",
-                         f"drop {flag}, or compile without --blockwise if the model fits in memory")
-    if args.target != "torch":
-        raise InputError(f"--target {args.target} is not supported block by block (it writes a Hugging Face folder)",
-                         "use --target torch")
-    if out is not None and out.suffix == ".pt2":
-        raise InputError(f"-o {out} is a .pt2, but the block-by-block path writes a Hugging Face folder",
-                         "give -o a folder name")
-    folder = Path(args.model[3:])
-    out = out or Path(f"{folder.name}.pruned")
-    from prunec.blockwise import decoder_config
-    decoder_config(folder)  # refuses other models before any work
-    calib = None
-    if args.calib:
-        import torch
-
-        from prunec.calib import load_text_calib
-        ids = torch.zeros(1, args.seq_len or 32, dtype=torch.long)
-        calib = [b["input_ids"] for b in load_text_calib(args.calib, {"input_ids": ids}, _tokenizer(folder),
-                                                         args.calib_samples, args.seed)]
-    progress = (lambda stage: console.print(stage)) if console.is_terminal else None
-    report = compile_blockwise(folder, out, heads=args.heads, mlp=args.mlp, method=args.method,
-                               round_to=args.round_to, seq_len=args.seq_len or 32, seed=args.seed, calib=calib,
-                               check=not args.no_verify, progress=progress)
-    if args.report:
-        from prunec.atomic import atomic_path
-        with atomic_path(args.report) as tmp:
-            Path(tmp).write_text(json.dumps(report, indent=1, default=str))
-    print("\n".join(_blockwise_lines(report, out)))
-    return 0
-
-
-def _blockwise_lines(report: dict[str, Any], out: Path) -> list[str]:
-    """One line per block (verify, read-back), then params, memory and time."""
-    lines = []
-    for b in report["blocks"]:
-        v = b["verify"]
-        check = (f"verify PASSED (exact, vs its zeroed reference): rel err {v['rel_err']:.3g} ≤ 0.0001"
-                 if v else "verify skipped (--no-verify)")
-        lines.append(f"block {b['block']:>3}  {check}; read back into the config's layer: rel err "
-                     f"{b['reload_rel_err']:.3g}; {b['time_s']:.1f}s")
-    gb = lambda n: f"{n / 1e9:.2f} GB"
-    before, after = report["params_before"], report["params_after"]
-    lines += [f"blocks  params {before:,} → {after:,} ({100 * after / max(before, 1):.1f}%); config "
-              + ", ".join(f"{k} {v}" for k, v in report["config"].items()),
-              f"memory  peak RSS {gb(report['peak_rss_mb'] * 2**20)} ({report['peak_rss_mb'] * 2**20 / report['model_bytes']:.2f}× "
-              f"the {gb(report['model_bytes'])} checkpoint; {gb(report['rss_at_start_mb'] * 2**20)} before the first block)",
-              f"time    {report['time_s']:.1f}s",
-              *(f"note    {n}" for n in report["notes"]),
-              f"wrote   {out} (from_pretrained folder, {gb(report['output_bytes'])})"]
-    return lines
 
 
 def output_path(output: str | None, target: str, hf_input: bool = False) -> tuple[Path | None, bool]:
@@ -507,6 +415,7 @@ class _null:
 
 
 def _summary(report: dict[str, Any], out: Path) -> None:
+    from prunec.cli_recover import recover_line
     v = report.get("verify") or {}
     pct = lambda a, b: f"{100 * a / b:.1f}%" if b else "n/a"
     from prunec.diagnose import describe_shortfall
@@ -525,7 +434,7 @@ def _summary(report: dict[str, Any], out: Path) -> None:
         *_latency_lines(report.get("latency")),
         *(f"note    {note}" for note in report.get("notes", [])),
         *_artifact_lines(report.get("artifact") or {}),
-        *([_recover_line(report["recover"])] if report.get("recover") else []),
+        *([recover_line(report["recover"])] if report.get("recover") else []),
         f"wrote   {out}",
     ]
     print("\n".join(lines))
@@ -581,140 +490,14 @@ def _artifact_lines(artifact: dict[str, Any]) -> list[str]:
 
 
 # ---------------------------------------------------------------- recovery (prunec.recover)
-def add_recover_flags(p: argparse.ArgumentParser, standalone: bool = False) -> None:
-    """Distillation flags: after a compile (--recover-steps N) or for `prunec recover`."""
-    steps = "--steps" if standalone else "--recover-steps"
-    p.add_argument(steps, dest="recover_steps", type=int, default=0 if not standalone else None,
-                   required=standalone, help="distil the pruned model from the original for N steps")
-    p.add_argument("--data", help="recovery data: image folder, .npy/.npz/.pt tensors, or .txt/.jsonl text")
-    if not standalone:
-        p.add_argument("--teacher", help="teacher MODEL (default: the model being pruned)")
-    p.add_argument("--lora", type=int, default=None, metavar="R", help="train LoRA adapters of rank R, merged at the end")
-    p.add_argument("--recover-lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
-    p.add_argument("--recover-samples", type=int, default=512, help="samples drawn from --data (default 512)")
-    p.add_argument("--eval", dest="eval_data", help="held-out data (same formats): agreement/KD loss before and after")
-    p.add_argument("--checkpoint-dir", help="save every 50 steps here and resume from it")
-
-
-def _recovery(args: argparse.Namespace, loaded: Any, example_inputs: Any) -> tuple[Any, list]:
-    """The Recovery settings and the --data batches (the --calib formats; hf: text via its tokenizer)."""
-    from prunec.calib import load_calib, load_text_calib
-    from prunec.recover import Recovery
-    if args.recover_steps < 1:
-        raise InputError(f"--recover-steps {args.recover_steps} must be ≥ 1", "e.g. --recover-steps 300")
-    if not args.data:
-        raise InputError("recovery needs data", "pass --data PATH (image folder, .npy/.npz/.pt, .txt/.jsonl)")
-
-    def batches(path: str, n: int, seed: int) -> list:
-        if loaded.example_kwargs:
-            return load_text_calib(path, loaded.example_kwargs, loaded.extra.get("tokenizer"), n, seed)
-        return load_calib(path, example_inputs, n, seed)
-    data = batches(args.data, args.recover_samples, args.seed)
-    eval_data = batches(args.eval_data, 64, args.seed + 1) if args.eval_data else None
-    return Recovery(lr=args.recover_lr, lora=args.lora, seed=args.seed, eval_data=eval_data,
-                    checkpoint_dir=args.checkpoint_dir, progress=console.is_terminal), data
-
-
-def _recover_after_compile(args: argparse.Namespace, loaded: Any, result: Any, status: Any) -> Any:
-    """`prunec MODEL --channels 0.5 --recover-steps N --data PATH`: distil, then re-trace the trained module."""
-    if not args.recover_steps:
-        return result
-    from prunec.load import load_model
-    recovery, data = _recovery(args, loaded, loaded.example_inputs)
-    teacher = load_model(args.teacher, args.input_shape, None, args.trust_pickle, args.seq_len).model \
-        if args.teacher else loaded.model
-    if status is not None:
-        status.stop()
-    run = recovery.run(result.model, teacher, data, args.recover_steps)
-    if status is not None:
-        status.start()
-        status.update("re-tracing the recovered model")
-    return _retraced(result, run, loaded.example_inputs, loaded.example_kwargs)
-
-
-def _retraced(result: Any, run: Any, inputs: Any, kwargs: dict[str, Any]) -> Any:
-    """The artifact is written from a fresh trace of the trained module (LoRA merges replace tensors)."""
-    import prunec
-    fresh = prunec.apply_plan(run.model, inputs, prunec.Plan(), check=False, example_kwargs=kwargs)
-    result.model, result.program = fresh.model, fresh.program
-    result.report["recover"] = run.report
-    return result
-
-
-def _recover(argv: Sequence[str]) -> int:
-    """`prunec recover PRUNED --teacher MODEL --data PATH --steps N -o OUT`."""
-    p = _Parser(prog="prunec recover", description="Distil a pruned model (.pt2 or MODEL spec) from its original.")
-    p.add_argument("pruned", metavar="PRUNED")
-    p.add_argument("--teacher", required=True, help="the original MODEL (same specs as `prunec MODEL`)")
-    p.add_argument("-o", "--output", required=True, help="recovered .pt2")
-    p.add_argument("--report", help="write the JSON report here")
-    p.add_argument("--input-shape")
-    p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--trust-pickle", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    add_recover_flags(p, standalone=True)
-    args = p.parse_args(argv)
-    import torch
-
-    from prunec.atomic import atomic_path, check_writable
-    from prunec.load import load_model
-    out = check_writable(args.output)
-    if args.report:
-        check_writable(args.report)
-    torch.manual_seed(args.seed)
-    teacher = load_model(args.teacher, args.input_shape, None, args.trust_pickle, args.seq_len)
-    student, inputs = _load_student(args, teacher)
-    recovery, data = _recovery(args, teacher, inputs)
-    run = recovery.run(student, teacher.model, data, args.recover_steps)
-    import prunec
-    ep = prunec.apply_plan(run.model, inputs, prunec.Plan(), check=False).export()  # dynamic dims as compile's
-    with atomic_path(out) as tmp:
-        torch.export.save(ep, tmp)
-    if args.report:
-        with atomic_path(args.report) as tmp:
-            Path(tmp).write_text(json.dumps({"recover": run.report}, indent=1, default=str))
-    print(_recover_line(run.report) + f"\nwrote   {out}")
-    return 0
-
-
-def _load_student(args: argparse.Namespace, teacher: Any) -> tuple[Any, tuple[Any, ...]]:
-    """A .pt2 becomes a trainable ProgramModule (its state as parameters); other specs load as usual."""
-    import torch
-
-    from prunec.load import load_model
-    from prunec.program_module import ProgramModule, copy_graph
-    from prunec.trace import Program
-    path = Path(args.pruned)
-    if path.suffix != ".pt2":
-        loaded = load_model(args.pruned, args.input_shape, None, args.trust_pickle, args.seq_len)
-        return loaded.model, loaded.example_inputs
-    if not path.is_file():
-        raise InputError(f"pruned model {path} does not exist", "pass the .pt2 that prunec wrote")
-    try:
-        ep = torch.export.load(path)
-    except Exception as err:
-        raise InputError(f"{path} is not a readable .pt2 ({type(err).__name__})", "write it with prunec") from None
-    inputs = teacher.example_inputs  # the pruned model takes the original's inputs
-    program = Program(ep, inputs)
-    return ProgramModule(program, copy_graph(ep.graph)[0], program.state()), inputs
-
-
-def _recover_line(report: dict[str, Any]) -> str:
-    loss = report["loss"]
-    line = f"recover {report['steps']} steps in {report['time_s']:.1f}s: loss {loss[0]:.4g} → {loss[-1]:.4g}"
-    if report.get("before") and report.get("after"):
-        line += (f"; held-out agreement {report['before']['agreement']:.3f} → {report['after']['agreement']:.3f}, "
-                 f"KD loss {report['before']['kd_loss']:.4g} → {report['after']['kd_loss']:.4g}")
-    return line
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] == "inspect":
             return _inspect(argv[1:])
         if argv and argv[0] == "recover":
-            return _recover(argv[1:])
+            from prunec.cli_recover import recover_command
+            return recover_command(argv[1:])
         if argv and argv[0] == "profile":
             return _profile(argv[1:])
         if argv and argv[0] == "sensitivity":
