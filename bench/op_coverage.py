@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import Timeout, time_limit, write_section  # noqa: E402
+from bench.common import TIMM_CNNS, Timeout, time_limit, write_section  # noqa: E402
 from prunec.analyze import build_coupling  # noqa: E402
 from prunec.rules import rule_for  # noqa: E402
 from prunec.trace import trace  # noqa: E402
@@ -41,16 +41,7 @@ warnings.filterwarnings("ignore")
 
 Build = Callable[[], tuple[torch.nn.Module, tuple[Any, ...], dict[str, Any]]]
 
-TIMM = """
-resnet18 resnet26d resnetv2_50 resnext26ts seresnext26d_32x4d efficientnet_b0 efficientnetv2_rw_t
-tf_efficientnet_lite0 mobilenetv3_small_100 mobilenetv2_100 mobilenetv4_conv_small convnext_atto
-convnextv2_atto regnetx_002 regnety_002 regnetz_b16 densenet121 ghostnet_100 ghostnetv2_100
-rexnet_100 dla34 dpn68 hrnet_w18_small res2net50_14w_8s resnest14d cspresnet50 cspdarknet53
-darknet17 mixnet_s tinynet_e ese_vovnet19b_dw selecsls42b nf_resnet26 dm_nfnet_f0 repvgg_a0
-mnasnet_100 fbnetc_100 spnasnet_100 hardcorenas_a lcnet_050 mobileone_s0 fastvit_t8
-edgenext_xx_small mobilevit_xxs xception41 inception_v3 inception_v4 gernet_s hgnetv2_b0
-skresnet18 legacy_seresnet18 resnetrs50 vgg11 efficientvit_b0 starnet_s1 tresnet_m botnet26t_256
-repghostnet_050 cs3darknet_focus_s rdnet_tiny resnet50_gn
+TIMM = TIMM_CNNS + """
 vit_tiny_patch16_224 deit_tiny_patch16_224 swin_tiny_patch4_window7_224 swinv2_cr_tiny_224 convit_tiny
 levit_128s pit_ti_224 mvitv2_tiny coat_lite_tiny twins_svt_small poolformer_s12 mixer_s16_224
 resmlp_12_224 gmlp_ti16_224 eva02_tiny_patch14_224 cait_xxs24_224 xcit_nano_12_p16_224

@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import Timeout, time_limit  # noqa: E402
+from bench.common import TIMM_CNNS, Timeout, time_limit  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "sweep.json"
 DOC = ROOT / "docs" / "coverage.md"
@@ -35,18 +35,7 @@ CHANNELS = 0.3
 TOOL_LIMIT_S = 120          # per tool (prunec / torch-pruning) inside a worker
 WORKER_LIMIT_S = 420        # whole subprocess (model build + both tools)
 
-# One small variant per timm family (CNNs, plus a few hybrid conv nets).
-TIMM_MODELS = """
-resnet18 resnet26d resnetv2_50 resnext26ts seresnext26d_32x4d efficientnet_b0 efficientnetv2_rw_t
-tf_efficientnet_lite0 mobilenetv3_small_100 mobilenetv2_100 mobilenetv4_conv_small convnext_atto
-convnextv2_atto regnetx_002 regnety_002 regnetz_b16 densenet121 ghostnet_100 ghostnetv2_100
-rexnet_100 dla34 dpn68 hrnet_w18_small res2net50_14w_8s resnest14d cspresnet50 cspdarknet53
-darknet17 mixnet_s tinynet_e ese_vovnet19b_dw selecsls42b nf_resnet26 dm_nfnet_f0 repvgg_a0
-mnasnet_100 fbnetc_100 spnasnet_100 hardcorenas_a lcnet_050 mobileone_s0 fastvit_t8
-edgenext_xx_small mobilevit_xxs xception41 inception_v3 inception_v4 gernet_s hgnetv2_b0
-skresnet18 legacy_seresnet18 resnetrs50 vgg11 efficientvit_b0 starnet_s1 tresnet_m botnet26t_256
-repghostnet_050 cs3darknet_focus_s rdnet_tiny resnet50_gn
-""".split()
+TIMM_MODELS = TIMM_CNNS
 
 # Run last (they are the slowest on a shared 2-core host): small torchvision, then timm, then these.
 BIG = set("""
