@@ -13,12 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 import warnings
 from collections import Counter, defaultdict
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 

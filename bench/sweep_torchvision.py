@@ -16,17 +16,15 @@ import json
 import math
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
 import traceback
-from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import TIMM_CNNS, Timeout, time_limit  # noqa: E402
+from bench.common import TIMM_CNNS, time_limit  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "sweep.json"
 DOC = ROOT / "docs" / "coverage.md"
