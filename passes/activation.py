@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from prunec.calib import collect, require_calib
+from prunec.calib import collect
 from prunec.coupling import Group
 from prunec.passes.base import Pass, PassResult, State, register_pass, unit_scores
 
@@ -116,8 +116,7 @@ class Activation(Pass):
         return stats["mean_abs"]
 
     def run(self, state: State) -> PassResult:
-        calib = require_calib(self.calib if self.calib is not None else state.calib,
-                              f"the '{self.name}' criterion")
+        calib = self.calibration(state)
         found = consumer_input_stats(state, calib, state.coupling.groups)
         for name, (stats, cons) in found.items():
             state.scores[name] = unit_scores([self.unit_stat(s) for s in stats], [c.rows for c in cons])

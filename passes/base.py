@@ -7,6 +7,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
+from prunec.calib import require_calib
 from prunec.coupling import Coupling
 from prunec.errors import InputError, InternalError, add_note
 from prunec.plan import Plan
@@ -79,6 +80,12 @@ class Pass:
 
     def run(self, state: State) -> PassResult:
         raise NotImplementedError
+
+    def calibration(self, state: State, who: str | None = None) -> list:
+        """This pass's own calibration batches (``self.calib``), else the compile's (``state.calib``);
+        a one-line error naming ``who`` (default: the criterion) when there are none."""
+        own = getattr(self, "calib", None)
+        return require_calib(own if own is not None else state.calib, who or f"the '{self.name}' criterion")
 
     def ensures(self, state: State) -> None:
         return None

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from prunec.calib import call_args, grad_sums, require_calib
+from prunec.calib import call_args, grad_sums
 from prunec.passes.base import PassResult, State, register_pass
 from prunec.passes.taylor import GradientCriterion, slice_sum
 
@@ -76,8 +76,7 @@ class HeadImportance(GradientCriterion):
         return out
 
     def run(self, state: State) -> PassResult:
-        calib = require_calib(self.calib if self.calib is not None else state.calib,
-                              f"the '{self.name}' criterion")
+        calib = self.calibration(state)
         labels = list(self.labels) if self.labels is not None else None
         if self.per_example:
             pieces = [split_examples(b) for b in calib]

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from prunec.calib import _loss, call_args, require_calib
+from prunec.calib import _loss, call_args
 from prunec.passes.base import Pass, PassResult, State, param_members, register_pass
 from prunec.passes.taylor import slice_sum
 
@@ -48,8 +48,7 @@ class Movement(Pass):
         self.calib, self.steps, self.lr, self.loss_fn, self.labels = calib, steps, lr, loss_fn, labels
 
     def run(self, state: State) -> PassResult:
-        calib = require_calib(self.calib if self.calib is not None else state.calib,
-                              f"the '{self.name}' criterion")
+        calib = self.calibration(state)
         labels = list(self.labels) if self.labels is not None else None
         model = state.model
         names = [n for n, p in model.named_parameters() if p.is_floating_point()]

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from prunec.calib import call_args, collect, require_calib, with_example_options
+from prunec.calib import call_args, collect, with_example_options
 from prunec.cut import Cut
 from prunec.errors import InputError
 from prunec.passes.activation import Consumer, consumers
@@ -57,7 +57,7 @@ class Refit(Pass):
             ridge, sequential
 
     def run(self, state: State) -> PassResult:
-        calib = require_calib(self.calib if self.calib is not None else state.calib, f"refit '{self.mode}'")
+        calib = self.calibration(state, f"refit '{self.mode}'")
         if state.calib is None:  # compile checks the refit on the data it was fit on
             state.calib = calib
         targets, skipped = self._targets(state)

@@ -6,7 +6,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from prunec.calib import grad_sums, require_calib
+from prunec.calib import grad_sums
 from prunec.passes.base import Pass, PassResult, State, param_members, register_pass, unit_scores
 
 
@@ -27,8 +27,7 @@ class GradientCriterion(Pass):
         raise NotImplementedError
 
     def run(self, state: State) -> PassResult:
-        calib = require_calib(self.calib if self.calib is not None else state.calib,
-                              f"the '{self.name}' criterion")
+        calib = self.calibration(state)
         wanted = {(fqn, dim) for g in state.coupling.groups for fqn, dim, _ in param_members(state, g.name)}
         sums: dict[tuple[str, int], torch.Tensor] = {}
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from prunec.calib import collect, require_calib
+from prunec.calib import collect
 from prunec.coupling import Group
 from prunec.cut import Cut
 from prunec.passes.activation import Consumer, consumers
@@ -152,7 +152,7 @@ class LeastSquaresSelection(Pass):
         raise NotImplementedError
 
     def run(self, state: State) -> PassResult:
-        calib = require_calib(self.calib if self.calib is not None else state.calib, f"'{self.name}'")
+        calib = self.calibration(state, f"'{self.name}'")
         if state.calib is None:  # compile checks the refit on the data it was fit on
             state.calib = calib
         groups = [g for g in state.coupling.groups if g.kind in self.kinds]

@@ -6,7 +6,6 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from prunec.calib import require_calib
 from prunec.passes.activation import consumer_input_stats
 from prunec.passes.base import Pass, PassResult, State, register_pass, unit_scores
 
@@ -24,7 +23,7 @@ class Wanda(Pass):
         self.calib = calib
 
     def run(self, state: State) -> PassResult:
-        calib = require_calib(self.calib if self.calib is not None else state.calib, "the 'wanda' criterion")
+        calib = self.calibration(state)
         tensors = state.program.state()
         for name, (stats, cons) in consumer_input_stats(state, calib, state.coupling.groups).items():
             elems = []

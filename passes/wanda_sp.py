@@ -5,7 +5,6 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from prunec.calib import require_calib
 from prunec.passes.activation import consumers, input_stats
 from prunec.passes.base import Pass, PassResult, State, register_pass, unit_scores
 
@@ -24,7 +23,7 @@ class WandaSP(Pass):
         self.calib = calib
 
     def run(self, state: State) -> PassResult:
-        calib = require_calib(self.calib if self.calib is not None else state.calib, "the 'wanda_sp' criterion")
+        calib = self.calibration(state)
         tensors = state.program.state()
         users = {g.name: (consumers(state, g, 1), consumers(state, g, 0)) for g in state.groups_to_score()}
         users = {k: v for k, v in users.items() if v[0] or v[1]}
