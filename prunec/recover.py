@@ -7,8 +7,9 @@ module pairs, plus cross-entropy when batches carry labels. AdamW, linear warm-u
 decay, gradient clipping, BatchNorm statistics re-estimated on the data at the end, eval mode
 restored. LoRA (``lora=r``, needs ``peft``) trains low-rank adapters on the Linear layers and merges
 them back into dense weights. Under ``torchrun``/``accelerate launch`` (an initialised
-``torch.distributed`` group) the student is wrapped in DistributedDataParallel and every rank
-takes its slice of each (global) batch; only rank 0 writes checkpoints.
+``torch.distributed`` group) the student is wrapped in DistributedDataParallel (or, with
+``fsdp=True``, trained as a sharded FSDP copy: ``prunec.parallel``) and every rank takes its slice
+of each (global) batch; only rank 0 writes checkpoints.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import os
 import signal
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -27,7 +28,10 @@ from torch import nn
 
 from prunec.distill import (Features, Step, cycle, evaluate, kd_loss, logits_of, reestimate_batchnorm, shard,
                             split_batch)
-from prunec.errors import InputError, MissingDependency, RecoverError
+from prunec.errors import InputError, RecoverError
+from prunec.lora import merge_lora, with_lora
+from prunec.parallel import (fsdp_copy, full_state, load_full_state, load_optimizer_state, optimizer_state,
+                             pick_device, to_device, world, wrap_ddp)
 from prunec.program_module import ProgramModule
 
 Progress = Callable[[int, float], None]  # (steps done, loss)
@@ -70,6 +74,8 @@ class Recovery:
     example_inputs: Any = None      # needed when ``data`` is a path (batch shape, dtype)
     tokenizer: Any = None           # for .txt/.jsonl data
     samples: int = 512              # samples drawn from a data path
+    device: str | None = None       # None: cuda:$LOCAL_RANK under torchrun with CUDA, else the student's
+    fsdp: bool = False              # under torchrun: train a sharded (FSDP) copy instead of DDP replicas
 
     def run(self, student: Any, teacher: nn.Module, data: Any, steps: int) -> RecoverResult:
         """Distil ``student`` (a module or a CompileResult) from ``teacher`` for ``steps`` batches."""
@@ -104,6 +110,11 @@ class Recovery:
             raise InputError(f"LoRA rank {self.lora} must be ≥ 1", "e.g. lora=8")
         if self.checkpoint_every < 1:
             raise InputError(f"checkpoint_every {self.checkpoint_every} must be ≥ 1", "e.g. 50")
+        if self.fsdp and not _group_initialised():
+            raise InputError("fsdp=True needs a torch.distributed process group",
+                             "launch with torchrun or accelerate launch, or drop fsdp")
+        if self.fsdp and self.lora:
+            raise InputError("LoRA and FSDP together are not supported", "use lora= with DDP, or fsdp without lora")
 
 
 def recover(student: Any, teacher: nn.Module, data: Any, *, steps: int, **options: Any) -> nn.Module:
@@ -121,11 +132,9 @@ def _unwrap(student: Any, example: Any) -> tuple[nn.Module, Any]:
     return student, example
 
 
-def _dist() -> tuple[int, int]:
+def _group_initialised() -> bool:
     import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return dist.is_available() and dist.is_initialized()
 
 
 class _Loop:
@@ -134,7 +143,7 @@ class _Loop:
     def __init__(self, cfg: Recovery, student: nn.Module, teacher: nn.Module, data: Iterable[Any],
                  steps: int) -> None:
         self.cfg, self.student, self.teacher, self.data, self.steps = cfg, student, teacher, data, steps
-        self.rank, self.world = _dist()
+        self.rank, self.world = world()
         self.dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
         self.history: list[float] = []
         self.step = 0
@@ -147,7 +156,14 @@ class _Loop:
         if cfg.rewind is not None:
             _load_weights(self.student, cfg.rewind)
         self.teacher.eval()  # runs under no_grad: its parameters are left as they are
-        model = self.trainable = _with_lora(self.student, cfg.lora) if cfg.lora else self.student
+        self.device = self.data_device = pick_device(cfg.device, self.student)
+        if cfg.fsdp:  # sharded copies on the device; the student stays where it is and gets the result
+            model = self.trainable = fsdp_copy(self.student, self.device)
+            self.teacher = fsdp_copy(self.teacher, self.device)
+        else:
+            self.student.to(self.device)
+            self.teacher.to(self.device)
+            model = self.trainable = with_lora(self.student, cfg.lora) if cfg.lora else self.student
         params = [p for p in model.parameters() if p.requires_grad and p.is_floating_point()]
         if not params:
             raise InputError("the student has no trainable floating-point parameters",
@@ -156,11 +172,12 @@ class _Loop:
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         warm = max(1, round(cfg.warmup * self.steps)) if cfg.warmup > 0 else 0
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: _lr_factor(s, warm, self.steps))
-        eval_steps = [split_batch(b, cfg.labeled) for b in cfg.eval_data] if cfg.eval_data is not None else []
+        eval_steps = [self._on_device(split_batch(b, cfg.labeled)) for b in cfg.eval_data] \
+            if cfg.eval_data is not None else []
         with self._data_errors():
             before = evaluate(model, self.teacher, eval_steps, cfg.temperature, cfg.loss) if eval_steps else None
         resumed = self._resume()
-        self.ddp = _wrap_ddp(model) if self.world > 1 else model
+        self.ddp = wrap_ddp(model, self.device) if self.world > 1 and not cfg.fsdp else model
         pairs = [(f, f) if isinstance(f, str) else tuple(f) for f in cfg.features]
         self.features = Features(model, self.teacher, pairs) if pairs else None
         rewind = None
@@ -170,10 +187,12 @@ class _Loop:
             with _on_interrupt(self), _bar(cfg.progress, self.steps, self.rank) as report:
                 report(self.step, float("nan"))
                 while self.step < self.steps:
-                    self._train_step(shard(split_batch(next(batches), cfg.labeled), self.rank, self.world))
+                    step = shard(split_batch(next(batches), cfg.labeled), self.rank, self.world)
+                    self._train_step(self._on_device(step))
                     report(self.step, self.history[-1])
                     if cfg.rewind_at is not None and self.step == cfg.rewind_at:
-                        rewind = {k: v.detach().clone() for k, v in self.student.state_dict().items()}
+                        weights = full_state(model) if cfg.fsdp else self.student.state_dict()
+                        rewind = {k: v.detach().clone() for k, v in weights.items()}
                         self._save("rewind.pt", {"model": rewind})
                     if self.dir and (self.step % cfg.checkpoint_every == 0 or self.step == self.steps):
                         self._checkpoint()
@@ -185,15 +204,19 @@ class _Loop:
                 self.features.close()
         model.eval()
         if cfg.lora:
-            self.student = _merge_lora(model)
-        bn_steps = [shard(split_batch(b, cfg.labeled), self.rank, self.world)
+            self.student = merge_lora(model)
+        if cfg.fsdp:
+            self.student.load_state_dict(full_state(model))
+            self.data_device = next(iter(self.student.parameters())).device
+        bn_steps = [self._on_device(shard(split_batch(b, cfg.labeled), self.rank, self.world))
                     for b in islice(cycle(self.data), cfg.bn_batches)] if cfg.bn_batches else []
         bn_layers = reestimate_batchnorm(self.student, bn_steps)
-        after = evaluate(self.student, self.teacher, eval_steps, cfg.temperature, cfg.loss) if eval_steps else None
+        after = evaluate(model if cfg.fsdp else self.student, self.teacher, eval_steps, cfg.temperature,
+                         cfg.loss) if eval_steps else None
         self.student.eval()  # pruned models come (and go back) in eval mode
         report = {"steps": self.steps, "loss": [round(x, 6) for x in self.history],
                   "time_s": round(time.perf_counter() - start, 3), "lr": cfg.lr, "lora": cfg.lora,
-                  "world_size": self.world, "resumed_from": resumed, "batchnorm_reestimated": bn_layers,
+                  "world_size": self.world, "fsdp": cfg.fsdp, "device": str(self.device), "resumed_from": resumed, "batchnorm_reestimated": bn_layers,
                   "program_module": isinstance(self.student, ProgramModule),
                   "before": before, "after": after}
         return RecoverResult(self.student, report, rewind)
@@ -239,6 +262,10 @@ class _Loop:
             logged /= self.world
         self.history.append(float(logged))
 
+    def _on_device(self, step: Step) -> Step:
+        """A batch on the device the module it feeds runs on."""
+        return Step(*to_device((step.args, step.kwargs, step.labels, step.kw_labels), self.data_device))
+
     @contextmanager
     def _data_errors(self) -> Iterator[None]:
         """Errors on the first batch are the data's (shape, dtype, names): one line, not a traceback."""
@@ -267,7 +294,7 @@ class _Loop:
 
     # ---------------------------------------------------------------- checkpoints
     def _state(self) -> dict[str, Any]:
-        return {"model": self.trainable.state_dict(), "optimizer": self.opt.state_dict(),
+        return {"model": full_state(self.trainable), "optimizer": optimizer_state(self.trainable, self.opt),
                 "scheduler": self.sched.state_dict(), "step": self.step, "history": self.history,
                 "rng": torch.get_rng_state(), "config": _plain(asdict(self.cfg))}
 
@@ -290,8 +317,8 @@ class _Loop:
             return None
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            self.trainable.load_state_dict(ckpt["model"])
-            self.opt.load_state_dict(ckpt["optimizer"])
+            load_full_state(self.trainable, ckpt["model"])
+            load_optimizer_state(self.trainable, self.opt, ckpt["optimizer"])
             self.sched.load_state_dict(ckpt["scheduler"])
         except (RuntimeError, KeyError, ValueError) as err:
             raise InputError(f"checkpoint {path} does not fit this run: {str(err).splitlines()[0][:160]}",
@@ -331,36 +358,6 @@ def _load_weights(model: nn.Module, source: str | Path | dict[str, torch.Tensor]
     except RuntimeError as err:
         raise InputError(f"rewind weights do not fit the student: {str(err).splitlines()[0][:160]}",
                          "rewind to weights of the same (pruned) architecture") from None
-
-
-def _wrap_ddp(model: nn.Module) -> nn.Module:
-    from torch.nn.parallel import DistributedDataParallel
-    return DistributedDataParallel(model)
-
-
-def _with_lora(model: nn.Module, rank: int) -> nn.Module:
-    """``peft`` LoRA adapters (alpha = 2r) on every Linear whose weight is not shared (a tied
-    LM head would change the embedding when merged)."""
-    if isinstance(model, ProgramModule):
-        raise InputError("LoRA needs the model's own class, but this pruned model is an exported "
-                         "program (its class could not be synced)", "recover without lora=")
-    try:
-        import peft
-    except ImportError:
-        raise MissingDependency("peft", "recover") from None
-    owners: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        owners[id(p)] = owners.get(id(p), 0) + 1
-    targets = [name for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and owners.get(id(m.weight), 0) == 1]
-    if not targets:
-        raise InputError("LoRA found no Linear layer to adapt", "recover without lora=")
-    config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets)
-    return peft.get_peft_model(model, config)
-
-
-def _merge_lora(model: nn.Module) -> nn.Module:
-    return model.merge_and_unload()
 
 
 @contextmanager
