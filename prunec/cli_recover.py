@@ -23,6 +23,8 @@ def add_recover_flags(p: argparse.ArgumentParser, standalone: bool = False) -> N
     p.add_argument("--recover-samples", type=int, default=512, help="samples drawn from --data (default 512)")
     p.add_argument("--eval", dest="eval_data", help="held-out data (same formats): agreement/KD loss before and after")
     p.add_argument("--checkpoint-dir", help="save every 50 steps here and resume from it")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun/accelerate launch: train a sharded (FSDP) copy instead of DDP replicas")
 
 
 def _recovery(args: argparse.Namespace, loaded: Any, example_inputs: Any) -> tuple[Any, list]:
@@ -41,7 +43,7 @@ def _recovery(args: argparse.Namespace, loaded: Any, example_inputs: Any) -> tup
     data = batches(args.data, args.recover_samples, args.seed)
     eval_data = batches(args.eval_data, 64, args.seed + 1) if args.eval_data else None
     return Recovery(lr=args.recover_lr, lora=args.lora, seed=args.seed, eval_data=eval_data,
-                    checkpoint_dir=args.checkpoint_dir, progress=console.is_terminal), data
+                    checkpoint_dir=args.checkpoint_dir, fsdp=args.fsdp, progress=console.is_terminal), data
 
 
 def recover_after_compile(args: argparse.Namespace, loaded: Any, result: Any, status: Any) -> Any:
