@@ -246,7 +246,11 @@ def _run_compile(args: argparse.Namespace) -> int:
         if path:
             check_writable(path)
     from prunec.cli_blockwise import run_blockwise, use_blockwise
+    from prunec.distributed import is_distributed, shard, world
     if hf_input and use_blockwise(args):
+        if is_distributed():
+            raise InputError("the block-by-block compile (--blockwise, or a checkpoint over a quarter of RAM) "
+                             "does not run under torchrun yet", "run it as one process")
         return run_blockwise(args, out)
     search = _search_pass(args)
     runtime = _runtime(args, search)
@@ -260,6 +264,7 @@ def _run_compile(args: argparse.Namespace) -> int:
             out, is_dir = output_path(stem + suffix, args.target, hf_input)
         plan = prunec.Plan.load(args.plan) if args.plan else None
         calib = _calib(args, loaded)
+        calib = shard(calib) if calib else calib   # torchrun: each rank calibrates on its share
         progress = (lambda stage: status.update(stage)) if status is not None else None
         passes = _passes(args, loaded, search)
         method, layer_method = _methods(args)
@@ -283,12 +288,16 @@ def _run_compile(args: argparse.Namespace) -> int:
             gc.collect()
         if progress:
             progress(f"writing {args.target} artifact")
-        result.report["artifact"] = BACKENDS[args.target](result, out, {
-            "loaded": loaded, "sparsity": args.sparsity, "sparsity_method": args.sparsity_method,
-            "sequential": args.sequential,
-            "coreml_target": args.coreml_target, "int8": args.int8, "opset": args.opset,
-            "hf_folder": hf_input and is_dir,
-            "calib": [((), b) if isinstance(b, dict) else (tuple(b), {}) for b in calib] if calib else None})
+        options = {"loaded": loaded, "sparsity": args.sparsity, "sparsity_method": args.sparsity_method,
+                   "sequential": args.sequential,
+                   "coreml_target": args.coreml_target, "int8": args.int8, "opset": args.opset,
+                   "hf_folder": hf_input and is_dir,
+                   "calib": [((), b) if isinstance(b, dict) else (tuple(b), {}) for b in calib] if calib else None}
+        if world()[0] != 0:   # the other ranks join 2:4 calibration's reductions, rank 0 writes everything
+            from prunec.backends.sparsity import apply_from_options
+            apply_from_options(result, options)
+            return 0
+        result.report["artifact"] = BACKENDS[args.target](result, out, options)
     if args.save_plan:
         with atomic_path(args.save_plan) as tmp:
             result.plan.save(tmp)
