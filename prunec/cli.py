@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", type=_ratio, default=0.0, help="fraction of conv/linear channels to remove")
     p.add_argument("--mlp", type=_ratio, default=0.0, help="fraction of MLP hidden units to remove")
     p.add_argument("--heads", type=_ratio, default=0.0, help="fraction of attention heads to remove")
+    p.add_argument("--gqa", choices=["groups", "query"], default="groups",
+                   help="--heads on GQA attention (fewer kv than query heads): remove whole kv groups (default), "
+                        "or query heads inside every group, the same slots in each, kv heads kept")
     p.add_argument("--hidden", type=_ratio, default=0.0,
                    help="fraction of residual-stream width to remove (approximate: norms read it)")
     p.add_argument("--layers", type=_ratio, default=0.0, help="fraction of residual blocks to drop")
@@ -273,7 +276,7 @@ def _run_compile(args: argparse.Namespace) -> int:
                                 channels=args.channels, mlp=args.mlp, heads=args.heads, hidden=args.hidden,
                                 layers=args.layers, passes=passes,
                                 method=method, layer_method=layer_method, round_to=args.round_to,
-                                global_rank=args.global_rank, refit=args.refit, sequential=args.sequential,
+                                global_rank=args.global_rank, refit=args.refit, sequential=args.sequential, gqa=args.gqa,
                                 plan=plan, calib=calib, check=not args.no_verify, progress=progress,
                                 static=args.static, dynamic_shapes=loaded.extra.get("dynamic_shapes"),
                                 parts=False,  # artifacts need the whole program: untraceable stays an error
