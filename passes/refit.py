@@ -11,6 +11,7 @@ from torch import fx
 
 from prunec.calib import call_args, collect, with_example_options
 from prunec.cut import Cut
+from prunec.distributed import all_reduce_sum
 from prunec.errors import InputError
 from prunec.passes.activation import Consumer, consumers
 from prunec.passes.base import Pass, PassResult, State, register_pass
@@ -94,7 +95,7 @@ class Refit(Pass):
             if new_b is not None:
                 state.updates[t.bias] = cut.slice(t.bias, new_b.to(dtype))
         state.results[self.name]["sequential"] = eager is not None
-        state.notes.append(f"refit '{self.mode}': {len(targets)} Linear layer(s) on {len(calib)} calibration "
+        state.notes.append(f"refit '{self.mode}': {len(targets)} Linear layer(s) on {all_reduce_sum(len(calib))} calibration "
                            f"batch(es), " + ("block by block (each block on the pruned, refit blocks before it)"
                                              if eager is not None else "one forward of the unpruned model"))
         return PassResult(state, True)

@@ -222,8 +222,10 @@ def _sensitivity(argv: Sequence[str]) -> int:
 
 def _compile(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
+    from prunec.distributed import process_group
     try:
-        return _run_compile(args)
+        with process_group():   # torchrun: data-parallel calibration (prunec.distributed)
+            return _run_compile(args)
     except InternalError as err:
         err.context.setdefault("model", args.model)
         err.context.setdefault("output_dir", str(Path(args.output).resolve().parent) if args.output else ".")

@@ -5,6 +5,7 @@ all-reduce the statistics they accumulated, once, when they finish. Statistics a
 counts (means are formed after the reduction), so every rank arrives at the statistics, and the plan,
 of one process on the union of the shards, whatever the shards' sizes.
 
+* ``process_group``: the CLI's group under ``torchrun`` (gloo, from the launcher's environment).
 * ``world``: (rank, world size); (0, 1) without a process group.
 * ``shard``: this rank's share of a list of calibration batches (every world-th, from rank).
 * ``all_reduce_sum``: every number in a nest of dicts/lists/tuples summed over the ranks, in one
@@ -13,7 +14,9 @@ of one process on the union of the shards, whatever the shards' sizes.
 """
 from __future__ import annotations
 
-from typing import Any, TypeVar
+import os
+from contextlib import contextmanager
+from typing import Any, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -29,6 +32,21 @@ def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+@contextmanager
+def process_group() -> Iterator[None]:
+    """Under ``torchrun`` (WORLD_SIZE > 1 in the environment) and without a group yet: a gloo group for
+    the duration (calibration statistics are reduced on the CPU); otherwise nothing."""
+    import torch.distributed as dist
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def is_distributed() -> bool:

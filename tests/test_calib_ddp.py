@@ -4,7 +4,6 @@ activation criteria (wanda), gradient criteria (taylor), layer scores (angular),
 refit (after an L1 plan, so only the refit sees the data), and SparseGPT 2:4 Hessians. The shards are made unlike each other, so a missing reduction shows."""
 from __future__ import annotations
 
-import copy
 import os
 import socket
 from pathlib import Path
