@@ -27,6 +27,7 @@ from torch import nn
 
 from prunec.distill import (Features, Step, cycle, evaluate, kd_loss, logits_of, reestimate_batchnorm, shard,
                             split_batch)
+from prunec.distributed import world
 from prunec.errors import InputError, MissingDependency, RecoverError
 from prunec.program_module import ProgramModule
 
@@ -121,20 +122,13 @@ def _unwrap(student: Any, example: Any) -> tuple[nn.Module, Any]:
     return student, example
 
 
-def _dist() -> tuple[int, int]:
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 class _Loop:
     """One training run: optimizer, schedule, checkpoints, interrupts."""
 
     def __init__(self, cfg: Recovery, student: nn.Module, teacher: nn.Module, data: Iterable[Any],
                  steps: int) -> None:
         self.cfg, self.student, self.teacher, self.data, self.steps = cfg, student, teacher, data, steps
-        self.rank, self.world = _dist()
+        self.rank, self.world = world()
         self.dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
         self.history: list[float] = []
         self.step = 0

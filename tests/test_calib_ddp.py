@@ -1,24 +1,24 @@
 """Data-parallel calibration (prunec.distributed): two CPU processes (gloo), each calibrating on
 half of the batches, reach the plan and the pruned weights of one process on all of them — for the
 activation criteria (wanda), gradient criteria (taylor), layer scores (angular), the sequential LS
-refit (after an L1 plan, so only the refit sees the data), and SparseGPT 2:4 Hessians. The shards are made unlike each other, so a missing reduction shows."""
+refit (after an L1 plan, so only the refit sees the data), and SparseGPT 2:4 Hessians. The shards are
+made unlike each other, so a missing reduction shows (each comparison fails without it)."""
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
 import prunec
 from prunec.backends.sparsity import sparsify_2_4
 from prunec.distributed import all_reduce_sum, shard
+
+from conftest import free_port, gloo_group
 
 transformers = pytest.importorskip("transformers")
 
@@ -73,21 +73,9 @@ def _results(images: list[Any], tokens: list[Any]) -> dict[str, Any]:
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         images, tokens = _data()
-        result = _results(shard(images), shard(tokens))
-        torch.save(result, f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        torch.save(_results(shard(images), shard(tokens)), f"{out}.{rank}")
 
 
 def _same(a: Any, b: Any) -> None:
@@ -108,7 +96,7 @@ def _same(a: Any, b: Any) -> None:
 
 def test_two_gloo_ranks_on_half_the_batches_match_one_process_on_all(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     ranks = [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
     images, tokens = _data()
     want = _results(images, tokens)

@@ -2,16 +2,15 @@
 follow the same loss curve and end at the same weights as one process with the whole batch."""
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
 from prunec.recover import Recovery
+
+from conftest import free_port, gloo_group
 
 STEPS = 6
 
@@ -31,26 +30,15 @@ def _run() -> tuple[list[float], dict[str, torch.Tensor]]:
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         loss, state = _run()
         if rank == 0:
             torch.save({"loss": loss, "state": state}, out)
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_gloo_processes_match_one_process_with_the_doubled_batch(tmp_path: Path) -> None:
     out = tmp_path / "ddp.pt"
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     ddp = torch.load(out, weights_only=True)
     loss, state = _run()
     assert len(ddp["loss"]) == STEPS and loss[-1] < loss[0]
