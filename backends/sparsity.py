@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunec.errors import InputError
-from prunec.sequential import run_sequential
+from prunec.sequential import forward_sums, run_sequential
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 MIN_IN = 16
@@ -160,21 +160,12 @@ def _capture(model: nn.Module, layers: dict[str, nn.Module], batches: list[Any],
     """Run the calibration batches once; per layer: Σx² per column (wanda) or H = XᵀX (sparsegpt)."""
     acc: dict[str, torch.Tensor] = {}
 
-    def hook(name: str, mod: nn.Module):
-        def fn(_m: nn.Module, args: tuple[Any, ...], _out: Any) -> None:
-            cols = _columns(mod, args[0])
-            add = (cols * cols).sum(0) if method == "wanda" else cols.T @ cols
-            acc[name] = acc[name] + add if name in acc else add
-        return fn
+    def add(name: str, mod: nn.Module, x: torch.Tensor) -> None:
+        cols = _columns(mod, x)
+        add = (cols * cols).sum(0) if method == "wanda" else cols.T @ cols
+        acc[name] = acc[name] + add if name in acc else add
 
-    handles = [m.register_forward_hook(hook(n, m)) for n, m in layers.items()]
-    try:
-        with torch.no_grad():
-            for args, kwargs in batches:
-                model(*args, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
+    forward_sums(model, layers, batches, add, acc)   # summed over the ranks' shards (prunec.distributed)
     missing = [name for name in layers if name not in acc]
     for name in missing:   # the batches never reached it: ones / identity H = magnitude
         cols = _to_groups_layout(layers[name].weight).shape[1]

@@ -88,7 +88,7 @@ def input_stats(state: State, calib: Iterable[Any], cons: list[Consumer]) -> dic
             s["n"] += a.shape[1]
 
     watched = set(wanted)
-    collect(state.program, calib, lambda n, v: on_value(n, v) if n in watched else None, watch=watched)
+    collect(state.program, calib, lambda n, v: on_value(n, v) if n in watched else None, watch=watched, sums=sums)
     out = {}
     for c in cons:
         s = sums[id(c)]

@@ -25,6 +25,11 @@ def config_accepts(config: Any, heads: int, kv_heads: int | None, head_dim: int)
     return True
 
 
+def _holds_kv(state: State, members: Any, kv_rows: int) -> bool:
+    """True if the group prunes a projection with ``kv_rows`` outputs (the kv heads go with its units)."""
+    return any(d == 0 and tuple(state.program.tensor(f).shape[:1]) == (kv_rows,) for f, d in members)
+
+
 @register_pass("config_heads")
 class ConfigHeads(Pass):
     """Keep head counts the model's config validates (transformers 5 checks ``hidden_size %
@@ -49,8 +54,11 @@ class ConfigHeads(Pass):
                 continue
             q_per, kv_per = heads // group.size, (kv // group.size if isinstance(kv, int) and kv % group.size == 0
                                                   else None)
-            valid = [k for k in range(1, group.size + 1)
-                     if config_accepts(config, k * q_per, k * kv_per if kv_per else None, head_dim)]
+            if kv_per and not _holds_kv(state, group.members, kv * head_dim):  # gqa='query': kv heads kept
+                valid = [k for k in range(1, group.size + 1) if config_accepts(config, k * q_per, kv, head_dim)]
+            else:
+                valid = [k for k in range(1, group.size + 1)
+                         if config_accepts(config, k * q_per, k * kv_per if kv_per else None, head_dim)]
             if not valid or len(kept) in valid:
                 continue
             count = min(valid, key=lambda k: (abs(k - len(kept)), -k))

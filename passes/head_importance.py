@@ -84,11 +84,11 @@ class HeadImportance(GradientCriterion):
                 labels = [lab[i:i + 1] for lab, p in zip(labels, pieces) for i in range(len(p))]
             calib = [e for p in pieces for e in p]
         gates = self.gates(state)
-        totals = {name: 0.0 for name in gates}
-        count = [0]
+        sums: dict[str, Any] = {"count": 0, "totals": {name: 0.0 for name in gates}}
+        totals = sums["totals"]
 
         def accumulate(weights: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]) -> None:
-            count[0] += 1
+            sums["count"] += 1
             for name, cons in gates.items():
                 signed = 0.0  # ∂L/∂ξ_h: summed over the head (and consumers) before |·|
                 for fqn, dim, rows in cons:
@@ -96,9 +96,9 @@ class HeadImportance(GradientCriterion):
                     signed = signed + per_index.numpy()[rows].sum(axis=1)
                 totals[name] = totals[name] + np.abs(signed)
 
-        grad_sums(state.model, calib, accumulate, labels, 0, self.seed, loss_fn=self.loss_fn)
-        for name, total in totals.items():
-            score = np.asarray(total, dtype=np.float64) / max(count[0], 1)
+        grad_sums(state.model, calib, accumulate, labels, 0, self.seed, loss_fn=self.loss_fn, sums=sums)
+        for name, total in sums["totals"].items():
+            score = np.asarray(total, dtype=np.float64) / max(sums["count"], 1)
             norm = np.linalg.norm(score)
             state.scores[name] = score / norm if self.normalize and norm > 0 else score
         return PassResult(state, True)

@@ -1,10 +1,14 @@
 """Layer dropping: remove whole residual blocks ``y = x + f(x)`` → ``y = x``."""
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
+from torch import fx
 
 from prunec.calib import calls, collect
+from prunec.distributed import world
 from prunec.errors import InputError
 from prunec.layers import Branch, blocks, find_branches
 from prunec.passes.base import Pass, PassResult, State, register_pass
@@ -61,14 +65,24 @@ class LayerDrop(Pass):
         return PassResult(state, True)
 
     def scores(self, state: State, by_block: dict[str, list[Branch]]) -> np.ndarray:
-        """1 − cos(block input, block output) on the example (and calibration) inputs."""
+        """1 − cos(block input, block output) on the example (and calibration) inputs, averaged over
+        batches (every rank's calibration shard; the example counted once, on rank 0)."""
         program = state.program
-        wanted = {n for bs in by_block.values() for n in (bs[0].skip, bs[-1].add)}
-        total = np.zeros(len(by_block))
-        batches = [(program.example_inputs, program.example_kwargs), *calls(state.calib or ())]
-        for batch in batches:
-            values: dict[str, torch.Tensor] = {}
-            collect(program, [batch], lambda node, value: values.__setitem__(node.name, value.detach().float())
-                    if node.name in wanted else None)
-            total += [_cosine_distance(values[bs[0].skip], values[bs[-1].add]) for bs in by_block.values()]
-        return total / len(batches)
+        skip_of = [bs[0].skip for bs in by_block.values()]
+        ends: dict[str, list[int]] = {}
+        for i, bs in enumerate(by_block.values()):
+            ends.setdefault(bs[-1].add, []).append(i)
+        example = [(program.example_inputs, program.example_kwargs)] if world()[0] == 0 else []
+        batches = [*example, *calls(state.calib or ())]
+        sums = {"total": np.zeros(len(by_block)), "n": len(batches)}
+        values: dict[str, torch.Tensor] = {}   # this batch's block inputs
+
+        def on_value(node: fx.Node, value: Any) -> None:
+            if node.name in ends:
+                for i in ends[node.name]:
+                    sums["total"][i] += _cosine_distance(values[skip_of[i]], value.detach().float())
+            if node.name in skip_of:
+                values[node.name] = value.detach().float()
+
+        collect(program, batches, on_value, sums=sums)
+        return sums["total"] / sums["n"]

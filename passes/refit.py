@@ -11,10 +11,11 @@ from torch import fx
 
 from prunec.calib import call_args, collect, with_example_options
 from prunec.cut import Cut
+from prunec.distributed import all_reduce_sum
 from prunec.errors import InputError
 from prunec.passes.activation import Consumer, consumers
 from prunec.passes.base import Pass, PassResult, State, register_pass
-from prunec.sequential import find_blocks, run_sequential
+from prunec.sequential import find_blocks, forward_sums, run_sequential
 
 MODES = ("ls", "bias")
 RIDGE = 1e-4   # × mean diag of the kept inputs' Gram matrix
@@ -94,7 +95,7 @@ class Refit(Pass):
             if new_b is not None:
                 state.updates[t.bias] = cut.slice(t.bias, new_b.to(dtype))
         state.results[self.name]["sequential"] = eager is not None
-        state.notes.append(f"refit '{self.mode}': {len(targets)} Linear layer(s) on {len(calib)} calibration "
+        state.notes.append(f"refit '{self.mode}': {len(targets)} Linear layer(s) on {all_reduce_sum(len(calib))} calibration "
                            f"batch(es), " + ("block by block (each block on the pruned, refit blocks before it)"
                                              if eager is not None else "one forward of the unpruned model"))
         return PassResult(state, True)
@@ -162,20 +163,8 @@ def _sequential_solve(state: State, calib: list[Any], targets: list[_Target], ze
             for p, mod in mods.items():
                 mod.weight[:, torch.as_tensor(zero[p])] = 0
         sums: dict[str, dict[str, Any]] = {}
-
-        def hook(p: str) -> Any:
-            def fn(_m: torch.nn.Module, args: tuple[Any, ...], _out: Any) -> None:
-                _add(sums.setdefault(p, {"sum": 0, "n": 0, "gram": 0}), args[0], gram)
-            return fn
-
-        handles = [mods[p].register_forward_hook(hook(p)) for p in mods if p in by_path]
-        try:
-            with torch.no_grad():
-                for args, kwargs in inputs:
-                    work(*args, **kwargs)
-        finally:
-            for h in handles:
-                h.remove()
+        forward_sums(work, {p: m for p, m in mods.items() if p in by_path}, inputs,
+                     lambda p, _m, x: _add(sums.setdefault(p, {"sum": 0, "n": 0, "gram": 0}), x, gram), sums)
         with torch.no_grad():
             for p, s in sums.items():
                 t = by_path[p]
@@ -212,7 +201,7 @@ def _input_sums(state: State, calib: list[Any], cons: list[Consumer], gram: bool
         for c in by_node[node]:
             _add(sums.setdefault(id(c), {"sum": 0, "n": 0, "gram": 0}), value, gram)
 
-    collect(state.program, calib, lambda n, v: on_value(n, v) if n in by_node else None, watch=by_node)
+    collect(state.program, calib, lambda n, v: on_value(n, v) if n in by_node else None, watch=by_node, sums=sums)
     return sums
 
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from prunec.atomic import atomic_path
 from prunec.calib import Call, calls, flat_output, run
+from prunec.distributed import global_mean
 from prunec.errors import InputError
 from prunec.passes.base import PASSES, Pass, PassResult, State, run_passes
 from prunec.passes.select import keep_count
@@ -27,7 +28,7 @@ def output_error(reference: nn.Module, batches: list[Call]) -> Metric:
     def metric(model: nn.Module) -> float:
         errs = [float((flat_output(run(model, b)) - w).norm() / (w.norm() + 1e-12))
                 for b, w in zip(batches, wanted)]
-        return float(np.mean(errs))
+        return global_mean(errs)   # every rank's batches (prunec.distributed)
     return metric
 
 

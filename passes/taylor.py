@@ -37,7 +37,7 @@ class GradientCriterion(Pass):
                     stat = self.batch_stat(weights[fqn].double(), grads[fqn].double(), dim)
                     sums[(fqn, dim)] = sums.get((fqn, dim), 0) + stat
 
-        grad_sums(state.model, calib, accumulate, self.labels, self.hessian_probes, self.seed)
+        grad_sums(state.model, calib, accumulate, self.labels, self.hessian_probes, self.seed, sums=sums)
         for group in state.groups_to_score():
             members = [(f, d, r) for f, d, r in param_members(state, group.name) if (f, d) in sums]
             if members:

@@ -11,6 +11,7 @@ from torch import fx
 from prunec.calib import collect
 from prunec.coupling import Group
 from prunec.cut import Cut
+from prunec.distributed import all_gather_rows, all_reduce_sum
 from prunec.passes.activation import Consumer, consumers
 from prunec.passes.base import Pass, PassResult, State, register_pass
 from prunec.passes.select import check_ratio, keep_count
@@ -76,8 +77,10 @@ class Reconstruction:
 
 def sample_inputs(state: State, calib: list[tuple[Any, ...]], cons: list[Consumer],
                   samples: int, seed: int) -> dict[int, torch.Tensor]:
-    """Random rows of each consumer's (im2col-ed) input, ``samples`` in all, by ``seed``."""
-    per_batch = max(1, math.ceil(samples / len(calib)))
+    """Random rows of each consumer's (im2col-ed) input, ``samples`` in all, by ``seed``. Under
+    data-parallel calibration every rank draws its share and gets every rank's rows (the plan is the
+    same on all ranks; the rows are other draws than one process's)."""
+    per_batch = max(1, math.ceil(samples / all_reduce_sum(len(calib))))
     gen = torch.Generator().manual_seed(seed)
     by_node: dict[fx.Node, list[Consumer]] = {}
     for c in cons:
@@ -100,7 +103,7 @@ def sample_inputs(state: State, calib: list[tuple[Any, ...]], cons: list[Consume
             rows[id(c)].append(x[pick])
 
     collect(state.program, calib, lambda n, v: on_value(n, v) if n in by_node else None, watch=by_node)
-    return {k: torch.cat(v)[:samples] for k, v in rows.items()}
+    return {k: v[:samples] for k, v in all_gather_rows({k: torch.cat(v) for k, v in rows.items()}).items()}
 
 
 def reconstructions(state: State, calib: list[tuple[Any, ...]], groups: list[Group],

@@ -19,11 +19,12 @@ def _freeze_unknown(node: fx.Node, g: CouplingBuilder) -> None:
             g.freeze_all(user, reason)
 
 
-def build_coupling(program: Program) -> Coupling:
-    """Apply one rule per node; model inputs and outputs are never pruned."""
+def build_coupling(program: Program, gqa_query: bool = False) -> Coupling:
+    """Apply one rule per node; model inputs and outputs are never pruned. ``gqa_query``: GQA
+    attention prunes query heads inside their kv groups (see ``CouplingBuilder``)."""
     fqns = program.placeholder_fqns()
     state = {n for n in program.graph.nodes if n.op == "placeholder" and n.name in fqns}
-    g = CouplingBuilder(state)
+    g = CouplingBuilder(state, gqa_query)
     unknown: dict[str, str] = {}
     for node in program.graph.nodes:
         if node.op == "placeholder":

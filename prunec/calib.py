@@ -9,6 +9,8 @@
   of keyword inputs); ``run`` / ``output_error`` / ``collect`` are the one program runner.
 * ``grad_sums`` runs the user's module with autograd and hands per-batch parameter gradients to
   a callback (Taylor, Fisher, OBD criteria).
+* Data-parallel calibration (``prunec.distributed``): ``collect`` and ``grad_sums`` all-reduce the
+  caller's running ``sums`` once they have seen every batch, ``output_error`` its sum and count.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import torch.utils._pytree as pytree
 from torch import fx, nn
 from torch.export.graph_signature import InputKind
 
+from prunec.distributed import all_reduce_sum_, global_mean
 from prunec.errors import InputError
 from prunec.program_module import ProgramModule, copy_graph
 from prunec.trace import Program, trace
@@ -211,8 +214,10 @@ class _Collector(fx.Interpreter):
 
 
 def collect(program: Program | ProgramModule, calib: Iterable[Any],
-            fn: Callable[[fx.Node, Any], None], watch: Iterable[fx.Node] | None = None) -> None:
-    """Call ``fn(node, value)`` for every op (and input) of ``program``'s graph on every calibration batch.
+            fn: Callable[[fx.Node, Any], None], watch: Iterable[fx.Node] | None = None,
+            sums: dict[Any, Any] | None = None) -> None:
+    """Call ``fn(node, value)`` for every op (and input) of ``program``'s graph on every calibration batch;
+    ``sums``, the running sums ``fn`` keeps, is then all-reduced across ranks in place (``prunec.distributed``).
 
     Implemented with a ``torch.fx.Interpreter`` over the ATen graph (not module hooks), so every
     value, including functional ops, is visible by its node; ``fn`` keeps running sums. The graph is
@@ -239,6 +244,8 @@ def collect(program: Program | ProgramModule, calib: Iterable[Any],
             leaves = iter(pytree.tree_leaves(call))
             flat = [next(leaves) if kind == "user" else state[fqn] for kind, fqn in inputs]
             interp.run(*flat)
+    if sums is not None:
+        all_reduce_sum_(sums)
 
 
 def shape_key(call: Call) -> tuple[Any, ...]:
@@ -292,8 +299,10 @@ def _runner(program: Program | ProgramModule, originals: dict[str, fx.Node], fn:
 def grad_sums(model: nn.Module, calib: Iterable[Any], fn: Callable[[dict[str, torch.Tensor],
               dict[str, torch.Tensor]], None], labels: Iterable[torch.Tensor] | None = None,
               hessian_probes: int = 0, seed: int = 0,
-              loss_fn: Callable[[Any, Any, torch.Tensor | None], torch.Tensor] | None = None) -> None:
-    """For each batch call ``fn(weights, grads)`` (FQN → tensor) of the loss on that batch.
+              loss_fn: Callable[[Any, Any, torch.Tensor | None], torch.Tensor] | None = None,
+              sums: dict[Any, Any] | None = None) -> None:
+    """For each batch call ``fn(weights, grads)`` (FQN → tensor) of the loss on that batch; ``sums``,
+    the running sums ``fn`` keeps, is then all-reduced across ranks in place (``prunec.distributed``).
 
     A batch is a tuple of positional inputs, or a dict of keyword inputs (HF models; also as the
     single element of a tuple). Loss: ``loss_fn(output, batch, label)`` when given, else
@@ -325,6 +334,8 @@ def grad_sums(model: nn.Module, calib: Iterable[Any], fn: Callable[[dict[str, to
                dict(zip(names, [g.detach() for g in grads])))
     finally:
         model.train(was_training)
+    if sums is not None:
+        all_reduce_sum_(sums)
 
 
 def call_args(batch: Any) -> Call:
@@ -360,12 +371,12 @@ def flat_output(output: Any) -> torch.Tensor:
 
 
 def output_error(module: nn.Module, reference: nn.Module, batches: Iterable[Call]) -> float:
-    """Mean over batches of ‖f(x) − f_ref(x)‖ / ‖f_ref(x)‖."""
+    """Mean over batches (every rank's) of ‖f(x) − f_ref(x)‖ / ‖f_ref(x)‖."""
     errs = []
     for call in batches:
         want = flat_output(run(reference, call))
         errs.append(float((flat_output(run(module, call)) - want).norm() / (want.norm() + 1e-12)))
-    return float(np.mean(errs)) if errs else 0.0
+    return global_mean(errs)
 
 
 def _loss(output: Any, labels: torch.Tensor | None) -> torch.Tensor:

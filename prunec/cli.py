@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", type=_ratio, default=0.0, help="fraction of conv/linear channels to remove")
     p.add_argument("--mlp", type=_ratio, default=0.0, help="fraction of MLP hidden units to remove")
     p.add_argument("--heads", type=_ratio, default=0.0, help="fraction of attention heads to remove")
+    p.add_argument("--gqa", choices=["groups", "query"], default="groups",
+                   help="--heads on GQA attention (fewer kv than query heads): remove whole kv groups (default), "
+                        "or query heads inside every group, the same slots in each, kv heads kept")
     p.add_argument("--hidden", type=_ratio, default=0.0,
                    help="fraction of residual-stream width to remove (approximate: norms read it)")
     p.add_argument("--layers", type=_ratio, default=0.0, help="fraction of residual blocks to drop")
@@ -219,8 +222,10 @@ def _sensitivity(argv: Sequence[str]) -> int:
 
 def _compile(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
+    from prunec.distributed import process_group
     try:
-        return _run_compile(args)
+        with process_group():   # torchrun: data-parallel calibration (prunec.distributed)
+            return _run_compile(args)
     except InternalError as err:
         err.context.setdefault("model", args.model)
         err.context.setdefault("output_dir", str(Path(args.output).resolve().parent) if args.output else ".")
@@ -246,7 +251,11 @@ def _run_compile(args: argparse.Namespace) -> int:
         if path:
             check_writable(path)
     from prunec.cli_blockwise import run_blockwise, use_blockwise
+    from prunec.distributed import is_distributed, shard, world
     if hf_input and use_blockwise(args):
+        if is_distributed():
+            raise InputError("the block-by-block compile (--blockwise, or a checkpoint over a quarter of RAM) "
+                             "does not run under torchrun yet", "run it as one process")
         return run_blockwise(args, out)
     search = _search_pass(args)
     runtime = _runtime(args, search)
@@ -260,6 +269,7 @@ def _run_compile(args: argparse.Namespace) -> int:
             out, is_dir = output_path(stem + suffix, args.target, hf_input)
         plan = prunec.Plan.load(args.plan) if args.plan else None
         calib = _calib(args, loaded)
+        calib = shard(calib) if calib else calib   # torchrun: each rank calibrates on its share
         progress = (lambda stage: status.update(stage)) if status is not None else None
         passes = _passes(args, loaded, search)
         method, layer_method = _methods(args)
@@ -268,7 +278,7 @@ def _run_compile(args: argparse.Namespace) -> int:
                                 channels=args.channels, mlp=args.mlp, heads=args.heads, hidden=args.hidden,
                                 layers=args.layers, passes=passes,
                                 method=method, layer_method=layer_method, round_to=args.round_to,
-                                global_rank=args.global_rank, refit=args.refit, sequential=args.sequential,
+                                global_rank=args.global_rank, refit=args.refit, sequential=args.sequential, gqa=args.gqa,
                                 plan=plan, calib=calib, check=not args.no_verify, progress=progress,
                                 static=args.static, dynamic_shapes=loaded.extra.get("dynamic_shapes"),
                                 parts=False,  # artifacts need the whole program: untraceable stays an error
@@ -283,12 +293,16 @@ def _run_compile(args: argparse.Namespace) -> int:
             gc.collect()
         if progress:
             progress(f"writing {args.target} artifact")
-        result.report["artifact"] = BACKENDS[args.target](result, out, {
-            "loaded": loaded, "sparsity": args.sparsity, "sparsity_method": args.sparsity_method,
-            "sequential": args.sequential,
-            "coreml_target": args.coreml_target, "int8": args.int8, "opset": args.opset,
-            "hf_folder": hf_input and is_dir,
-            "calib": [((), b) if isinstance(b, dict) else (tuple(b), {}) for b in calib] if calib else None})
+        options = {"loaded": loaded, "sparsity": args.sparsity, "sparsity_method": args.sparsity_method,
+                   "sequential": args.sequential,
+                   "coreml_target": args.coreml_target, "int8": args.int8, "opset": args.opset,
+                   "hf_folder": hf_input and is_dir,
+                   "calib": [((), b) if isinstance(b, dict) else (tuple(b), {}) for b in calib] if calib else None}
+        if world()[0] != 0:   # the other ranks join 2:4 calibration's reductions, rank 0 writes everything
+            from prunec.backends.sparsity import apply_from_options
+            apply_from_options(result, options)
+            return 0
+        result.report["artifact"] = BACKENDS[args.target](result, out, options)
     if args.save_plan:
         with atomic_path(args.save_plan) as tmp:
             result.plan.save(tmp)

@@ -42,6 +42,9 @@ def run_blockwise(args: argparse.Namespace, out: Path | None) -> int:
     """`prunec hf:DIR --heads R --mlp R -o OUT --blockwise`: prunec.blockwise, then a per-block summary."""
     from prunec.blockwise import compile_blockwise
     from prunec.hf import _tokenizer
+    if getattr(args, "gqa", "groups") != "groups":
+        raise InputError("--gqa query is not supported block by block (whole kv groups only)",
+                         "drop --gqa, or compile without --blockwise if the model fits in memory")
     given = [n for n in BLOCKWISE_REFUSED if getattr(args, n, None)]
     if given:
         flag = "--" + given[0].replace("_", "-").replace("global-rank", "global")

@@ -31,7 +31,8 @@ from prunec.verify import check_refit, compare, verify
 
 Progress = Callable[[str], None]
 METHODS = ("l1", "l2", "bn")
-REFIT_CHECK_BATCHES = 8  # calibration batches the refit-vs-no-refit check runs
+REFIT_CHECK_BATCHES = 8
+GQA_MODES = ("groups", "query")  # calibration batches the refit-vs-no-refit check runs
 
 
 @dataclass
@@ -149,7 +150,7 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
             dynamic_shapes: Any = None, parts: bool = True, schedule: Any = None,
             recover: dict[str, Any] | None = None, runtime: str | None = None,
             target_latency: float | str | None = None, batch: int = 1, threads: int | None = None,
-            inplace: bool = False, refit: str | None = None, sequential: bool = True) -> Any:
+            inplace: bool = False, refit: str | None = None, sequential: bool = True, gqa: str = "groups") -> Any:
     """Prune ``model`` and return a CompileResult.
 
     ``channels`` applies to conv/linear channel groups (and MLP groups unless ``mlp`` is
@@ -170,7 +171,13 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
     ``prunec.passes.Refit``; needs ``calib``) refits the Linear layers that read pruned units after selection;
     default: 'bias' for ``method='flap'`` (FLAP's bias compensation), none otherwise; 'none' turns it off.
     ``sequential``: the refit calibrates each block of an LLM on the pruned, refit blocks before it.
+    ``gqa`` (attention with fewer kv heads than query heads): 'groups' prunes whole kv groups (a kv head
+    with its query heads), 'query' prunes query heads inside every group, the same in-group slots in
+    each, kv heads kept (a replayed plan keeps the mode it was made with).
     """
+    if gqa not in GQA_MODES:
+        raise InputError(f"gqa '{gqa}' is unknown", f"use one of {GQA_MODES}")
+    gqa = plan.meta.get("gqa", "groups") if plan is not None else gqa
     if schedule is not None:
         from prunec.schedule import compile_gradual
         return compile_gradual(model, example_inputs, schedule, recover, compile_once=compile, criterion=criterion,
@@ -193,7 +200,7 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
                              global_rank=global_rank, calib=calib, check=check, progress=progress,
                              layer_method=layer_method)
     with timer.stage("analyze"):
-        coupling = build_coupling(program)
+        coupling = build_coupling(program, gqa_query=gqa == "query")
         keep_whole(model, coupling)  # groups the user's classes can't express pruned
     ratios = {"channel": channels, "mlp": mlp or channels, "head": heads, "hidden": hidden}
     asked = ({"channel": channels, "mlp": mlp, "head": heads, "hidden": hidden, "layers": layers}
@@ -210,6 +217,8 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
             state = run_passes(pipeline, State(model, program, coupling, calib=calib, kinds=kinds,
                                                services=services(coupling, model)))
             plan, notes, updates, passes_ran = state.plan, state.notes, state.updates, True
+            if gqa == "query":
+                plan.meta["gqa"] = gqa   # replays (dynamic shapes, --plan) rebuild this coupling
         else:
             notes, updates, passes_ran = [], {}, False
         plan.check(coupling)

@@ -21,6 +21,7 @@ from torch import fx
 from prunec.trace import Program, module_path
 
 Key = tuple[fx.Node, int]  # (value, dim)
+KV_KEPT = "kv heads are kept while query heads are pruned inside their groups (gqa='query')"
 
 
 def shape_of(node: Any) -> tuple[int, ...] | None:
@@ -39,8 +40,11 @@ def shape_of(node: Any) -> tuple[int, ...] | None:
 class CouplingBuilder:
     """Collects ties and freezes from op rules, element by element."""
 
-    def __init__(self, state: set[fx.Node] | None = None) -> None:
+    def __init__(self, state: set[fx.Node] | None = None, gqa_query: bool = False) -> None:
         self.state = state or set()
+        # GQA attention: units are query-head slots (the same in-group position in every kv group),
+        # kv heads kept; else (default) a unit is a whole kv group with its query heads
+        self.gqa_query = gqa_query
         self.offset: dict[Key, int] = {}
         self.size: dict[Key, int] = {}
         self.count = 0

@@ -98,12 +98,12 @@ def _has_symbolic_input(coupling: Coupling) -> bool:
 
 
 def _symbolic_trace(module: torch.nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any], spec: Spec | None,
-                    who: str) -> tuple[Spec, tuple[Any, ...], dict[str, Any], Any, Coupling]:
+                    who: str, gqa_query: bool = False) -> tuple[Spec, tuple[Any, ...], dict[str, Any], Any, Coupling]:
     """Trace ``module`` with ``spec``'s dims symbolic (on inputs resized so no dim is 0/1-specialised)."""
     spec = spec or default_spec(inputs, kwargs)
     wide_args, wide_kwargs = resized(inputs, kwargs, spec)
     program = trace(module, wide_args, wide_kwargs, dynamic_shapes=spec)
-    coupling = build_coupling(program)
+    coupling = build_coupling(program, gqa_query)
     if not _has_symbolic_input(coupling):
         raise ValueError(f"torch.export specialised every input dim of {who}")
     return spec, wide_args, wide_kwargs, program, coupling
@@ -119,7 +119,8 @@ def replay(model: torch.nn.Module, plan: Plan, static: torch.nn.Module, inputs: 
 
     Raises ValueError (with the reason) when the dynamic program can't be made or doesn't check out.
     """
-    spec, wide_args, wide_kwargs, program, coupling = _symbolic_trace(model, inputs, kwargs, spec, "the model")
+    spec, wide_args, wide_kwargs, program, coupling = _symbolic_trace(model, inputs, kwargs, spec, "the model",
+                                                                      plan.meta.get("gqa") == "query")
     names = {g.name: g.size for g in coupling.groups}
     lost = [n for n, size in plan.sizes.items() if names.get(n) != size]
     if lost:

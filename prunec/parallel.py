@@ -18,13 +18,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-
-def world() -> tuple[int, int]:
-    """(rank, world size) of the initialised process group, else (0, 1)."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from prunec.distributed import world
 
 
 def pick_device(requested: str | torch.device | None, student: nn.Module) -> torch.device:

@@ -28,10 +28,11 @@ from torch import nn
 
 from prunec.distill import (Features, Step, cycle, evaluate, kd_loss, logits_of, reestimate_batchnorm, shard,
                             split_batch)
+from prunec.distributed import world
 from prunec.errors import InputError, RecoverError
 from prunec.lora import merge_lora, with_lora
 from prunec.parallel import (fsdp_copy, full_state, load_full_state, load_optimizer_state, optimizer_state,
-                             pick_device, to_device, world, wrap_ddp)
+                             pick_device, to_device, wrap_ddp)
 from prunec.program_module import ProgramModule
 
 Progress = Callable[[int, float], None]  # (steps done, loss)

@@ -7,6 +7,8 @@ SparseGPT and llmcompressor calibrate LLMs one-shot. Works on the eager module w
   forward pre-hook that stops the forward there (position embeddings, masks come along).
 * ``run_sequential``: hands each block its inputs, lets the caller process it (in place), then runs
   the processed block to make the next block's inputs.
+* ``forward_sums``: runs batches through a module with forward hooks on some of its layers that add
+  each layer's input into running sums, all-reduced across ranks at the end (``prunec.distributed``).
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
+
+from prunec.distributed import all_reduce_sum_
 
 Call = tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -77,3 +81,23 @@ def run_sequential(model: nn.Module, batches: Iterable[Call],
         with torch.no_grad():
             inputs = [_next_inputs(call, done(*call[0], **call[1])) for call in inputs]
     return [path for path, _ in blocks]
+
+
+def forward_sums(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[Call],
+                 add: Callable[[str, nn.Module, torch.Tensor], None], sums: dict[str, Any]) -> dict[str, Any]:
+    """Run ``batches`` through ``model`` (no autograd); each time a module of ``layers`` runs,
+    ``add(name, module, its first input)`` updates ``sums``, which is then all-reduced across ranks."""
+    def hook(name: str) -> Callable[..., None]:
+        def fn(mod: nn.Module, args: tuple[Any, ...], _out: Any) -> None:
+            add(name, mod, args[0])
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    try:
+        with torch.no_grad():
+            for args, kwargs in batches:
+                model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return all_reduce_sum_(sums)

@@ -25,6 +25,7 @@ from torch import fx
 
 from prunec.calib import Call, output_error, run
 from prunec.cut import Cut
+from prunec.distributed import all_reduce_sum
 from prunec.errors import InternalError
 from prunec.layers import drop_branches
 from prunec.program_module import ProgramModule
@@ -219,4 +220,4 @@ def check_refit(pruned: torch.nn.Module, original: torch.nn.Module, state: dict[
             for fqn, value in saved.items():
                 state[fqn].copy_(value)
     return ({"rel_err_before": before, "rel_err_after": after, "applied": applied,
-             "tensors": len(updates), "batches": len(batches)}, saved if applied else {})
+             "tensors": len(updates), "batches": all_reduce_sum(len(batches))}, saved if applied else {})

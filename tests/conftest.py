@@ -1,4 +1,7 @@
 import os
+import socket
+from contextlib import contextmanager
+from typing import Iterator
 
 import pytest
 import torch
@@ -56,3 +59,23 @@ def make_hf_llama(folder, heads: int = 4, kv_heads: int = 2, hidden: int = 64, l
     fast.save_pretrained(folder)
     (folder / "calib.txt").write_text(TEXT)
     return folder
+
+
+def free_port() -> int:
+    """A free local TCP port for a test's process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def gloo_group(rank: int, world: int, port: int) -> Iterator[None]:
+    """This spawned process as ``rank`` of a local gloo group (one thread), destroyed on exit."""
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

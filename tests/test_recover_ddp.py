@@ -2,19 +2,18 @@
 batch, follow the same loss curve and end at the same weights as one process with the whole batch."""
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import pytest
+import torch
+import torch.multiprocessing as mp
 from torch import nn
 
 from prunec.errors import InputError
 from prunec.parallel import fsdp_copy
 from prunec.recover import Recovery
+
+from conftest import free_port, gloo_group
 
 STEPS = 6
 
@@ -52,30 +51,19 @@ def _run(fsdp: bool = False, checkpoint_dir: str | None = None) -> tuple[list[fl
 
 
 def _worker(rank: int, world: int, port: int, out: str, fsdp: bool, checkpoint_dir: str | None) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         if fsdp:  # each rank holds half of every sharded weight
             weight = fsdp_copy(Blocks(8), torch.device("cpu")).blocks[0][0].weight
             assert weight.shape == (8, 8) and weight.to_local().shape == (4, 8)
         loss, state = _run(fsdp, checkpoint_dir)
         if rank == 0:
             torch.save({"loss": loss, "state": state}, out)
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
 def test_two_gloo_processes_match_one_process_with_the_doubled_batch(tmp_path: Path, fsdp: bool) -> None:
     out, ckpt = tmp_path / "ddp.pt", tmp_path / "ckpt"
-    mp.spawn(_worker, args=(2, _free_port(), str(out), fsdp, str(ckpt)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(out), fsdp, str(ckpt)), nprocs=2, join=True)
     ddp = torch.load(out, weights_only=True)
     loss, state = _run()
     assert len(ddp["loss"]) == STEPS and loss[-1] < loss[0]

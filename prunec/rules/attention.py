@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from torch import fx
 
-from prunec.coupling import CouplingBuilder, shape_of
+from prunec.coupling import KV_KEPT, CouplingBuilder, shape_of
 from prunec.rules import arg, aten, coupling_rule, ndim, no_sizes
 
 
@@ -20,6 +20,10 @@ def sdpa(node: fx.Node, g: CouplingBuilder) -> None:
     g.tie((k, n - 3), (v, n - 3))
     if hq == hk:
         g.tie((q, n - 3), (k, n - 3))
+    elif g.gqa_query:  # query heads by in-group slot (head i in slot i % r), kv heads kept
+        i = np.arange(hq)
+        g.tie_map((q, n - 3), (q, n - 3), i, i % (hq // hk))
+        g.freeze(k, n - 3, KV_KEPT)
     else:  # GQA: query head i reads kv head i // r
         i = np.arange(hq)
         g.tie_map((q, n - 3), (k, n - 3), i, i // (hq // hk))

@@ -6,11 +6,12 @@ Reshape factorisation: a dim of 768 viewed as 12 × 64 is tied to one *carrier* 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 from torch import fx
 
-from prunec.coupling import CouplingBuilder, shape_of
+from prunec.coupling import KV_KEPT, CouplingBuilder, shape_of
 from prunec.rules import NewSizes, arg, aten, coupling_rule, keep_minus_one, ndim, no_sizes, set_arg
 
 SELECTORS = (aten.select.int, aten.unbind.int)
@@ -123,6 +124,12 @@ def reshape(node: fx.Node, g: CouplingBuilder) -> None:
             for d in b:
                 if d != carrier:
                     g.freeze(node, d, f"reshape factor {dst[d]} of a split dim")
+        elif len(b) == 1 and g.gqa_query and _repeat_kv(x, a):
+            # GQA repeat_kv (b, kv, r, s, d) → (b, kv·r, s, d): head i is slot i % r of the broadcast
+            # dim; dropping a slot shrinks the broadcast, the kv heads are kept
+            i = np.arange(dst[b[0]])
+            g.tie_map((node, b[0]), (x, a[1]), i, i % src[a[1]])
+            g.freeze(x, a[0], KV_KEPT)
         elif len(b) == 1:
             carrier = a[0]
             inner = math.prod(src[d] for d in a[1:])
@@ -135,6 +142,15 @@ def reshape(node: fx.Node, g: CouplingBuilder) -> None:
                 g.freeze(x, d, "reshape mixes several dims")
             for d in b:
                 g.freeze(node, d, "reshape mixes several dims")
+
+
+def _repeat_kv(x: Any, merged: list[int]) -> bool:
+    """True if ``x`` is an expand that broadcasts the inner of the two ``merged`` dims (repeat_kv)."""
+    if len(merged) != 2 or not isinstance(x, fx.Node) or x.target is not aten.expand.default:
+        return False
+    src = shape_of(arg(x, 0))
+    lead = len(shape_of(x)) - len(src) if src is not None else 0
+    return src is not None and merged[1] >= lead and src[merged[1] - lead] == 1
 
 
 @coupling_rule(aten.permute.default, fix=no_sizes)
