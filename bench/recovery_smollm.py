@@ -43,16 +43,22 @@ def child(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     teacher, tok = load_smollm()
-    eval_ids, calib_ids, _ = data(tok, args.windows, 8)
+    eval_ids, calib_ids, _ = data(tok, args.windows, args.calib)
     items = wiki_texts()
     train_ids = windows_of(tok, items[: len(items) // 2], args.steps * args.batch, args.seq)
     batches = [{"input_ids": b, "use_cache": False} for b in train_ids.split(args.batch)]
     example = {"input_ids": calib_ids[:8], "use_cache": False}
-    zeros = {"channel": 0.0, "mlp": 0.0, "head": 0.0, "hidden": 0.0}
-    result = prunec.compile(teacher, (), example_kwargs=example, method="l1",
-                            passes=[L1(), Select(zeros), LayerDrop(args.layers, by="angular")])
+    if args.cut == "layers":
+        zeros = {"channel": 0.0, "mlp": 0.0, "head": 0.0, "hidden": 0.0}
+        result = prunec.compile(teacher, (), example_kwargs=example, method="l1",
+                                passes=[L1(), Select(zeros), LayerDrop(args.layers, by="angular")])
+    else:  # heads + MLP width, data-driven (wanda), calibrated on the calibration windows
+        calib = [{"input_ids": b, "use_cache": False} for b in calib_ids.split(4)]
+        result = prunec.compile(teacher, (), example_kwargs=example, heads=args.heads, mlp=args.mlp,
+                                method=args.method, calib=calib, static=True)
     student = result.model
-    row = {"mode": args.child, "dropped": result.report["plan"].get("dropped_layers"),
+    row = {"mode": args.child, "cut": args.cut, "method": args.method if args.cut == "width" else "angular",
+           "dropped": result.report["plan"].get("dropped_layers"),
            "module_synced": result.report["module_synced"],
            "params": sum(p.numel() for p in student.parameters()),
            "ppl_dense": perplexity(teacher, eval_ids), "ppl": {0: perplexity(student, eval_ids)}}
@@ -98,7 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--windows", type=int, default=32, help="128-token evaluation windows")
+    ap.add_argument("--cut", choices=["layers", "width"], default="layers",
+                    help="layers: drop --layers (angular); width: --heads + --mlp with --method on --calib windows")
     ap.add_argument("--layers", type=float, default=0.2)
+    ap.add_argument("--heads", type=float, default=0.25)
+    ap.add_argument("--mlp", type=float, default=0.25)
+    ap.add_argument("--method", default="wanda")
+    ap.add_argument("--calib", type=int, default=8, help="128-token calibration windows (layer criterion / width)")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--lr-lora", type=float, default=1e-3)
     ap.add_argument("--lora", type=int, default=16)
