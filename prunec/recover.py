@@ -34,6 +34,7 @@ from prunec.lora import merge_lora, with_lora
 from prunec.parallel import (fsdp_copy, full_state, load_full_state, load_optimizer_state, optimizer_state,
                              pick_device, to_device, wrap_ddp)
 from prunec.program_module import ProgramModule
+from prunec.trace import eval_mode
 
 Progress = Callable[[int, float], None]  # (steps done, loss)
 CHECKPOINT = "last.pt"
@@ -156,7 +157,7 @@ class _Loop:
         cfg, start = self.cfg, time.perf_counter()
         if cfg.rewind is not None:
             _load_weights(self.student, cfg.rewind)
-        self.teacher.eval()  # runs under no_grad: its parameters are left as they are
+        eval_mode(self.teacher)  # runs under no_grad: its parameters are left as they are
         self.device = self.data_device = pick_device(cfg.device, self.student)
         if cfg.fsdp:  # sharded copies on the device; the student stays where it is and gets the result
             model = self.trainable = fsdp_copy(self.student, self.device)

@@ -46,6 +46,15 @@ def test_recover_subcommand_trains_a_pruned_pt2(tmp_path: Path, data: Path, caps
     assert not torch.allclose(_run_pt2(plain, x), _run_pt2(out, x))
 
 
+def test_a_pt2_model_is_its_own_teacher(tmp_path: Path, data: Path) -> None:
+    """An exported program refuses .eval(): the teacher loaded from a .pt2 must still run."""
+    source, out, report = tmp_path / "src.pt2", tmp_path / "out.pt2", tmp_path / "r.json"
+    assert main(["zoo:mlp", "--channels", "0.25", "--round-to", "1", "-o", str(source)]) == 0
+    assert main([str(source), "--channels", "0.5", "--round-to", "1", "--recover-steps", "3", "--data", str(data),
+                 "-o", str(out), "--report", str(report)]) == 0
+    assert len(json.loads(report.read_text())["recover"]["loss"]) == 3
+
+
 @pytest.mark.parametrize("argv, match", [
     (["zoo:mlp", "--channels", "0.5", "--recover-steps", "5"], "needs data"),
     (["zoo:mlp", "--channels", "0.5", "--recover-steps", "-1", "--data", "{data}"], "must be ≥ 1"),
