@@ -8,6 +8,8 @@ bench/cache/). Three students, each at channels 0.5 (round_to=1, the same final 
   * thinet   one-shot ThiNet (least-squares refit, 4096 calibration images), then --steps of recover
   * gradual  prunec.compile(schedule=Gradual(final=0.5, steps=3, every=steps/3)): L1 step by step,
              recovering between steps, the same number of recovery steps in total
+  * scratch  not a recovery: the half-width CNN trained from scratch with labels like the dense one
+             (--epochs on all 60k images), the capacity the students are bounded by
 Recovery data: batches of --batch *unlabeled* training images (labels are never used), drawn
 once with a fixed seed; logit KL at T=2 from the dense model; AdamW at --lr, warm-up + cosine.
 Test accuracy on the 10k test set before and after; every --eval-every steps on the first 2k test
@@ -56,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--width", type=int, default=8)
     ap.add_argument("--eval-every", type=int, default=25)
-    ap.add_argument("--students", nargs="+", default=["l1", "thinet", "gradual"])
+    ap.add_argument("--students", nargs="+", default=["l1", "thinet", "gradual", "scratch"],
+                    help="scratch: the half-width CNN trained from scratch with labels like the dense one "
+                         "(a capacity reference, not a recovery)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -73,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.students:
         curve: list[tuple[int, float]] = []
         t = time.time()
-        if name == "gradual":
+        if name == "scratch":
+            recovered, acc0, loss = dense_model(xtr, ytr, args.epochs, args.width // 2), None, []
+        elif name == "gradual":
             result = prunec.compile(teacher, example, round_to=1, schedule=prunec.Gradual(
                 final=0.5, steps=3, every=args.steps // 3), recover={"data": batches, "lr": args.lr})
             recovered, acc0 = result.model, None
@@ -102,6 +108,12 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(f"{name:8s} params {params} acc {acc0} → {acc1:.4f} (dense {dense_acc:.4f}, gap "
               f"{row['gap_pt']} pt) in {seconds:.0f}s", flush=True)
+    key = ("width", "epochs", "steps", "batch", "lr")
+    if OUT.exists():  # rows of earlier runs with the same settings are kept (run students one at a time)
+        old = json.loads(OUT.read_text())
+        if all(old.get(k) == getattr(args, k) for k in key):
+            done = {r["student"] for r in rows}
+            rows = [r for r in old["rows"] if r["student"] not in done] + rows
     result = {"data": data_name, "dense_acc": dense_acc, "steps": args.steps, "batch": args.batch, "lr": args.lr,
               "train_images": len(xtr), "epochs": args.epochs, "width": args.width, "rows": rows,
               "command": "python " + " ".join(sys.argv)}
