@@ -50,6 +50,17 @@ class Program:
         return [spec.arg.name for spec in self.ep.graph_signature.input_specs
                 if spec.kind == InputKind.USER_INPUT]
 
+    def user_inputs(self) -> list[fx.Node]:
+        """The user-input placeholders, in the order of the pytree leaves of (args, kwargs)."""
+        names = set(self.user_input_names())
+        return [n for n in self.graph.nodes if n.op == "placeholder" and n.name in names]
+
+    def user_outputs(self) -> list[Any]:
+        """What the graph returns for each user output leaf, in pytree order (an fx node, or a constant)."""
+        from torch.export.graph_signature import OutputKind
+        outs = list(next(n for n in self.graph.nodes if n.op == "output").args[0])
+        return [o for o, spec in zip(outs, self.ep.graph_signature.output_specs) if spec.kind == OutputKind.USER_OUTPUT]
+
     def param_fqns(self) -> set[str]:
         return {spec.target for spec in self.ep.graph_signature.input_specs
                 if spec.kind == InputKind.PARAMETER}

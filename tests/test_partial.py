@@ -44,7 +44,14 @@ def test_detector_parts_pruned_and_checked_end_to_end() -> None:
     assert [p["part"] for p in report["parts"]] == ["backbone", "rpn.head", "roi_heads.box_head",
                                                    "roi_heads.box_predictor"]
     assert all(p["synced"] and p["rel_err"] <= 1e-4 for p in report["parts"]), report["parts"]
-    assert "backbone → rpn.head" in report["frozen_boundaries"]
+    # the backbone's features are also read by RoIAlign outside the parts: frozen, with why
+    assert report["frozen_boundaries"] == ["backbone[out 0] → rpn.head[in 0]: read outside the traced parts "
+                                           "by torchvision.roi_align.default"]
+    # the box head's output feeds only the predictor: tied, both drop the same units
+    assert {b["boundary"]: b["tied"] for b in report["boundaries"]}[
+        "roi_heads.box_head[out 0] → roi_heads.box_predictor[in 0]"]
+    fc7, cls = result.model.roi_heads.box_head.fc7, result.model.roi_heads.box_predictor.cls_score
+    assert fc7.out_features == cls.in_features == result.model.roi_heads.box_predictor.bbox_pred.in_features < 64
     assert "GuardOnDataDependentSymNode" in report["whole_model_trace_error"]
     assert report["verify_end_to_end"]["rel_err"] <= 1e-4 and report["verify_end_to_end"]["outputs_equal"]
     assert report["verify_end_to_end"]["parts_in_context_rel_err"] <= 1e-4
