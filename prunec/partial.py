@@ -29,7 +29,7 @@ from torch import nn
 
 from prunec.cost import count_macs, count_params
 from prunec.cut import Cut
-from prunec.errors import PruneError, TraceError
+from prunec.errors import InternalError, PruneError, TraceError
 from prunec.ties import describe, find_boundaries, open_leaves, tie, tied_groups
 from prunec.trace import eval_mode, keep_attributes
 from prunec.verify import compare, reference_module
@@ -165,6 +165,7 @@ def _assemble(model: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any],
     with torch.no_grad(), keep_attributes(pruned), keep_attributes(reference):
         abs_err, rel_err = compare(pruned(*inputs, **kwargs), reference(*inputs, **kwargs))
         macs = {"macs_before": count_macs(model, inputs, kwargs), "macs_after": count_macs(pruned, inputs, kwargs)}
+    _check_ties(boundaries, cuts)  # the in-context check sees each part alone: ties are checked here
     in_context = _parts_in_context(pruned, reference, cuts, inputs, kwargs)
     if rel_err > 1e-4 and in_context > 1e-4:
         raise PruneError(f"end-to-end check failed: pruned parts differ from the zeroed reference by rel. "
@@ -186,6 +187,20 @@ def _assemble(model: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any],
         "module_synced": all(r["synced"] for r in rows),
     }
     return PartsResult(pruned, results, report, inputs, kwargs)
+
+
+def _check_ties(boundaries: list, cuts: dict[str, Cut]) -> None:
+    """Every tied boundary: the producer drops from its output exactly the units each consumer drops from
+    its input (a part left dense drops none)."""
+    def dropped(path: str, side: int, leaf: int) -> dict[int, list[int]]:
+        cut = cuts.get(path)
+        return {} if cut is None else {d: sorted(map(int, idx)) for d, idx in cut.io_dropped[side].get(leaf, [])}
+    for b in boundaries:
+        made = dropped(b.producer, 1, b.out_leaf)
+        for part, leaf in b.consumers:
+            if dropped(part, 0, leaf) != made:
+                raise InternalError(f"tied dims disagree across {b.name}: {b.producer} drops {made} from its "
+                                    f"output, {part} drops {dropped(part, 0, leaf)} from its input")
 
 
 def _parts_in_context(pruned: nn.Module, reference: nn.Module, cuts: dict[str, Cut], inputs: tuple[Any, ...],
