@@ -90,6 +90,9 @@ def bench_detector(name: str) -> dict[str, Any]:
             "parts": [f"{p['part']} ({p['macs_after'] / max(p['macs_before'], 1):.2f}{'' if p['synced'] else ', not synced'})"
                       for p in rep["parts"]],
             "left_dense": rep["left_dense"], "frozen_boundaries": rep["frozen_boundaries"],
+            "tied_boundaries": [b["boundary"] for b in rep["boundaries"] if b["tied"]],
+            "boundaries_tied": f"{sum(b['tied'] for b in rep['boundaries'])}/{len(rep['boundaries'])}",
+            "tied_groups": [f"{t['size']}→{t['kept']}" for t in rep["tied_groups"] if not t["kept_whole"]],
             "end_to_end_rel_err": rep["verify_end_to_end"]["rel_err"],
             "outputs_equal": rep["verify_end_to_end"].get("outputs_equal"),
             "parts_in_context_rel_err": rep["verify_end_to_end"].get("parts_in_context_rel_err"),
@@ -137,7 +140,7 @@ def _common(r: Any) -> dict[str, Any]:
 
 def run_one(name: str) -> dict[str, Any]:
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     if name in YOLO:
         return bench_yolo(name)
     if name in DIFFUSERS:
@@ -165,7 +168,8 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
                                                   "reload_max_abs_diff", "eager_ms_dense", "eager_ms_pruned",
                                                   "speedup", "plain_from_pretrained", "compile_s"]),
         ("torchvision detectors (prune what traces, 320×320)", DETECTORS,
-         ["prunable_share", "macs_ratio", "params_ratio", "parts", "frozen_boundaries", "end_to_end_rel_err",
+         ["prunable_share", "macs_ratio", "params_ratio", "parts", "boundaries_tied", "tied_groups",
+          "frozen_boundaries", "end_to_end_rel_err",
           "outputs_equal", "parts_in_context_rel_err", "vs_dense_rel_err", "detections", "other_size_runs", "synced", "compile_s"]),
     ]
     for title, names, cols in tables:
