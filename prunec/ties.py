@@ -148,7 +148,8 @@ def describe(boundaries: list[Boundary], groups: list[TiedGroup]) -> list[dict[s
         across = [tg for tg in groups if b.name in tg.boundaries]
         pruned = [tg for tg in across if not tg.kept_whole and tg.kept < len(tg.units)]
         why = b.frozen or next((tg.kept_whole for tg in across if tg.kept_whole), "") or (
-            "" if across else "no dim of it is in a prunable group of its parts")
+            "" if across else "no dim of it reaches a prunable group in its parts (tied there to a frozen dim, "
+                              "or no weight reads it)")
         rows.append({"boundary": b.name, "tied": bool(pruned), "why": "" if pruned else why or "nothing dropped"})
     return rows
 
