@@ -197,10 +197,11 @@ def _check_ties(boundaries: list, cuts: dict[str, Cut]) -> None:
         return {} if cut is None else {d: sorted(map(int, idx)) for d, idx in cut.io_dropped[side].get(leaf, [])}
     for b in boundaries:
         made = dropped(b.producer, 1, b.out_leaf)
-        for part, leaf in b.consumers:
-            if dropped(part, 0, leaf) != made:
+        for r in b.consumers:
+            back = {d: dropped(r.part, 0, r.leaf).get(cd) for d, cd in r.dims.items()}
+            if {d: idx for d, idx in back.items() if idx} != made:
                 raise InternalError(f"tied dims disagree across {b.name}: {b.producer} drops {made} from its "
-                                    f"output, {part} drops {dropped(part, 0, leaf)} from its input")
+                                    f"output, {r.part} drops {dropped(r.part, 0, r.leaf)} from its input")
 
 
 def _parts_in_context(pruned: nn.Module, reference: nn.Module, cuts: dict[str, Cut], inputs: tuple[Any, ...],

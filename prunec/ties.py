@@ -14,7 +14,7 @@ an approximate or head group, no score).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import networkx as nx
 import numpy as np
@@ -33,61 +33,121 @@ TIEABLE = ("channel", "mlp")
 
 
 @dataclass
+class Reader:
+    """A part that reads a boundary tensor at input leaf ``leaf``: boundary dim → its input's dim, directly
+    or through channel-wise glue ``via`` (RoIAlign)."""
+
+    part: str
+    leaf: int
+    dims: dict[int, int]
+    via: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.part}[in {self.leaf}]" + (f" (via {self.via})" if self.via else "")
+
+
+@dataclass
 class Boundary:
-    """One tensor part ``producer`` returns (output leaf ``out_leaf``) that ``consumers`` read (part, input leaf)."""
+    """One tensor part ``producer`` returns (output leaf ``out_leaf``, ``ndim`` dims) that other parts read."""
 
     producer: str
     out_leaf: int
-    consumers: list[tuple[str, int]] = field(default_factory=list)
+    ndim: int
+    consumers: list[Reader] = field(default_factory=list)
     frozen: str = ""           # why its dims keep their width ("" when they may be tied)
 
     @property
     def name(self) -> str:
-        reads = ", ".join(f"{p}[in {i}]" for p, i in self.consumers)
-        return f"{self.producer}[out {self.out_leaf}] → {reads}"
+        return f"{self.producer}[out {self.out_leaf}] → {', '.join(map(str, self.consumers))}"
+
+
+def _roi_align(args: tuple, kwargs: dict, out: Any) -> list[tuple[Any, dict[int, int], Any]]:
+    """out[k, c] pools input[b_k, c]: the channel dim passes through."""
+    return [(args[0], {1: 1}, out)]
+
+
+def _index_put(args: tuple, kwargs: dict, out: Any) -> list[tuple[Any, dict[int, int], Any]]:
+    """self[idx] = values with one index on dim 0: values' other dims are self's."""
+    self, indices, values = args[0], args[1], args[2]
+    if len(indices) != 1 or values.dim() != self.dim() or values.shape[1:] != self.shape[1:]:
+        return []
+    return [(values, {d: d for d in range(1, values.dim())}, out), (self, {d: d for d in range(self.dim())}, out)]
+
+
+def _same(args: tuple, kwargs: dict, out: Any) -> list[tuple[Any, dict[int, int], Any]]:
+    return [(args[0], {d: d for d in range(args[0].dim())}, out)]
+
+
+# glue ops that carry dims of a tensor they read into their output, element for element, at any size
+# (the untraced code between the FPN and the RoI heads: MultiScaleRoIAlign)
+PASS_THROUGH: dict[str, Callable[[tuple, dict, Any], list[tuple[Any, dict[int, int], Any]]]] = {
+    "torchvision.roi_align.default": _roi_align,
+    "aten.index_put_.default": _index_put, "aten.index_put.default": _index_put,
+    "aten._to_copy.default": _same,
+}
 
 
 class _Watch(TorchDispatchMode):
-    """Records, while the model runs, the first op outside the parts that reads each watched tensor."""
+    """While the model runs: where each boundary tensor's dims went through pass-through glue, and the
+    first other op outside the parts that reads it (or what came from it)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.depth = 0                    # > 0 while a part's forward runs
-        self.watched: set[int] = set()
-        self.reads: dict[int, str] = {}
+        self.origin: dict[int, list[tuple[int, dict[int, int], str]]] = {}   # id → [(boundary id, dims, via)]
+        self.reads: dict[int, str] = {}   # boundary id → the op that read it (or a tensor made from it)
+        self.keep: list[Any] = []         # tensors stay alive, so their ids stay unique
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        if self.depth == 0:
-            for t in pytree.tree_leaves((args, kwargs)):
-                if isinstance(t, torch.Tensor) and id(t) in self.watched:
-                    self.reads.setdefault(id(t), str(func))
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if self.depth:
+            return out
+        read = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and id(t) in self.origin]
+        if not read:
+            return out
+        passing = PASS_THROUGH.get(str(func))
+        carried = passing(args, kwargs or {}, out) if passing else []
+        for t in read:
+            if id(t) not in {id(c[0]) for c in carried}:
+                for o, _, _ in self.origin[id(t)]:
+                    self.reads.setdefault(o, str(func))
+        for t_in, dims, t_out in carried:
+            if id(t_in) not in self.origin or t_out is t_in:
+                continue
+            name = str(func).split(".")[1]
+            self.origin.setdefault(id(t_out), []).extend(
+                (o, {bd: dims[d] for bd, d in od.items() if d in dims}, f"{via} → {name}" if via else name)
+                for o, od, via in list(self.origin[id(t_in)]))
+            self.keep.append(t_out)
+        return out
 
 
 def find_boundaries(model: nn.Module, parts: list[str], inputs: tuple[Any, ...],
                     kwargs: dict[str, Any]) -> list[Boundary]:
-    """Run ``model`` once with hooks on the parts: every tensor a part returns that another part reads,
-    frozen (with why) when glue outside the parts reads it, the model returns it, or a part runs twice."""
-    watch, keep = _Watch(), []          # keep: the tensors stay alive, so their ids stay unique
-    made: dict[int, tuple[str, int]] = {}
-    read: dict[int, list[tuple[str, int]]] = {}
+    """Run ``model`` once with hooks on the parts: every tensor a part returns that another part reads
+    (directly or through pass-through glue), frozen (with why) when other glue outside the parts reads it,
+    the model returns it, or a part runs twice."""
+    watch = _Watch()
+    made: dict[int, tuple[str, int, int]] = {}
+    read: dict[int, list[Reader]] = {}
     calls = dict.fromkeys(parts, 0)
     handles = []
     for path in parts:
         def pre(m: nn.Module, args: tuple, kw: dict, path: str = path) -> None:
             calls[path] += 1
             for i, t in enumerate(pytree.tree_leaves((args, kw))):
-                if isinstance(t, torch.Tensor) and id(t) in made:
-                    read.setdefault(id(t), []).append((path, i))
+                if isinstance(t, torch.Tensor):
+                    for o, dims, via in watch.origin.get(id(t), ()):
+                        read.setdefault(o, []).append(Reader(path, i, dims, via))
             watch.depth += 1
 
         def post(m: nn.Module, args: tuple, kw: dict, out: Any, path: str = path) -> None:
             watch.depth -= 1
-            keep.append(out)
+            watch.keep.append(out)
             for i, t in enumerate(pytree.tree_leaves(out)):
-                if isinstance(t, torch.Tensor):
-                    made.setdefault(id(t), (path, i))
-                    watch.watched.add(id(t))
+                if isinstance(t, torch.Tensor) and id(t) not in made:
+                    made[id(t)] = (path, i, t.dim())
+                    watch.origin.setdefault(id(t), []).append((id(t), {d: d for d in range(t.dim())}, ""))
         mod = model.get_submodule(path)
         handles += [mod.register_forward_pre_hook(pre, with_kwargs=True),
                     mod.register_forward_hook(post, with_kwargs=True)]
@@ -97,14 +157,15 @@ def find_boundaries(model: nn.Module, parts: list[str], inputs: tuple[Any, ...],
     finally:
         for h in handles:
             h.remove()
-    returned = {id(t) for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)}
+    returned = {o for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)
+                for o, _, _ in watch.origin.get(id(t), ())}
     found = []
     for tid, consumers in read.items():
-        producer, leaf = made[tid]
-        b = Boundary(producer, leaf, [c for c in consumers if c[0] != producer])
+        producer, leaf, ndim = made[tid]
+        b = Boundary(producer, leaf, ndim, [c for c in consumers if c.part != producer])
         if not b.consumers:
             continue
-        twice = [p for p in (producer, *(c[0] for c in b.consumers)) if calls[p] > 1]
+        twice = [p for p in (producer, *(c.part for c in b.consumers)) if calls[p] > 1]
         b.frozen = (f"read outside the traced parts by {watch.reads[tid]}" if tid in watch.reads else
                     "returned by the model" if tid in returned else
                     f"{twice[0]} runs {calls[twice[0]]} times (tied dims follow one call)" if twice else "")
@@ -112,16 +173,16 @@ def find_boundaries(model: nn.Module, parts: list[str], inputs: tuple[Any, ...],
     return found
 
 
-def open_leaves(boundaries: list[Boundary]) -> dict[str, tuple[frozenset[int], frozenset[int]]]:
-    """Part → (input leaves, output leaves) whose dims stay open in its coupling."""
-    ins: dict[str, set[int]] = {}
-    outs: dict[str, set[int]] = {}
+def open_leaves(boundaries: list[Boundary]) -> dict[str, tuple[frozenset[tuple[int, int]], frozenset[tuple[int, int]]]]:
+    """Part → ((input leaf, dim), …), ((output leaf, dim), …) that stay open in its coupling."""
+    ins: dict[str, set[tuple[int, int]]] = {}
+    outs: dict[str, set[tuple[int, int]]] = {}
     for b in boundaries:
         if b.frozen:
             continue
-        outs.setdefault(b.producer, set()).add(b.out_leaf)
-        for part, leaf in b.consumers:
-            ins.setdefault(part, set()).add(leaf)
+        outs.setdefault(b.producer, set()).update((b.out_leaf, d) for d in range(b.ndim))
+        for r in b.consumers:
+            ins.setdefault(r.part, set()).update((r.leaf, d) for d in r.dims.values())
     return {p: (frozenset(ins.get(p, ())), frozenset(outs.get(p, ()))) for p in {*ins, *outs}}
 
 
@@ -162,10 +223,14 @@ def tied_groups(couplings: dict[str, Coupling], boundaries: list[Boundary],
     for b in boundaries:
         if b.frozen:
             continue
-        sides = [(b.producer, couplings[b.producer].program.user_outputs()[b.out_leaf])]
-        sides += [(p, couplings[p].program.user_inputs()[leaf]) for p, leaf in b.consumers]
-        for d in range(len(shape_of(sides[0][1]) or ())):
-            units = [(p, _units_along(couplings[p], *where[p], node, d)) for p, node in sides]
+        made = couplings[b.producer].program.user_outputs()[b.out_leaf]
+        readers = [(r.part, couplings[r.part].program.user_inputs()[r.leaf], r.dims) for r in b.consumers]
+        for d in range(len(shape_of(made) or ())):
+            units = [(b.producer, _units_along(couplings[b.producer], *where[b.producer], made, d))]
+            n = len(units[0][1])
+            units += [(p, _units_along(couplings[p], *where[p], node, dims[d])
+                       if d in dims and (shape_of(node) or ())[dims[d]] == n else [None] * n)
+                      for p, node, dims in readers]
             for i in range(len(units[0][1])):
                 at = [(p, u[i]) for p, u in units]
                 hit = [(p, *u) for p, u in at if u is not None]
@@ -256,7 +321,8 @@ def tie(plans: dict[str, Plan], couplings: dict[str, Coupling], scores: dict[str
             continue
         kinds = {couplings[p].group(g).kind for p, g in tg.members}
         ratio = ratios.get("channel" if "channel" in kinds else "mlp") or 0.0
-        unit1 = all(next(iter(couplings[p].group(g).members.values())).shape[1] == 1 for p, g in tg.members)
+        # round the channel count when some member counts channels (not flattened blocks of them)
+        unit1 = any(next(iter(couplings[p].group(g).members.values())).shape[1] == 1 for p, g in tg.members)
         n = len(tg.units)
         total = sum(scores[p][g][tg.units[:, m]] for m, (p, g) in enumerate(tg.members))
         keep = keep_count(n, ratio, round_to if unit1 else 1) if ratio else n

@@ -44,12 +44,15 @@ def test_detector_parts_pruned_and_checked_end_to_end() -> None:
     assert [p["part"] for p in report["parts"]] == ["backbone", "rpn.head", "roi_heads.box_head",
                                                    "roi_heads.box_predictor"]
     assert all(p["synced"] and p["rel_err"] <= 1e-4 for p in report["parts"]), report["parts"]
-    # the backbone's features are also read by RoIAlign outside the parts: frozen, with why
-    assert report["frozen_boundaries"] == ["backbone[out 0] → rpn.head[in 0]: read outside the traced parts "
-                                           "by torchvision.roi_align.default"]
-    # the box head's output feeds only the predictor: tied, both drop the same units
-    assert {b["boundary"]: b["tied"] for b in report["boundaries"]}[
+    # the backbone's features feed the RPN head directly and the box head through RoIAlign (channel-wise,
+    # untraced glue): tied across the three parts; the box head's output feeds only the predictor: tied
+    assert report["frozen_boundaries"] == []
+    assert sorted(b["boundary"] for b in report["boundaries"] if b["tied"]) == [
+        "backbone[out 0] → rpn.head[in 0], roi_heads.box_head[in 0] (via roi_align)",
         "roi_heads.box_head[out 0] → roi_heads.box_predictor[in 0]"]
+    kept = result.model.backbone[6].out_channels
+    assert kept == result.model.rpn.head.conv[0][0].in_channels < 32
+    assert result.model.roi_heads.box_head.fc6.in_features == kept * 7 * 7
     fc7, cls = result.model.roi_heads.box_head.fc7, result.model.roi_heads.box_predictor.cls_score
     assert fc7.out_features == cls.in_features == result.model.roi_heads.box_predictor.bbox_pred.in_features < 64
     assert "GuardOnDataDependentSymNode" in report["whole_model_trace_error"]
