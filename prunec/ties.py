@@ -67,11 +67,23 @@ def _roi_align(args: tuple, kwargs: dict, out: Any) -> list[tuple[Any, dict[int,
 
 
 def _index_put(args: tuple, kwargs: dict, out: Any) -> list[tuple[Any, dict[int, int], Any]]:
-    """self[idx] = values with one index on dim 0: values' other dims are self's."""
+    """self[idx] = values with one 1-D index on dim 0: values broadcast right-aligned onto self's other dims."""
     self, indices, values = args[0], args[1], args[2]
-    if len(indices) != 1 or values.dim() != self.dim() or values.shape[1:] != self.shape[1:]:
+    off = self.dim() - values.dim()
+    if (len(indices) != 1 or indices[0] is None or indices[0].dim() != 1 or off < 0
+            or any(values.shape[j] != self.shape[j + off] for j in range(values.dim()) if j + off >= 1)):
         return []
-    return [(values, {d: d for d in range(1, values.dim())}, out), (self, {d: d for d in range(self.dim())}, out)]
+    return [(values, {j: j + off for j in range(values.dim()) if j + off >= 1}, out),
+            (self, {d: d for d in range(self.dim())}, out)]
+
+
+def _drop_leading_ones(args: tuple, kwargs: dict, out: Any) -> list[tuple[Any, dict[int, int], Any]]:
+    """A view that only strips leading size-1 dims (what ``t[idx] = v`` does to ``v``)."""
+    x = args[0]
+    off = x.dim() - out.dim()
+    if off < 0 or any(s != 1 for s in x.shape[:off]) or tuple(x.shape[off:]) != tuple(out.shape):
+        return []
+    return [(x, {d: d - off for d in range(off, x.dim())}, out)]
 
 
 def _same(args: tuple, kwargs: dict, out: Any) -> list[tuple[Any, dict[int, int], Any]]:
@@ -84,6 +96,7 @@ PASS_THROUGH: dict[str, Callable[[tuple, dict, Any], list[tuple[Any, dict[int, i
     "torchvision.roi_align.default": _roi_align,
     "aten.index_put_.default": _index_put, "aten.index_put.default": _index_put,
     "aten._to_copy.default": _same,
+    "aten.view.default": _drop_leading_ones, "aten._unsafe_view.default": _drop_leading_ones,
 }
 
 

@@ -192,3 +192,45 @@ def test_tied_units_that_disagree_are_caught(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(partial, "tie", shifted)
     with pytest.raises(prunec.errors.InternalError, match="tied dims disagree across neck"):
         prunec.compile(_tiny_detector(), (torch.rand(1, 3, 32, 32),), channels=0.5, round_to=1)
+
+
+class _RoiDetector(_TinyDetector):
+    """Adds a RoI head fed by untraced multi-level RoIAlign glue (as torchvision's MultiScaleRoIAlign)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.roi = nn.Sequential(nn.Flatten(), nn.Linear(24 * 2 * 2, 8))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        from torchvision.ops import roi_align
+        f = self.neck(x)
+        scores = torch.cat([s.flatten(1) for s in self.cls([f["p2"], f["p3"]])], 1)
+        boxes = self.box([f["p4"]])[0].flatten(2)
+        rois = torch.tensor([[0, 0, 0, 8, 8], [0, 4, 4, 16, 16], [0, 2, 2, 6, 10]], dtype=x.dtype)
+        levels = (scores.new_tensor([0.0, 1.0, 0.0]) + scores[0, :3].sign().abs() * 0).long()
+        pooled = torch.zeros(3, f["p2"].shape[1], 2, 2)
+        for level, (feat, scale) in enumerate(((f["p2"], 0.5), (f["p3"], 0.25))):
+            idx = torch.where(levels == level)[0]
+            pooled[idx] = roi_align(feat, rois[idx], (2, 2), scale)
+        k = 5 if bool((scores > 0).any()) else 3
+        top, idx = scores.topk(k, dim=1)
+        return top, boxes[:, :, idx[0] % boxes.shape[2]], self.roi(pooled)
+
+
+def test_boundary_tied_through_roi_align_glue() -> None:
+    torch.manual_seed(0)
+    model = _RoiDetector()
+    for p in model.parameters():
+        nn.init.normal_(p, 0, 0.2)
+    model, x = model.eval(), torch.rand(1, 3, 32, 32)
+    result = prunec.compile(model, (x,), channels=0.5, round_to=1)
+    report = result.report
+    assert report["frozen_boundaries"] == []
+    names = sorted(b["boundary"] for b in report["boundaries"])
+    assert names[0] == "neck[out 0] → cls[in 0], roi[in 0] (via roi_align → index_put_)", names
+    assert names[1] == "neck[out 1] → cls[in 1], roi[in 0] (via roi_align → view → index_put_)", names
+    assert all(b["tied"] for b in report["boundaries"])
+    neck, roi = result.model.neck, result.model.roi
+    assert neck.out2.out_channels == neck.out3.out_channels == 12 and roi[1].in_features == 12 * 2 * 2
+    e2e = report["verify_end_to_end"]
+    assert e2e["outputs_equal"] and e2e["parts_in_context_rel_err"] <= 1e-4
