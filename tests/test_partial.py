@@ -234,3 +234,26 @@ def test_boundary_tied_through_roi_align_glue() -> None:
     assert neck.out2.out_channels == neck.out3.out_channels == 12 and roi[1].in_features == 12 * 2 * 2
     e2e = report["verify_end_to_end"]
     assert e2e["outputs_equal"] and e2e["parts_in_context_rel_err"] <= 1e-4
+
+
+def test_tied_group_kept_whole_when_a_part_does_not_sync(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A part that can't be the user's class stays dense: the tied groups it holds are kept whole everywhere."""
+    import prunec.compiler as compiler
+    real = compiler._sync
+
+    def no_box(model: nn.Module, state: dict, program: nn.Module, *args: object, **kwargs: object) -> tuple:
+        if isinstance(model, _SharedHead) and model.pred.out_channels == 4:  # the box head
+            return program, False, "user module not synced: (test)"
+        return real(model, state, program, *args, **kwargs)
+    monkeypatch.setattr(compiler, "_sync", no_box)
+    model, x = _tiny_detector(), torch.rand(1, 3, 32, 32)
+    result = prunec.compile(model, (x,), channels=0.5, round_to=1)
+    rows = {b["boundary"]: b for b in result.report["boundaries"]}
+    assert not rows["neck[out 2] → box[in 0]"]["tied"]
+    assert rows["neck[out 2] → box[in 0]"]["why"] == "a part can't follow: user module not synced: (test)"
+    assert rows["neck[out 0] → cls[in 0]"]["tied"]
+    neck = result.model.neck
+    assert neck.p4.out_channels == 24  # kept whole in the producer too
+    assert isinstance(result.model.box, _SharedHead) and result.model.box.tower.out_channels == 24  # left dense
+    assert neck.out2.out_channels == result.model.cls.tower.in_channels == 12
+    assert result.report["verify_end_to_end"]["outputs_equal"]
