@@ -111,10 +111,10 @@ class _SharedHead(nn.Module):
 class _TinyDetector(nn.Module):
     """Neck → a shared score head on p2, p3 and a box head on p4, then data-dependent top-k (no export)."""
 
-    def __init__(self, glue_reads_p2: bool = False) -> None:
+    def __init__(self, glue_reads_p2: bool = False, data_sized: bool = False) -> None:
         super().__init__()
         self.neck, self.cls, self.box = _Neck(), _SharedHead(3), _SharedHead(4)
-        self.glue_reads_p2 = glue_reads_p2
+        self.glue_reads_p2, self.data_sized = glue_reads_p2, data_sized
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.neck(x)
@@ -122,14 +122,17 @@ class _TinyDetector(nn.Module):
         if self.glue_reads_p2:  # untraced code reads the FPN level itself
             scores = scores + f["p2"].amax(1).mean()
         boxes = self.box([f["p4"]])[0].flatten(2)
-        k = 5 if bool((scores > 0).any()) else 3  # data-dependent branch: the whole model does not export
+        if self.data_sized:  # exports, but the top-k's size is read from the data
+            k = max(1, min(5, int((scores > 0).sum())))
+        else:
+            k = 5 if bool((scores > 0).any()) else 3  # data-dependent branch: the whole model does not export
         top, idx = scores.topk(k, dim=1)
         return top, boxes[:, :, idx[0] % boxes.shape[2]]
 
 
-def _tiny_detector(glue_reads_p2: bool = False) -> nn.Module:
+def _tiny_detector(glue_reads_p2: bool = False, data_sized: bool = False) -> nn.Module:
     torch.manual_seed(0)
-    model = _TinyDetector(glue_reads_p2)
+    model = _TinyDetector(glue_reads_p2, data_sized)
     for p in model.parameters():
         nn.init.normal_(p, 0, 0.2)
     return model.eval()
@@ -257,3 +260,11 @@ def test_tied_group_kept_whole_when_a_part_does_not_sync(monkeypatch: pytest.Mon
     assert isinstance(result.model.box, _SharedHead) and result.model.box.tower.out_channels == 24  # left dense
     assert neck.out2.out_channels == result.model.cls.tower.in_channels == 12
     assert result.report["verify_end_to_end"]["outputs_equal"]
+
+
+def test_data_dependent_sizes_fall_back_to_parts() -> None:
+    """A model that exports only with a data-dependent size (top-k by a count) is pruned part by part."""
+    result = prunec.compile(_tiny_detector(data_sized=True), (torch.rand(1, 3, 32, 32),), channels=0.5, round_to=1)
+    assert isinstance(result, PartsResult)
+    assert "only with data-dependent tensor sizes (topk in <top>)" in result.report["whole_model_trace_error"]
+    assert result.model.neck.out2.out_channels == 12 and result.report["verify_end_to_end"]["outputs_equal"]
