@@ -34,9 +34,6 @@ from prunec.ties import describe, find_boundaries, open_leaves, tie, tied_groups
 from prunec.trace import eval_mode, keep_attributes
 from prunec.verify import compare, reference_module
 
-MAX_ROUNDS = 4  # finish rounds: each can only keep more tied groups whole
-
-
 class PartStages(NamedTuple):
     """The compiler stages a part goes through, handed in by ``prunec.compile``."""
 
@@ -131,7 +128,7 @@ def compile_parts(model: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, A
     groups = tied_groups(couplings, boundaries, scores)
     ratios = {"channel": options.get("channels", 0.0), "mlp": options.get("mlp") or options.get("channels", 0.0)}
     results: dict[str, Any] = {}
-    for _ in range(MAX_ROUNDS):
+    for _ in range(len(groups) + 1):  # each round that finds a stuck part keeps one more tied group whole
         plans = tie({p: s.plan for p, s in states.items()}, couplings, scores, groups, ratios,
                     options.get("round_to", 8))
         for p, s in states.items():
