@@ -96,6 +96,7 @@ def bench_detector(name: str) -> dict[str, Any]:
             "end_to_end_rel_err": rep["verify_end_to_end"]["rel_err"],
             "outputs_equal": rep["verify_end_to_end"].get("outputs_equal"),
             "parts_in_context_rel_err": rep["verify_end_to_end"].get("parts_in_context_rel_err"),
+            "end_to_end_float64_rel_err": rep["verify_end_to_end"].get("float64_rel_err"),
             "vs_dense_rel_err": dense_rel,
             "detections": len(pruned_out[0]["boxes"]), "other_size_runs": bool(len(other)),
             "synced": rep["module_synced"]}
@@ -170,7 +171,7 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
         ("torchvision detectors (prune what traces, 320×320)", DETECTORS,
          ["prunable_share", "macs_ratio", "params_ratio", "parts", "boundaries_tied", "tied_groups",
           "frozen_boundaries", "end_to_end_rel_err",
-          "outputs_equal", "parts_in_context_rel_err", "vs_dense_rel_err", "detections", "other_size_runs", "synced", "compile_s"]),
+          "outputs_equal", "end_to_end_float64_rel_err", "parts_in_context_rel_err", "vs_dense_rel_err", "detections", "other_size_runs", "synced", "compile_s"]),
     ]
     for title, names, cols in tables:
         out += [f"### {title}", "", "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
