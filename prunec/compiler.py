@@ -232,11 +232,12 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
     return result
 
 
-def plan_part(model: nn.Module, program: Program, open_inputs: frozenset[int], open_outputs: frozenset[int], *,
+def plan_part(model: nn.Module, program: Program, open_inputs: frozenset[tuple[int, int]],
+              open_outputs: frozenset[tuple[int, int]], *,
               channels: float = 0.0, mlp: float = 0.0, heads: float = 0.0, hidden: float = 0.0, layers: float = 0.0,
               method: str = "l1", round_to: int = 8, global_rank: bool = False, calib: Iterable[Any] | None = None,
               layer_method: str = "angular", check: bool = True) -> State:
-    """Analyze one traced part (its open input/output leaves tied to other parts, see prunec.ties) and run
+    """Analyze one traced part (its open (leaf, dim) inputs/outputs tied to other parts, see prunec.ties) and run
     the default passes: the State with its scores and plan, before the rewrite."""
     coupling = build_coupling(program, open_inputs, open_outputs)
     keep_whole(model, coupling)

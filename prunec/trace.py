@@ -11,7 +11,7 @@ from typing import Any, Iterator
 import torch
 from torch import fx
 from torch.export import ExportedProgram
-from torch.export.graph_signature import InputKind
+from torch.export.graph_signature import InputKind, OutputKind
 
 from prunec.errors import TraceError
 
@@ -58,7 +58,6 @@ class Program:
 
     def user_outputs(self) -> list[Any]:
         """What the graph returns for each user output leaf, in pytree order (an fx node, or a constant)."""
-        from torch.export.graph_signature import OutputKind
         outs = list(next(n for n in self.graph.nodes if n.op == "output").args[0])
         return [o for o, spec in zip(outs, self.ep.graph_signature.output_specs) if spec.kind == OutputKind.USER_OUTPUT]
 
