@@ -120,7 +120,10 @@ def compile_parts(model: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, A
     programs, left = find_parts(model, calls, lambda part, path: stages.trace(part, calls[path][0], calls[path][1]))
     if not programs:
         raise whole_error
-    boundaries = find_boundaries(model, list(programs), inputs, kwargs)
+    try:
+        boundaries, untied = find_boundaries(model, list(programs), inputs, kwargs), ""
+    except Exception as err:  # noqa: BLE001 - a model that can't run under the watch keeps every part's dims
+        boundaries, untied = [], f"crossing dims not analyzed, all kept: {type(err).__name__}: {str(err)[:200]}"
     opened = open_leaves(boundaries)
     none = (frozenset(), frozenset())
     states = {p: stages.plan(model.get_submodule(p), prog, *opened.get(p, none), check=check, **options)
@@ -142,7 +145,9 @@ def compile_parts(model: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, A
             break
         for tg, result in stuck:
             tg.kept_whole = f"a part can't follow: {result.report['module_note']}"
-    return _assemble(model, inputs, kwargs, results, left, boundaries, groups, whole_error.message)
+    parts = _assemble(model, inputs, kwargs, results, left, boundaries, groups, whole_error.message)
+    parts.report["boundaries_note"] = untied
+    return parts
 
 
 def _assemble(model: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any], results: dict[str, Any],

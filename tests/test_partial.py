@@ -268,3 +268,18 @@ def test_data_dependent_sizes_fall_back_to_parts() -> None:
     assert isinstance(result, PartsResult)
     assert "only with data-dependent tensor sizes (topk in <top>)" in result.report["whole_model_trace_error"]
     assert result.model.neck.out2.out_channels == 12 and result.report["verify_end_to_end"]["outputs_equal"]
+
+
+def test_parts_pruned_with_closed_boundaries_when_the_watch_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    import prunec.partial as partial
+
+    def broken(*args: object) -> list:
+        raise RuntimeError("no dispatch mode here")
+    monkeypatch.setattr(partial, "find_boundaries", broken)
+    result = prunec.compile(_tiny_detector(), (torch.rand(1, 3, 32, 32),), channels=0.5, round_to=1)
+    assert result.report["boundaries_note"] == ("crossing dims not analyzed, all kept: RuntimeError: "
+                                                "no dispatch mode here")
+    assert result.report["boundaries"] == [] and result.report["tied_groups"] == []
+    neck = result.model.neck
+    assert neck.out2.out_channels == neck.p4.out_channels == 24 and neck.lat2.out_channels == 12
+    assert result.report["verify_end_to_end"]["outputs_equal"]
