@@ -194,10 +194,10 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
     except TraceError as err:
         if not parts or plan is not None or passes is not None:
             raise
-        from prunec.partial import compile_parts  # prune what traces
-        return compile_parts(model, inputs, kwargs, compile, err, channels=channels, mlp=mlp,
-                             heads=heads, hidden=hidden, layers=layers, method=method, round_to=round_to,
-                             global_rank=global_rank, calib=calib, check=check, progress=progress,
+        from prunec.partial import PartStages, compile_parts  # prune what traces
+        return compile_parts(model, inputs, kwargs, PartStages(trace, plan_part, finish_part), err,
+                             channels=channels, mlp=mlp, heads=heads, hidden=hidden, layers=layers, method=method,
+                             round_to=round_to, global_rank=global_rank, calib=calib, check=check,
                              layer_method=layer_method)
     with timer.stage("analyze"):
         coupling = build_coupling(program, gqa_query=gqa == "query")
@@ -238,6 +238,31 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
             make_dynamic(result, model, dynamic_shapes)
         result.report["time_s"] = {**timer.times, "total": round(sum(timer.times.values()), 4)}
     result.prerefit = {}
+    return result
+
+
+def plan_part(model: nn.Module, program: Program, open_inputs: frozenset[tuple[int, int]],
+              open_outputs: frozenset[tuple[int, int]], *,
+              channels: float = 0.0, mlp: float = 0.0, heads: float = 0.0, hidden: float = 0.0, layers: float = 0.0,
+              method: str = "l1", round_to: int = 8, global_rank: bool = False, calib: Iterable[Any] | None = None,
+              layer_method: str = "angular", check: bool = True) -> State:
+    """Analyze one traced part (its open (leaf, dim) inputs/outputs tied to other parts, see prunec.ties) and run
+    the default passes: the State with its scores and plan, before the rewrite."""
+    coupling = build_coupling(program, open_inputs=open_inputs, open_outputs=open_outputs)
+    keep_whole(model, coupling)
+    ratios = {"channel": channels, "mlp": mlp or channels, "head": heads, "hidden": hidden}
+    pipeline = _default_pipeline(method, ratios, round_to, global_rank, layers, layer_method,
+                                 hf_heads=hasattr(getattr(model, "config", None), "num_attention_heads"))
+    return run_passes(pipeline, State(model, program, coupling, calib=calib, kinds={k for k, v in ratios.items() if v},
+                                      services=services(coupling, model)))
+
+
+def finish_part(state: State, plan: Plan, check: bool = True) -> CompileResult:
+    """Rewrite, sync, verify and cost one part with ``plan`` (its tied groups chosen across parts)."""
+    notes = [*state.notes, *(["refit not applied: parts are pruned without it"] if state.updates else [])]
+    result = finish_compile(state.model, state.program, state.coupling, plan, _Timer(None), notes, check,
+                            calib=state.calib)
+    result.report["passes"] = state.results
     return result
 
 
@@ -332,8 +357,9 @@ def _finish(model: nn.Module, program: Program, coupling: Coupling, plan: Plan, 
     with timer.stage("rewrite"):
         cut = Cut.of(coupling, plan)
         pruned_program, state, _ = rewrite(cut, share=share, private=updates)
+    cut_inputs, cut_kwargs = cut.shrink_inputs(inputs, kwargs)  # a part's inputs tied to another's (prunec.ties)
     with timer.stage("sync"):
-        pruned, synced, sync_note = _sync(model, state, pruned_program, inputs, kwargs, cut.blocks)
+        pruned, synced, sync_note = _sync(model, state, pruned_program, cut_inputs, cut_kwargs, cut.blocks)
     verify_result = None
     if check:
         with timer.stage("verify"):
@@ -364,7 +390,7 @@ def _finish(model: nn.Module, program: Program, coupling: Coupling, plan: Plan, 
         report = {
             "params_before": count_params(model), "params_after": count_params(pruned),
             "macs_before": count_macs(original_program(coupling), inputs, kwargs),
-            "macs_after": count_macs(pruned_program, inputs, kwargs),
+            "macs_after": count_macs(pruned_program, cut_inputs, cut_kwargs),
         }
     report.update({
         "verify": verify_result.to_json() if verify_result else None,

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import torch
+import torch.utils._pytree as pytree
 from torch import fx
 
 from prunec.coupling import Coupling, Key, shape_of
@@ -109,6 +110,35 @@ class Cut:
             return np.asarray(index, dtype=np.int64)
         return np.asarray(index, dtype=np.int64) - np.searchsorted(gone, index)
 
+    # -- a part's own inputs and outputs (prunec.ties: dims tied across parts) --
+    @cached_property
+    def io_dropped(self) -> tuple[dict[int, list[tuple[int, np.ndarray]]], dict[int, list[tuple[int, np.ndarray]]]]:
+        """Removed indices of the user inputs and outputs, by pytree leaf: ({leaf: [(dim, idx)]}, same for
+        outputs). Empty unless the coupling was built with open inputs/outputs."""
+        def at(nodes: list[Any]) -> dict[int, list[tuple[int, np.ndarray]]]:
+            out: dict[int, list[tuple[int, np.ndarray]]] = {}
+            for i, node in enumerate(nodes):
+                cuts = [(d, self.dropped[(node, d)]) for d in range(len(shape_of(node) or ()))
+                        if len(self.dropped.get((node, d), ()))]
+                if cuts:
+                    out[i] = cuts
+            return out
+        program = self.coupling.program
+        return at(program.user_inputs()), at(program.user_outputs())
+
+    def shrink_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The example-shaped (args, kwargs) as the pruned program takes them: removed input units cut out."""
+        return _edit_leaves((tuple(args), dict(kwargs)), self.io_dropped[0], _cut)
+
+    def widen_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Pruned-shaped (args, kwargs) back in the original shape, zeros where units were removed (the
+        reference zeroes their consumers, so any value would do)."""
+        return _edit_leaves((tuple(args), dict(kwargs)), self.io_dropped[0], _uncut)
+
+    def shrink_outputs(self, outputs: Any) -> Any:
+        """The original program's outputs with the units the cut removes from them cut out."""
+        return _edit_leaves(outputs, self.io_dropped[1], _cut)
+
     # -- layers -------------------------------------------------------------
     def blocks(self) -> list[str]:
         """Module paths of residual blocks whose every branch the cut drops."""
@@ -131,3 +161,28 @@ def _branches(coupling: Coupling, plan: Plan) -> list[Branch]:
         return []
     program = coupling.program
     return resolve(find_branches(program.graph, set(program.placeholder_fqns())), list(names))
+
+
+def _edit_leaves(tree: Any, where: dict[int, list[tuple[int, np.ndarray]]],
+                 edit: Any) -> Any:
+    """``tree`` with ``edit(tensor, dim, removed)`` applied to the leaves (by pytree position) in ``where``."""
+    if not where:
+        return tree
+    leaves, spec = pytree.tree_flatten(tree)
+    for i, cuts in where.items():
+        for dim, removed in sorted(cuts, key=lambda c: c[0]):
+            leaves[i] = edit(leaves[i], dim, removed)
+    return pytree.tree_unflatten(leaves, spec)
+
+
+def _cut(t: torch.Tensor, dim: int, removed: np.ndarray) -> torch.Tensor:
+    keep = np.setdiff1d(np.arange(t.shape[dim]), removed)
+    return t.index_select(dim, torch.as_tensor(keep, dtype=torch.long))
+
+
+def _uncut(t: torch.Tensor, dim: int, removed: np.ndarray) -> torch.Tensor:
+    size = t.shape[dim] + len(removed)
+    keep = np.setdiff1d(np.arange(size), removed)
+    shape = list(t.shape)
+    shape[dim] = size
+    return t.new_zeros(shape).index_copy_(dim, torch.as_tensor(keep, dtype=torch.long), t)

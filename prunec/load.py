@@ -2,6 +2,8 @@
 module (--trust-pickle), or a zoo/hf name. State dicts, safetensors and ONNX get a one-line reason."""
 from __future__ import annotations
 
+import inspect
+
 import logging
 import pickle
 import warnings
@@ -47,7 +49,10 @@ def _zoo(spec: str, shape: tuple[int, ...] | None) -> Loaded:
     if source == "torchvision":
         import torchvision
         try:
-            model = torchvision.models.get_model(name, weights=None)
+            builder = torchvision.models.get_model_builder(name)
+            # detection/segmentation builders default to downloading ImageNet backbone weights
+            backbone = {"weights_backbone": None} if "weights_backbone" in inspect.signature(builder).parameters else {}
+            model = builder(weights=None, **backbone)
         except ValueError:
             raise InputError(f"torchvision has no model '{name}'",
                              "see torchvision.models.list_models() for names") from None

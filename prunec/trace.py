@@ -1,6 +1,7 @@
 """torch.export → Program: an ATen fx graph plus the FQN of every lifted parameter/buffer."""
 from __future__ import annotations
 
+import operator
 import re
 import traceback
 from contextlib import contextmanager
@@ -10,7 +11,7 @@ from typing import Any, Iterator
 import torch
 from torch import fx
 from torch.export import ExportedProgram
-from torch.export.graph_signature import InputKind
+from torch.export.graph_signature import InputKind, OutputKind
 
 from prunec.errors import TraceError
 
@@ -50,6 +51,16 @@ class Program:
         return [spec.arg.name for spec in self.ep.graph_signature.input_specs
                 if spec.kind == InputKind.USER_INPUT]
 
+    def user_inputs(self) -> list[fx.Node]:
+        """The user-input placeholders, in the order of the pytree leaves of (args, kwargs)."""
+        names = set(self.user_input_names())
+        return [n for n in self.graph.nodes if n.op == "placeholder" and n.name in names]
+
+    def user_outputs(self) -> list[Any]:
+        """What the graph returns for each user output leaf, in pytree order (an fx node, or a constant)."""
+        outs = list(next(n for n in self.graph.nodes if n.op == "output").args[0])
+        return [o for o, spec in zip(outs, self.ep.graph_signature.output_specs) if spec.kind == OutputKind.USER_OUTPUT]
+
     def param_fqns(self) -> set[str]:
         return {spec.target for spec in self.ep.graph_signature.input_specs
                 if spec.kind == InputKind.PARAMETER}
@@ -84,17 +95,34 @@ def trace(model: torch.nn.Module, example_inputs: tuple[Any, ...],
             with torch.no_grad(), keep_attributes(model):
                 ep = torch.export.export(model, tuple(example_inputs), kwargs or None,
                                          dynamic_shapes=dynamic_shapes, strict=strict)
-            return Program(ep, tuple(example_inputs), kwargs, model=model)
         except Exception as err:  # export raises many types; keep the first for the message
             errors.append(err)
             if _is_input_mismatch(err):
                 break
+            continue
+        where = _data_dependent_size(ep)
+        if where is not None:  # nonzero / top-k by a count read from the data: sizes the rewrite can't know
+            raise TraceError(f"torch.export traced {type(model).__name__} only with data-dependent tensor sizes "
+                             f"({where})", "prune what traces (compile's default parts=True) prunes the "
+                             "submodules that export with fixed sizes")
+        return Program(ep, tuple(example_inputs), kwargs, model=model)
     err = errors[0]
     first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
     raise TraceError(f"torch.export could not trace {type(model).__name__}{_user_frame(err)}: "
                      f"{type(err).__name__}: {first_line}",
                      "make the forward traceable (no data-dependent Python control flow), "
                      "or check --input-shape matches what the model expects") from err
+
+
+def _data_dependent_size(ep: ExportedProgram) -> str | None:
+    """'node (module)' of the first value whose shape depends on the data (an unbacked symbol), else None."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+    for node in ep.graph.nodes:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and any(free_unbacked_symbols(s) for s in val.shape):
+            op = node.args[0] if node.target is operator.getitem else node  # a multi-output op's result
+            return f"{op.name} in {module_path(node)}"
+    return None
 
 
 @contextmanager

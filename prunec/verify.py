@@ -159,15 +159,17 @@ def verify(cut: Cut, pruned: torch.nn.Module, inputs: tuple[Any, ...],
     kwargs = dict(kwargs or {})
     approx = cut.approximate
     batch = (tuple(inputs), kwargs)
-    got = _outputs(pruned, batch, "pruned program")
+    # a part whose inputs/outputs are tied to other parts (prunec.ties) takes its cut inputs, and gives
+    # its cut outputs: the reference's are cut alike before comparing
+    got = _outputs(pruned, cut.shrink_inputs(*batch), "pruned program")
     with zeroed_reference(cut, cut.restrict(approx, branches=False)) as reference:
-        abs_err, rel_err = compare(got, _outputs(reference, batch, "exact-part reference"))
+        abs_err, rel_err = compare(got, cut.shrink_outputs(_outputs(reference, batch, "exact-part reference")))
         sizes, notes = _other_batch_check(cut, pruned, reference, batch)
     abs_err, rel_err = max(abs_err, sizes.pop("abs", 0.0)), max(rel_err, sizes.pop("rel", 0.0))
     approximate = None
     if approx:
         with zeroed_reference(cut) as reference:
-            a_abs, a_rel = compare(got, run(reference, batch))
+            a_abs, a_rel = compare(got, cut.shrink_outputs(run(reference, batch)))
         approximate = {"rel_err": a_rel, "max_abs_err": a_abs, "groups": approx}
     passed = bool(np.isfinite(rel_err)) and rel_err <= tolerance
     return VerifyResult(abs_err, rel_err, passed, not approx, tolerance, approx, approximate,
@@ -188,12 +190,13 @@ def _other_batch_check(cut: Cut, pruned: torch.nn.Module, reference: torch.nn.Mo
     if grown is not None:
         more, b, b2 = grown
         try:
-            want2 = run(reference, more)
+            want2 = cut.shrink_outputs(run(reference, more))
         except Exception as err:  # the traced program itself is pinned to the example's batch size
             notes.append(f"batch {b2} not checked: the traced program only runs at batch {b} "
                          f"({type(err).__name__})")
         else:
-            out["abs"], out["rel"] = compare(_outputs(pruned, more, f"pruned program at batch {b2}"), want2)
+            out["abs"], out["rel"] = compare(_outputs(pruned, cut.shrink_inputs(*more), f"pruned program at batch {b2}"),
+                                             want2)
             out["checked"].append(b2)
     return out, notes
 

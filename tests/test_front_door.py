@@ -246,3 +246,10 @@ def test_bad_input_one_line_exit_2(args: list[str], message: str, tmp_path: Path
     assert message in err, err
     assert set(tmp_path.iterdir()) == before  # nothing written
     assert not os.listdir(files["dir"])
+
+
+def test_torchvision_detector_loads_without_downloading_a_backbone() -> None:
+    """Detection/segmentation builders default to ImageNet backbone weights: the loader must not fetch them."""
+    from prunec.load import _zoo
+    loaded = _zoo("torchvision:fasterrcnn_mobilenet_v3_large_320_fpn", None)
+    assert type(loaded.model).__name__ == "FasterRCNN"

@@ -44,7 +44,17 @@ def test_detector_parts_pruned_and_checked_end_to_end() -> None:
     assert [p["part"] for p in report["parts"]] == ["backbone", "rpn.head", "roi_heads.box_head",
                                                    "roi_heads.box_predictor"]
     assert all(p["synced"] and p["rel_err"] <= 1e-4 for p in report["parts"]), report["parts"]
-    assert "backbone → rpn.head" in report["frozen_boundaries"]
+    # the backbone's features feed the RPN head directly and the box head through RoIAlign (channel-wise,
+    # untraced glue): tied across the three parts; the box head's output feeds only the predictor: tied
+    assert report["frozen_boundaries"] == []
+    assert sorted(b["boundary"] for b in report["boundaries"] if b["tied"]) == [
+        "backbone[out 0] → rpn.head[in 0], roi_heads.box_head[in 0] (via roi_align)",
+        "roi_heads.box_head[out 0] → roi_heads.box_predictor[in 0]"]
+    kept = result.model.backbone[6].out_channels
+    assert kept == result.model.rpn.head.conv[0][0].in_channels < 32
+    assert result.model.roi_heads.box_head.fc6.in_features == kept * 7 * 7
+    fc7, cls = result.model.roi_heads.box_head.fc7, result.model.roi_heads.box_predictor.cls_score
+    assert fc7.out_features == cls.in_features == result.model.roi_heads.box_predictor.bbox_pred.in_features < 64
     assert "GuardOnDataDependentSymNode" in report["whole_model_trace_error"]
     assert report["verify_end_to_end"]["rel_err"] <= 1e-4 and report["verify_end_to_end"]["outputs_equal"]
     assert report["verify_end_to_end"]["parts_in_context_rel_err"] <= 1e-4
@@ -66,3 +76,210 @@ def test_detector_parts_pruned_and_checked_end_to_end() -> None:
 def test_parts_off_raises_trace_error() -> None:
     with pytest.raises(prunec.TraceError, match="could not trace FasterRCNN"):
         prunec.compile(_tiny_faster_rcnn(), ([torch.rand(3, 64, 64)],), channels=0.3, parts=False)
+
+
+class _Neck(nn.Module):
+    """FPN-like: two levels with a top-down add, a third level computed from the second (all returned)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c2, self.c3 = nn.Conv2d(3, 16, 3, 2, 1), nn.Conv2d(16, 32, 3, 2, 1)
+        self.lat2, self.lat3 = nn.Conv2d(16, 24, 1), nn.Conv2d(32, 24, 1)
+        self.out2, self.out3 = nn.Conv2d(24, 24, 3, 1, 1), nn.Conv2d(24, 24, 3, 1, 1)
+        self.p4 = nn.Conv2d(24, 24, 3, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        c2 = torch.relu(self.c2(x))
+        c3 = torch.relu(self.c3(c2))
+        i3 = self.lat3(c3)
+        i2 = self.lat2(c2) + nn.functional.interpolate(i3, scale_factor=2.0)
+        p3 = self.out3(i3)
+        return {"p2": self.out2(i2), "p3": p3, "p4": self.p4(torch.relu(p3))}
+
+
+class _SharedHead(nn.Module):
+    """One conv tower applied to every level it is given (as RetinaNet / the RPN head)."""
+
+    def __init__(self, outs: int) -> None:
+        super().__init__()
+        self.tower, self.pred = nn.Conv2d(24, 24, 3, 1, 1), nn.Conv2d(24, outs, 1)
+
+    def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.pred(torch.relu(self.tower(f))) for f in feats]
+
+
+class _TinyDetector(nn.Module):
+    """Neck → a shared score head on p2, p3 and a box head on p4, then data-dependent top-k (no export)."""
+
+    def __init__(self, glue_reads_p2: bool = False, data_sized: bool = False) -> None:
+        super().__init__()
+        self.neck, self.cls, self.box = _Neck(), _SharedHead(3), _SharedHead(4)
+        self.glue_reads_p2, self.data_sized = glue_reads_p2, data_sized
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.neck(x)
+        scores = torch.cat([s.flatten(1) for s in self.cls([f["p2"], f["p3"]])], 1)
+        if self.glue_reads_p2:  # untraced code reads the FPN level itself
+            scores = scores + f["p2"].amax(1).mean()
+        boxes = self.box([f["p4"]])[0].flatten(2)
+        if self.data_sized:  # exports, but the top-k's size is read from the data
+            k = max(1, min(5, int((scores > 0).sum())))
+        else:
+            k = 5 if bool((scores > 0).any()) else 3  # data-dependent branch: the whole model does not export
+        top, idx = scores.topk(k, dim=1)
+        return top, boxes[:, :, idx[0] % boxes.shape[2]]
+
+
+def _tiny_detector(glue_reads_p2: bool = False, data_sized: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    model = _TinyDetector(glue_reads_p2, data_sized)
+    for p in model.parameters():
+        nn.init.normal_(p, 0, 0.2)
+    return model.eval()
+
+
+def test_boundary_dims_tied_across_parts() -> None:
+    model, x = _tiny_detector(), torch.rand(1, 3, 32, 32)
+    result = prunec.compile(model, (x,), channels=0.5, round_to=1)
+    report = result.report
+    assert [p["part"] for p in report["parts"]] == ["neck", "cls", "box"]
+    assert all(p["synced"] and p["rel_err"] <= 1e-4 for p in report["parts"]), report["parts"]
+    assert report["frozen_boundaries"] == []
+    assert sorted(b["boundary"] for b in report["boundaries"] if b["tied"]) == [
+        "neck[out 0] → cls[in 0]", "neck[out 1] → cls[in 1]", "neck[out 2] → box[in 0]"]
+    tied = {tuple(t["members"]): t for t in report["tied_groups"]}
+    assert {m for t in tied for m in t} == {"cls:tower.weight@1", "neck:out2.weight@0", "neck:out3.weight@0",
+                                             "box:tower.weight@1", "neck:p4.weight@0"}
+    neck, cls, box = result.model.neck, result.model.cls, result.model.box
+    assert neck.out2.out_channels == neck.out3.out_channels == cls.tower.in_channels == 12
+    assert neck.p4.out_channels == box.tower.in_channels == 12
+    assert neck.p4.in_channels == 12  # p3 is also read inside the neck: its consumer there drops the same units
+    # the same channels are dropped on both sides of the boundary: the kept ones carry the same weights
+    kept = [next(i for i in range(24) if model.neck.out3.bias[i] == b) for b in neck.out3.bias]
+    assert len(set(kept)) == 12
+    rows = [next(i for i in range(24) if model.cls.tower.bias[i] == b) for b in cls.tower.bias]
+    assert torch.equal(cls.tower.weight, model.cls.tower.weight[rows][:, kept])
+    e2e = report["verify_end_to_end"]
+    assert e2e["outputs_equal"] and e2e["rel_err"] <= 1e-4 and e2e["parts_in_context_rel_err"] <= 1e-4
+    assert report["macs_after"] < 0.6 * report["macs_before"]
+    with torch.no_grad():
+        assert compare(result.model(x), model(x))[1] > 1e-3  # pruning changed the outputs: the check compared
+        result.model(torch.rand(1, 3, 48, 40))  # other input sizes run
+
+
+def test_boundary_read_by_untraced_code_is_frozen() -> None:
+    model, x = _tiny_detector(glue_reads_p2=True), torch.rand(1, 3, 32, 32)
+    result = prunec.compile(model, (x,), channels=0.5, round_to=1)
+    report = result.report
+    rows = {b["boundary"]: b for b in report["boundaries"]}
+    assert rows["neck[out 0] → cls[in 0]"]["why"] == "read outside the traced parts by aten.amax.default"
+    # p3 is tied in the shared head to p2's frozen channels: kept whole with it, and the report says so
+    assert not rows["neck[out 1] → cls[in 1]"]["tied"] and "frozen in" in rows["neck[out 1] → cls[in 1]"]["why"]
+    assert rows["neck[out 2] → box[in 0]"]["tied"]
+    neck, cls, box = result.model.neck, result.model.cls, result.model.box
+    assert neck.out2.out_channels == neck.out3.out_channels == cls.tower.in_channels == 24
+    assert neck.p4.out_channels == box.tower.in_channels == 12
+    assert report["verify_end_to_end"]["passed"] and report["verify_end_to_end"]["outputs_equal"]
+
+
+def test_tied_units_that_disagree_are_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each part verifies alone; a producer and a consumer dropping different units must still be caught."""
+    import prunec.partial as partial
+    real = partial.tie
+
+    def shifted(*args: object, **kwargs: object) -> dict:
+        plans = real(*args, **kwargs)
+        group = "tower.weight@1"  # the shared head's input channels: shift its kept units by one
+        plans["cls"].kept[group] = sorted((i + 1) % 24 for i in plans["cls"].kept[group])
+        return plans
+    monkeypatch.setattr(partial, "tie", shifted)
+    with pytest.raises(prunec.errors.InternalError, match="tied dims disagree across neck"):
+        prunec.compile(_tiny_detector(), (torch.rand(1, 3, 32, 32),), channels=0.5, round_to=1)
+
+
+class _RoiDetector(_TinyDetector):
+    """Adds a RoI head fed by untraced multi-level RoIAlign glue (as torchvision's MultiScaleRoIAlign)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.roi = nn.Sequential(nn.Flatten(), nn.Linear(24 * 2 * 2, 8))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        from torchvision.ops import roi_align
+        f = self.neck(x)
+        scores = torch.cat([s.flatten(1) for s in self.cls([f["p2"], f["p3"]])], 1)
+        boxes = self.box([f["p4"]])[0].flatten(2)
+        rois = torch.tensor([[0, 0, 0, 8, 8], [0, 4, 4, 16, 16], [0, 2, 2, 6, 10]], dtype=x.dtype)
+        levels = (scores.new_tensor([0.0, 1.0, 0.0]) + scores[0, :3].sign().abs() * 0).long()
+        pooled = torch.zeros(3, f["p2"].shape[1], 2, 2)
+        for level, (feat, scale) in enumerate(((f["p2"], 0.5), (f["p3"], 0.25))):
+            idx = torch.where(levels == level)[0]
+            pooled[idx] = roi_align(feat, rois[idx], (2, 2), scale)
+        k = 5 if bool((scores > 0).any()) else 3
+        top, idx = scores.topk(k, dim=1)
+        return top, boxes[:, :, idx[0] % boxes.shape[2]], self.roi(pooled)
+
+
+def test_boundary_tied_through_roi_align_glue() -> None:
+    torch.manual_seed(0)
+    model = _RoiDetector()
+    for p in model.parameters():
+        nn.init.normal_(p, 0, 0.2)
+    model, x = model.eval(), torch.rand(1, 3, 32, 32)
+    result = prunec.compile(model, (x,), channels=0.5, round_to=1)
+    report = result.report
+    assert report["frozen_boundaries"] == []
+    names = sorted(b["boundary"] for b in report["boundaries"])
+    assert names[0] == "neck[out 0] → cls[in 0], roi[in 0] (via roi_align → index_put_)", names
+    assert names[1] == "neck[out 1] → cls[in 1], roi[in 0] (via roi_align → view → index_put_)", names
+    assert all(b["tied"] for b in report["boundaries"])
+    neck, roi = result.model.neck, result.model.roi
+    assert neck.out2.out_channels == neck.out3.out_channels == 12 and roi[1].in_features == 12 * 2 * 2
+    e2e = report["verify_end_to_end"]
+    assert e2e["outputs_equal"] and e2e["parts_in_context_rel_err"] <= 1e-4
+
+
+def test_tied_group_kept_whole_when_a_part_does_not_sync(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A part that can't be the user's class stays dense: the tied groups it holds are kept whole everywhere."""
+    import prunec.compiler as compiler
+    real = compiler._sync
+
+    def no_box(model: nn.Module, state: dict, program: nn.Module, *args: object, **kwargs: object) -> tuple:
+        if isinstance(model, _SharedHead) and model.pred.out_channels == 4:  # the box head
+            return program, False, "user module not synced: (test)"
+        return real(model, state, program, *args, **kwargs)
+    monkeypatch.setattr(compiler, "_sync", no_box)
+    model, x = _tiny_detector(), torch.rand(1, 3, 32, 32)
+    result = prunec.compile(model, (x,), channels=0.5, round_to=1)
+    rows = {b["boundary"]: b for b in result.report["boundaries"]}
+    assert not rows["neck[out 2] → box[in 0]"]["tied"]
+    assert rows["neck[out 2] → box[in 0]"]["why"] == "a part can't follow: user module not synced: (test)"
+    assert rows["neck[out 0] → cls[in 0]"]["tied"]
+    neck = result.model.neck
+    assert neck.p4.out_channels == 24  # kept whole in the producer too
+    assert isinstance(result.model.box, _SharedHead) and result.model.box.tower.out_channels == 24  # left dense
+    assert neck.out2.out_channels == result.model.cls.tower.in_channels == 12
+    assert result.report["verify_end_to_end"]["outputs_equal"]
+
+
+def test_data_dependent_sizes_fall_back_to_parts() -> None:
+    """A model that exports only with a data-dependent size (top-k by a count) is pruned part by part."""
+    result = prunec.compile(_tiny_detector(data_sized=True), (torch.rand(1, 3, 32, 32),), channels=0.5, round_to=1)
+    assert isinstance(result, PartsResult)
+    assert "only with data-dependent tensor sizes (topk in <top>)" in result.report["whole_model_trace_error"]
+    assert result.model.neck.out2.out_channels == 12 and result.report["verify_end_to_end"]["outputs_equal"]
+
+
+def test_parts_pruned_with_closed_boundaries_when_the_watch_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    import prunec.partial as partial
+
+    def broken(*args: object) -> list:
+        raise RuntimeError("no dispatch mode here")
+    monkeypatch.setattr(partial, "find_boundaries", broken)
+    result = prunec.compile(_tiny_detector(), (torch.rand(1, 3, 32, 32),), channels=0.5, round_to=1)
+    assert result.report["boundaries_note"] == ("crossing dims not analyzed, all kept: RuntimeError: "
+                                                "no dispatch mode here")
+    assert result.report["boundaries"] == [] and result.report["tied_groups"] == []
+    neck = result.model.neck
+    assert neck.out2.out_channels == neck.p4.out_channels == 24 and neck.lat2.out_channels == 12
+    assert result.report["verify_end_to_end"]["outputs_equal"]
