@@ -4,6 +4,7 @@ transformers, `from_pretrained`, one forward) and the fp32 size of the weights.
 
     python bench/llm_memory.py                       # SmolLM2-135M (real) and a 1.2 GB random Llama
     python bench/llm_memory.py --python /other/venv/bin/python --label before   # another checkout, same run
+    python bench/llm_memory.py --models smollm2 --label blockwise --extra=--blockwise   # block by block
 
 Writes bench/results/llm_memory.json (rows appended per label).
 """
@@ -84,7 +85,9 @@ def main() -> None:
     ap.add_argument("--python", default=sys.executable, help="interpreter whose prunec is measured")
     ap.add_argument("--label", default="after")
     ap.add_argument("--models", default="smollm2,llama1b")
+    ap.add_argument("--extra", default="", help="more CLI flags, space-separated (e.g. --blockwise)")
     args = ap.parse_args()
+    case = CASE + args.extra.split()
     rows = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -92,10 +95,10 @@ def main() -> None:
             size = weights_bytes(folder)
             floor, floor_s, code, _ = peak_rss([args.python, "-c", FLOOR, str(folder)], tmp)
             assert code == 0, "floor run failed"
-            peak, secs, code, tail = peak_rss([args.python, "-m", "prunec.cli", f"hf:{folder}", *CASE,
+            peak, secs, code, tail = peak_rss([args.python, "-m", "prunec.cli", f"hf:{folder}", *case,
                                                "-o", str(tmp / f"{name}_out")], tmp)
             row = {"label": args.label, "model": name, "weights_mb": round(size / 1e6, 1),
-                   "cli": " ".join(["prunec", f"hf:{name}", *CASE]), "exit": code, "last_line": tail,
+                   "cli": " ".join(["prunec", f"hf:{name}", *case]), "exit": code, "last_line": tail,
                    "peak_rss_mb": round(peak / 1e6, 1), "peak_over_weights": round(peak / size, 2),
                    "floor_rss_mb": round(floor / 1e6, 1), "floor_over_weights": round(floor / size, 2),
                    "extra_over_floor_mb": round((peak - floor) / 1e6, 1),

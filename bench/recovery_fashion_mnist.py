@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="scratch: the half-width CNN trained from scratch with labels like the dense one "
                          "(a capacity reference, not a recovery)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--png", type=Path, default=PNG)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -109,17 +111,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:8s} params {params} acc {acc0} → {acc1:.4f} (dense {dense_acc:.4f}, gap "
               f"{row['gap_pt']} pt) in {seconds:.0f}s", flush=True)
     key = ("width", "epochs", "steps", "batch", "lr")
-    if OUT.exists():  # rows of earlier runs with the same settings are kept (run students one at a time)
-        old = json.loads(OUT.read_text())
+    if args.out.exists():  # rows of earlier runs with the same settings are kept (run students one at a time)
+        old = json.loads(args.out.read_text())
         if all(old.get(k) == getattr(args, k) for k in key):
             done = {r["student"] for r in rows}
             rows = [r for r in old["rows"] if r["student"] not in done] + rows
     result = {"data": data_name, "dense_acc": dense_acc, "steps": args.steps, "batch": args.batch, "lr": args.lr,
               "train_images": len(xtr), "epochs": args.epochs, "width": args.width, "rows": rows,
               "command": "python " + " ".join(sys.argv)}
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=1))
-    plot(result, PNG)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    plot(result, args.png)
     return 0
 
 
