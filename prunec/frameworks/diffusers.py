@@ -2,10 +2,11 @@
 
 Module attributes follow the sliced tensors (``Upsample2D``/``Downsample2D`` ``channels``,
 ``ResnetBlock2D`` widths, ``Attention`` ``heads``/``inner_dim``, ``Transformer2DModel``
-``inner_dim``); GroupNorm groups follow through the core table. ``save_pretrained`` works on the
-pruned model as is; ``from_pretrained`` here reloads it (the config keeps the original widths,
-which diffusers' own loader would build); ``check_config`` names the first tensor the config
-can't express.
+``inner_dim``); GroupNorm groups follow through the core table. With the config-expressible plan
+(``passes.NativeConfig``, compile's default for the classes in ``NATIVE``) the model's config
+follows too (``sync_config``), so diffusers' own ``from_pretrained`` reloads ``save_pretrained``'s
+folder; a freer plan reloads through ``from_pretrained`` here. ``check_config`` names the first
+tensor or attribute the config can't express.
 """
 from __future__ import annotations
 
@@ -80,6 +81,67 @@ def sync_transformer(m: nn.Module) -> None:
     m.out_channels = m.proj_out.weight.shape[0]
 
 
+# Config entries that scale with the kept fraction of GroupNorm groups (``norm_num_groups`` is one
+# count for every GroupNorm and the units of a GroupNorm'd dim are whole groups, so every such dim
+# keeps the same fraction): block widths, and where an entry counts heads (not their width), heads.
+NATIVE: dict[str, tuple[str, ...]] = {
+    "UNet2DModel": ("block_out_channels", "norm_num_groups"),  # attention_head_dim: the head width
+    "UNet2DConditionModel": ("block_out_channels", "norm_num_groups", "attention_head_dim",
+                             "num_attention_heads"),  # attention_head_dim: a head count here
+    "AutoencoderKL": ("block_out_channels", "norm_num_groups"),
+}
+
+
+def native_candidates(model: nn.Module) -> list[tuple[float, dict[str, Any]]]:
+    """(kept fraction, config overrides) for every width the model's config can express, dense first
+    excluded; [] for a class without a rule in ``NATIVE``."""
+    keys = NATIVE.get(type(model).__name__)
+    config = getattr(model, "config", None)
+    groups = getattr(config, "norm_num_groups", None)
+    if keys is None or not isinstance(groups, int):
+        return []
+    out = []
+    for kept in range(groups - 1, 0, -1):
+        overrides: dict[str, Any] = {}
+        for key in keys:
+            value = config.get(key) if hasattr(config, "get") else getattr(config, key, None)
+            if value is None:
+                continue  # e.g. num_attention_heads unset: attention_head_dim counts the heads
+            scaled = _scaled(value, kept, groups)
+            if scaled is None:
+                break
+            overrides[key] = scaled
+        else:
+            out.append((kept / groups, overrides))
+    return out
+
+
+def _scaled(value: Any, kept: int, of: int) -> Any:
+    """``value`` (an int or a tuple/list of ints) × kept/of, or None if not whole."""
+    if isinstance(value, int):
+        return value * kept // of if value * kept % of == 0 else None
+    items = [_scaled(v, kept, of) for v in value]
+    return None if any(v is None for v in items) else type(value)(items)
+
+
+def built(model: nn.Module, overrides: dict[str, Any]) -> nn.Module:
+    """The model ``type(model).from_config`` builds with ``overrides``, on the meta device (no memory)."""
+    config = {**dict(model.config), **overrides}
+    with torch.device("meta"):
+        return type(model).from_config(config)
+
+
+def sync_config(m: nn.Module) -> None:
+    """A diffusers model: ``register_to_config`` the widths of ``NATIVE`` its pruned tensors match
+    (only the config-expressible plan does); otherwise the config stays (see ``from_pretrained``)."""
+    shapes = {n: t.shape for n, t in m.state_dict().items()}
+    for _, overrides in native_candidates(m):
+        fresh = built(m, overrides).state_dict()
+        if fresh.keys() == shapes.keys() and all(fresh[n].shape == s for n, s in shapes.items()):
+            m.register_to_config(**overrides)
+            return
+
+
 def register() -> None:
     """Add the diffusers classes of this install to the module_sync table."""
     from diffusers.models import downsampling, resnet, upsampling
@@ -101,6 +163,8 @@ def register() -> None:
               if isinstance(c, type) and issubclass(c, nn.Module) and c.__module__ == module.__name__
               and c.__name__.endswith("Block2D")]
     module_sync(*blocks)(sync_block)
+    from diffusers.models.modeling_utils import ModelMixin
+    module_sync(ModelMixin)(sync_config)
 
 
 def from_pretrained(cls: type, path: str | Path, **kwargs: Any) -> nn.Module:
@@ -126,9 +190,12 @@ def from_pretrained(cls: type, path: str | Path, **kwargs: Any) -> nn.Module:
     return model.eval()
 
 
+_ATTRS = ("num_groups", "heads", "scale", "inner_dim")  # what forward reads besides the tensors
+
+
 def check_config(model: nn.Module) -> str:
-    """'' if ``type(model).from_config(model.config)`` holds the pruned state dict, else the first
-    tensor whose shape the config can't express."""
+    """'' if ``type(model).from_config(model.config)`` holds the pruned state dict and builds the same
+    GroupNorm groups and attention heads, else the first tensor or attribute the config can't express."""
     try:
         fresh = type(model).from_config(model.config)
     except (ValueError, TypeError, RuntimeError, AssertionError) as err:
@@ -140,4 +207,11 @@ def check_config(model: nn.Module) -> str:
         if theirs[name].shape != t.shape:
             return (f"config cannot express {name}: pruned {tuple(t.shape)}, "
                     f"config builds {tuple(theirs[name].shape)}")
+    built_modules = dict(fresh.named_modules())
+    for path, mod in model.named_modules():
+        other = built_modules.get(path)
+        for attr in _ATTRS:
+            if other is not None and hasattr(mod, attr) and getattr(mod, attr) != getattr(other, attr, None):
+                return (f"config cannot express {path}.{attr}: pruned {getattr(mod, attr)}, "
+                        f"config builds {getattr(other, attr, None)}")
     return ""
