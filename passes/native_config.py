@@ -13,18 +13,25 @@ from prunec.passes.magnitude import L1
 Member = tuple[str, int]
 
 
-def native_rules(model: torch.nn.Module) -> tuple[list[tuple[float, dict[str, Any]]],
+def native_rules(model: torch.nn.Module) -> tuple[Callable[[float], list[list[tuple[float, dict[str, Any]]]]],
                                                   Callable[[dict[str, Any]], torch.nn.Module]] | None:
-    """(candidates, build) from the model's framework: every (kept fraction, config overrides) its
-    config expresses and how to build the model from overrides; None for a model without rules."""
+    """(axes, build) from the model's framework: ``axes(fraction)`` lists per config axis the (kept
+    fraction, config overrides) it expresses, nearest first; ``build(overrides)`` the model the config
+    builds. None for a model without rules."""
     try:
         from diffusers.models.modeling_utils import ModelMixin
     except ImportError:
         return None
     if not isinstance(model, ModelMixin):
         return None
-    from prunec.frameworks.diffusers import built, native_candidates
-    return native_candidates(model), lambda overrides: built(model, overrides)
+    from prunec.frameworks.diffusers import NATIVE, built, native_axes
+    if type(model).__name__ not in NATIVE:
+        return None
+    return (lambda fraction: native_axes(model, fraction)), (lambda overrides: built(model, overrides))
+
+
+def _shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(t.shape) for n, t in model.state_dict().items()}
 
 
 def removed_units(state: State, target: dict[str, tuple[int, ...]]) -> tuple[dict[str, int], str]:
@@ -75,9 +82,10 @@ class NativeConfig(Pass):
     """Keep widths the model's own config can express (diffusers: ``block_out_channels`` per level,
     one ``norm_num_groups``, head counts), so its framework's loader rebuilds the pruned model.
     Before: a plan with free per-group widths. After: the config-expressible plan whose kept fraction is
-    nearest the plan's (ties keep more), best-scored units first; ``plan.meta['native_config']`` holds
-    the config overrides. With no expressible width a note names why: ``strict`` then keeps everything,
-    else the free plan stays (it reloads through ``prunec.frameworks.diffusers.from_pretrained``)."""
+    nearest the plan's per config axis (ties keep more), best-scored units first, an axis no width fits
+    kept whole; ``plan.meta['native_config']`` holds the config overrides; a note names each axis kept
+    whole and why. ``strict``: always that plan; else only when every axis fits, the free plan otherwise
+    (it reloads through ``prunec.frameworks.diffusers.from_pretrained``)."""
 
     requires = ("plan",)
     provides = ("plan",)
@@ -89,31 +97,41 @@ class NativeConfig(Pass):
         rules = native_rules(state.model)
         if rules is None or not state.plan.kept:
             return PassResult(state, False)
-        candidates, build = rules
+        axes, build = rules
         fraction = float(np.mean([len(k) / state.plan.sizes[n] for n, k in state.plan.kept.items()]))
-        why = "its config has no smaller width (norm_num_groups = 1)"
-        for kept, overrides in sorted(candidates, key=lambda c: (abs(c[0] - fraction), -c[0])):
-            fresh = build(overrides)
-            removed, why_not = removed_units(state, {n: tuple(t.shape) for n, t in fresh.state_dict().items()})
-            if why_not:
-                why = why if state.results.get("native_config") else f"nearest {overrides}: {why_not}"
-                state.results.setdefault("native_config", {}).setdefault("refused", []).append(why)
-                continue
-            self._apply(state, removed)
-            state.plan.meta["native_config"] = overrides
-            state.notes.append(f"native_config: widths {type(state.model).__name__}'s config expresses "
-                               f"({overrides}, {kept:.2f} of the channels), so its from_pretrained reloads it")
-            return PassResult(state, True)
+        chosen: dict[str, Any] = {}
+        removed: dict[str, int] = {}
+        refused: list[str] = []
+        for options in axes(fraction):  # each axis: the nearest width that fits, the others as chosen
+            why = "its config expresses no smaller width" if not options else ""
+            for _, option in options:
+                fits, why_not = removed_units(state, _shapes(build({**chosen, **option})))
+                if not why_not:
+                    chosen.update(option)
+                    removed = fits
+                    break
+                why = why or f"nearest {option}: {why_not}"
+            else:
+                refused.append(why)
+        state.results["native_config"] = {"config": chosen, "refused": refused}
         name = type(state.model).__name__
+        kept_whole = f"; kept whole: {'; '.join(refused)}" if refused else ""
+        if chosen and (self.strict or not refused):
+            self._apply(state, removed)
+            state.plan.meta["native_config"] = chosen
+            state.notes.append(f"native_config: {name} pruned to widths its config expresses ({chosen}), "
+                               f"so its own from_pretrained reloads it{kept_whole}")
+            return PassResult(state, True)
         if not self.strict:
-            state.notes.append(f"native_config: {name}'s config expresses none of the plan's widths ({why}); "
+            state.notes.append(f"native_config: {name}'s config can't express the plan's widths{kept_whole}; "
                                "the free plan is kept: diffusers' from_pretrained can't rebuild it, "
-                               "prunec.frameworks.diffusers.from_pretrained can")
+                               "prunec.frameworks.diffusers.from_pretrained can (compile(native_config=True): "
+                               f"only widths the config expresses{f', {chosen}' if chosen else ', none'})")
             return PassResult(state, False)
         state.plan.kept.clear()
         state.plan.sizes.clear()
-        state.notes.append(f"native_config: nothing pruned: {name}'s config expresses no pruned width ({why}); "
-                           "compile(native_config=None) keeps the free plan")
+        state.notes.append(f"native_config: nothing pruned: {name}'s config expresses no pruned width"
+                           f"{kept_whole}; compile(native_config=None) keeps the free plan")
         return PassResult(state, True)
 
     @staticmethod

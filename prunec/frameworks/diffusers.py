@@ -10,6 +10,7 @@ tensor or attribute the config can't express.
 """
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -81,33 +82,51 @@ def sync_transformer(m: nn.Module) -> None:
     m.out_channels = m.proj_out.weight.shape[0]
 
 
-# Config entries that scale with the kept fraction of GroupNorm groups (``norm_num_groups`` is one
-# count for every GroupNorm and the units of a GroupNorm'd dim are whole groups, so every such dim
-# keeps the same fraction): block widths, and where an entry counts heads (not their width), heads.
-NATIVE: dict[str, tuple[str, ...]] = {
-    "UNet2DModel": ("block_out_channels", "norm_num_groups"),  # attention_head_dim: the head width
-    "UNet2DConditionModel": ("block_out_channels", "norm_num_groups", "attention_head_dim",
-                             "num_attention_heads"),  # attention_head_dim: a head count here
-    "AutoencoderKL": ("block_out_channels", "norm_num_groups"),
+# Per class, the config entries that set inner widths, as axes the plan may move independently:
+# ("groups", keys): entries that scale with the kept fraction of GroupNorm groups (``norm_num_groups``
+# is one count for every GroupNorm and a GroupNorm'd dim loses whole groups, so all such dims keep
+# the same fraction): block widths and, where an entry counts heads (not their width), heads.
+# ("width", key, default, tensor): one width of its own, dim 0 of ``tensor``, e.g. the time-embedding
+# MLP (default 4 × block 0).
+Axis = tuple
+NATIVE: dict[str, tuple[Axis, ...]] = {
+    "UNet2DModel": (("groups", ("block_out_channels", "norm_num_groups")),  # attention_head_dim: a width
+                    ("width", "time_embedding_dim", lambda c: 4 * c["block_out_channels"][0],
+                     "time_embedding.linear_1.weight")),
+    "UNet2DConditionModel": (("groups", ("block_out_channels", "norm_num_groups", "attention_head_dim",
+                                         "num_attention_heads")),  # attention_head_dim: a head count
+                             ("width", "time_embedding_dim", lambda c: 4 * c["block_out_channels"][0],
+                              "time_embedding.linear_1.weight")),
+    "AutoencoderKL": (("groups", ("block_out_channels", "norm_num_groups")),),
 }
 
 
-def native_candidates(model: nn.Module) -> list[tuple[float, dict[str, Any]]]:
-    """(kept fraction, config overrides) for every width the model's config can express, dense first
-    excluded; [] for a class without a rule in ``NATIVE``."""
-    keys = NATIVE.get(type(model).__name__)
-    config = getattr(model, "config", None)
-    groups = getattr(config, "norm_num_groups", None)
-    if keys is None or not isinstance(groups, int):
+def native_axes(model: nn.Module, fraction: float, tries: int = 12) -> list[list[tuple[float, dict[str, Any]]]]:
+    """Per axis of ``NATIVE``, up to ``tries`` (kept fraction, config overrides) the config expresses,
+    nearest ``fraction`` first (ties keep more); [] for a class without rules."""
+    config = dict(getattr(model, "config", {}) or {})
+    out = []
+    for axis in NATIVE.get(type(model).__name__, ()):
+        if axis[0] == "groups":
+            options = _group_options(config, axis[1])
+        else:
+            width = config.get(axis[1]) or axis[2](config)
+            options = [(k / width, {axis[1]: k}) for k in range(1, width)]
+        out.append(sorted(options, key=lambda o: (abs(o[0] - fraction), -o[0]))[:tries])
+    return out
+
+
+def _group_options(config: dict[str, Any], keys: tuple[str, ...]) -> list[tuple[float, dict[str, Any]]]:
+    groups = config.get("norm_num_groups")
+    if not isinstance(groups, int):
         return []
     out = []
     for kept in range(groups - 1, 0, -1):
         overrides: dict[str, Any] = {}
         for key in keys:
-            value = config.get(key) if hasattr(config, "get") else getattr(config, key, None)
-            if value is None:
+            if config.get(key) is None:
                 continue  # e.g. num_attention_heads unset: attention_head_dim counts the heads
-            scaled = _scaled(value, kept, groups)
+            scaled = _scaled(config[key], kept, groups)
             if scaled is None:
                 break
             overrides[key] = scaled
@@ -134,12 +153,25 @@ def built(model: nn.Module, overrides: dict[str, Any]) -> nn.Module:
 def sync_config(m: nn.Module) -> None:
     """A diffusers model: ``register_to_config`` the widths of ``NATIVE`` its pruned tensors match
     (only the config-expressible plan does); otherwise the config stays (see ``from_pretrained``)."""
-    shapes = {n: t.shape for n, t in m.state_dict().items()}
-    for _, overrides in native_candidates(m):
-        fresh = built(m, overrides).state_dict()
-        if fresh.keys() == shapes.keys() and all(fresh[n].shape == s for n, s in shapes.items()):
+    state = m.state_dict()
+    config = dict(m.config)
+    norms = {g.num_groups for g in m.modules() if isinstance(g, nn.GroupNorm)}
+    choices: list[list[dict[str, Any]]] = []
+    for axis in NATIVE.get(type(m).__name__, ()):
+        if axis[0] == "groups":  # the pruned GroupNorms hold norm_num_groups' groups
+            choices.append([o for f, o in _group_options(config, axis[1]) if o["norm_num_groups"] in norms])
+        elif axis[3] in state and state[axis[3]].shape[0] != (config.get(axis[1]) or axis[2](config)):
+            choices.append([{axis[1]: state[axis[3]].shape[0]}])
+    for combo in itertools.product(*[c + [{}] for c in choices]):
+        overrides = {k: v for o in combo for k, v in o.items()}
+        if overrides and not _mismatches(built(m, overrides).state_dict(), state):
             m.register_to_config(**overrides)
             return
+
+
+def _mismatches(fresh: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> int:
+    """State tensors whose shape ``fresh`` (a built model's state dict) doesn't hold."""
+    return sum(1 for n, t in state.items() if n not in fresh or fresh[n].shape != t.shape)
 
 
 def register() -> None:
