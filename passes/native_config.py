@@ -7,6 +7,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from prunec.errors import InternalError
 from prunec.passes.base import Pass, PassResult, State, register_pass
 from prunec.passes.magnitude import L1
 
@@ -106,6 +107,8 @@ class NativeConfig(Pass):
             why = "its config expresses no smaller width" if not options else ""
             for _, option in options:
                 fits, why_not = removed_units(state, _shapes(build({**chosen, **option})))
+                if not why_not and not fits:
+                    raise InternalError(f"native_config: config overrides {option} build no smaller tensor")
                 if not why_not:
                     chosen.update(option)
                     removed = fits

@@ -145,9 +145,18 @@ def _scaled(value: Any, kept: int, of: int) -> Any:
 
 def built(model: nn.Module, overrides: dict[str, Any]) -> nn.Module:
     """The model ``type(model).from_config`` builds with ``overrides``, on the meta device (no memory)."""
-    config = {**dict(model.config), **overrides}
+    config = {**_explicit(model.config, overrides), **overrides}
     with torch.device("meta"):
         return type(model).from_config(config)
+
+
+def _explicit(config: Any, overrides: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with the overridden keys out of ``_use_default_values`` (which from_config rebuilds
+    from their defaults, ignoring the stored value)."""
+    out = dict(config)
+    if "_use_default_values" in out:
+        out["_use_default_values"] = [k for k in out["_use_default_values"] if k not in overrides]
+    return out
 
 
 def sync_config(m: nn.Module) -> None:
@@ -165,7 +174,8 @@ def sync_config(m: nn.Module) -> None:
     for combo in itertools.product(*[c + [{}] for c in choices]):
         overrides = {k: v for o in combo for k, v in o.items()}
         if overrides and not _mismatches(built(m, overrides).state_dict(), state):
-            m.register_to_config(**overrides)
+            defaults = _explicit(m.config, overrides).get("_use_default_values")
+            m.register_to_config(**overrides, **({"_use_default_values": defaults} if defaults is not None else {}))
             return
 
 
