@@ -19,8 +19,8 @@ from prunec.diagnose import check_finite, shortfall
 from prunec.dynamic import DynamicProgram, describe_spec, export_program, export_synced, replay
 from prunec.errors import InputError, InternalError, TraceError
 from prunec.module_sync import keep_whole, synced_copy
-from prunec.passes import (PASSES, ConfigHeads, LatencySelect, NativeConfig, LayerDrop, LeastSquaresSelection, Pass, Refit,
-                           Select, State, run_passes)
+from prunec.passes import (PASSES, ConfigHeads, LatencySelect, LayerDrop, LeastSquaresSelection, NativeConfig, Pass,
+                           Refit, Select, State, run_passes)
 from prunec.passes.base import Services
 from prunec.passes.native_config import native_rules
 from prunec.passes.select import check_ratio
