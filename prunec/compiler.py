@@ -184,6 +184,9 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
     if gqa not in GQA_MODES:
         raise InputError(f"gqa '{gqa}' is unknown", f"use one of {GQA_MODES}")
     gqa = plan.meta.get("gqa", "groups") if plan is not None else gqa
+    if native_config and native_rules(model) is None:
+        raise InputError(f"native_config=True, but prunec has no config rules for {type(model).__name__}",
+                         "drop it (rules: diffusers UNet2DModel, UNet2DConditionModel, AutoencoderKL)")
     if schedule is not None:
         from prunec.schedule import compile_gradual
         return compile_gradual(model, example_inputs, schedule, recover, compile_once=compile, criterion=criterion,

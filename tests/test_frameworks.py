@@ -246,3 +246,9 @@ def test_native_config_strict_prunes_nothing_it_cannot_express() -> None:
     result = prunec.compile(model, inputs, channels=0.3, static=True, native_config=True)
     assert result.report["macs_after"] == result.report["macs_before"]
     assert any("nothing pruned" in n and "mid_block.attentions.0.to_q" in n for n in result.report["notes"])
+
+
+def test_native_config_needs_rules() -> None:
+    """Asking for config-expressible widths of a class without rules is the user's error, said at once."""
+    with pytest.raises(prunec.errors.InputError, match="no config rules for Linear"):
+        prunec.compile(torch.nn.Linear(4, 4), torch.randn(1, 4), channels=0.3, native_config=True)
