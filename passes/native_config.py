@@ -148,6 +148,7 @@ class NativeConfig(Pass):
         state.plan.sizes.clear()
         for name, r in removed.items():
             size = state.coupling.group(name).size
-            order = np.argsort(-np.asarray(scores[name]), kind="stable")
+            unscored = np.zeros(size) if name not in scores else None  # no parameter to score: the first units
+            order = np.argsort(-np.asarray(scores[name] if unscored is None else unscored), kind="stable")
             state.plan.kept[name] = sorted(int(i) for i in order[:size - r])
             state.plan.sizes[name] = size
