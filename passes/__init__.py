@@ -3,6 +3,7 @@ from prunec.passes.base import PASSES, Pass, PassResult, State, register_pass, r
 from prunec.passes.activation import Activation, ActivationVariance
 from prunec.passes.bn_scale import BNScale
 from prunec.passes.config_heads import ConfigHeads
+from prunec.passes.native_config import NativeConfig
 from prunec.passes.fisher import Fisher
 from prunec.passes.flap import Flap
 from prunec.passes.head_importance import HeadImportance
@@ -24,5 +25,5 @@ from prunec.passes.wanda_sp import WandaSP
 __all__ = ["PASSES", "Pass", "PassResult", "State", "register_pass", "run_passes",
            "Magnitude", "L1", "L2", "BNScale", "ConfigHeads", "Taylor", "Fisher", "OBD", "Activation",
            "ActivationVariance", "Wanda", "ThiNet", "Lasso", "LeastSquaresSelection", "Select",
-           "keep_count", "LatencySelect", "LayerDrop", "Sensitivity", "TargetSearch", "HeadImportance", "Movement",
+           "keep_count", "NativeConfig", "LatencySelect", "LayerDrop", "Sensitivity", "TargetSearch", "HeadImportance", "Movement",
            "Flap", "WandaSP", "Refit"]

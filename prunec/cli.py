@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gqa", choices=["groups", "query"], default="groups",
                    help="--heads on GQA attention (fewer kv than query heads): remove whole kv groups (default), "
                         "or query heads inside every group, the same slots in each, kv heads kept")
+    p.add_argument("--native-config", choices=["auto", "on", "off"], default="auto",
+                   help="diffusers models: widths their config expresses, so from_pretrained reloads them "
+                        "(auto: when every config axis fits, else the free plan; on: only such widths)")
     p.add_argument("--hidden", type=_ratio, default=0.0,
                    help="fraction of residual-stream width to remove (approximate: norms read it)")
     p.add_argument("--layers", type=_ratio, default=0.0, help="fraction of residual blocks to drop")
@@ -284,6 +287,7 @@ def _run_compile(args: argparse.Namespace) -> int:
                                 parts=False,  # artifacts need the whole program: untraceable stays an error
                                 runtime=runtime, target_latency=args.target_latency,
                                 batch=args.batch, threads=args.threads,
+                                native_config={"auto": None, "on": True, "off": False}[args.native_config],
                                 inplace=inplace)  # the original is no teacher: share what stays whole
         from prunec.cli_recover import recover_after_compile
         result = recover_after_compile(args, loaded, result, status)

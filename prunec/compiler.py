@@ -19,9 +19,10 @@ from prunec.diagnose import check_finite, shortfall
 from prunec.dynamic import DynamicProgram, describe_spec, export_program, export_synced, replay
 from prunec.errors import InputError, InternalError, TraceError
 from prunec.module_sync import keep_whole, synced_copy
-from prunec.passes import (PASSES, ConfigHeads, LatencySelect, LayerDrop, LeastSquaresSelection, Pass, Refit,
-                           Select, State, run_passes)
+from prunec.passes import (PASSES, ConfigHeads, LatencySelect, LayerDrop, LeastSquaresSelection, NativeConfig, Pass,
+                           Refit, Select, State, run_passes)
 from prunec.passes.base import Services
+from prunec.passes.native_config import native_rules
 from prunec.passes.select import check_ratio
 from prunec.plan import Plan
 from prunec.program_module import ProgramModule, copy_graph
@@ -150,7 +151,8 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
             dynamic_shapes: Any = None, parts: bool = True, schedule: Any = None,
             recover: dict[str, Any] | None = None, runtime: str | None = None,
             target_latency: float | str | None = None, batch: int = 1, threads: int | None = None,
-            inplace: bool = False, refit: str | None = None, sequential: bool = True, gqa: str = "groups") -> Any:
+            inplace: bool = False, refit: str | None = None, sequential: bool = True, gqa: str = "groups",
+            native_config: bool | None = None) -> Any:
     """Prune ``model`` and return a CompileResult.
 
     ``channels`` applies to conv/linear channel groups (and MLP groups unless ``mlp`` is
@@ -174,10 +176,17 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
     ``gqa`` (attention with fewer kv heads than query heads): 'groups' prunes whole kv groups (a kv head
     with its query heads), 'query' prunes query heads inside every group, the same in-group slots in
     each, kv heads kept (a replayed plan keeps the mode it was made with).
+    ``native_config`` (models whose framework has rules: diffusers UNets/VAE) keeps widths the model's own
+    config expresses (``passes.NativeConfig``), so ``save_pretrained`` output reloads with the framework's
+    ``from_pretrained``: None (default) when some expressible width fits the groups, else the free plan
+    with a note naming why; True: only such widths (nothing pruned if none fits); False: the free plan.
     """
     if gqa not in GQA_MODES:
         raise InputError(f"gqa '{gqa}' is unknown", f"use one of {GQA_MODES}")
     gqa = plan.meta.get("gqa", "groups") if plan is not None else gqa
+    if native_config and native_rules(model) is None:
+        raise InputError(f"native_config=True, but prunec has no config rules for {type(model).__name__}",
+                         "drop it (rules: diffusers UNet2DModel, UNet2DConditionModel, AutoencoderKL)")
     if schedule is not None:
         from prunec.schedule import compile_gradual
         return compile_gradual(model, example_inputs, schedule, recover, compile_once=compile, criterion=criterion,
@@ -211,7 +220,8 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
             pipeline = list(passes) if passes is not None else _default_pipeline(
                 method, ratios, round_to, global_rank, layers, layer_method,
                 hf_heads=hasattr(getattr(model, "config", None), "num_attention_heads"), latency=latency,
-                refit=refit, sequential=sequential)
+                refit=refit, sequential=sequential,
+                native=None if native_config is False or native_rules(model) is None else bool(native_config))
             kinds = ({k for k, v in ratios.items() if v} | set(latency.kinds if latency else ())) \
                 if passes is None else None
             state = run_passes(pipeline, State(model, program, coupling, calib=calib, kinds=kinds,
@@ -284,9 +294,10 @@ def _latency_pass(runtime: str | None, target: float | str | None, ratios: dict[
 def _default_pipeline(method: str, ratios: dict[str, float], round_to: int, global_rank: bool,
                       layers: float, layer_method: str = "angular", hf_heads: bool = False,
                       latency: Pass | None = None, refit: str | None = None,
-                      sequential: bool = True) -> list[Pass]:
-    """``criterion → select [→ config_heads] [→ layer_drop] [→ refit]`` (a selecting criterion such as
-    ThiNet needs no select; ``config_heads``: HF models get head counts their config can express)."""
+                      sequential: bool = True, native: bool | None = None) -> list[Pass]:
+    """``criterion → select [→ config_heads] [→ native_config] [→ layer_drop] [→ refit]`` (a selecting
+    criterion such as ThiNet needs no select; ``config_heads``: HF models get head counts their config can
+    express; ``native_config``: models with framework rules get widths their config expresses)."""
     crit = criterion(method, ratios["channel"], round_to)
     pipeline = [crit]
     if latency is not None and "scores" not in crit.provides:
@@ -301,6 +312,8 @@ def _default_pipeline(method: str, ratios: dict[str, float], round_to: int, glob
                          "or the hidden width", "use a scoring method (l1, taylor, …) for --heads/--hidden")
     if ratios["head"] and hf_heads:
         pipeline.append(ConfigHeads())
+    if native is not None:  # None: no rules or turned off; True: strict (see NativeConfig)
+        pipeline.append(NativeConfig(strict=native))
     if layers:
         pipeline.append(LayerDrop(check_ratio("layers", layers), by=layer_method))
     refit = refit or ("bias" if method == "flap" else "none")

@@ -42,12 +42,12 @@ def _unet_cond() -> tuple[torch.nn.Module, tuple]:
     return model.eval(), (torch.randn(1, 4, 16, 16), torch.tensor([10]), torch.randn(1, 5, 32))
 
 
-def _vae() -> tuple[torch.nn.Module, tuple]:
+def _vae(**kwargs: Any) -> tuple[torch.nn.Module, tuple]:
     diffusers = pytest.importorskip("diffusers")
     model = diffusers.AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(32, 64),
-        latent_channels=4, norm_num_groups=8)
+        latent_channels=4, norm_num_groups=8, **kwargs)
     return model.eval(), (torch.randn(1, 3, 32, 32),)
 
 
@@ -98,6 +98,7 @@ def _diffusers_roundtrip(result: prunec.CompileResult, tmp_path) -> None:
     result.model.save_pretrained(tmp_path)
     reloaded = from_pretrained(type(result.model), tmp_path)
     assert type(reloaded) is type(result.model)
+    assert any(n.startswith("native_config") and "free plan is kept" in n for n in result.report["notes"])
     with torch.no_grad():
         torch.testing.assert_close(_first(reloaded(*result.example_inputs)), _first(result.model(*result.example_inputs)))
 
@@ -190,3 +191,64 @@ def test_sync_note_for_empty_message_error() -> None:
     module, synced, note = _sync(Broken(), {}, program, (x,), {})  # type: ignore[arg-type]
     assert module is program and not synced
     assert note.startswith("user module not synced: AssertionError at ") and "test_frameworks.py" in note
+
+
+def _native_roundtrip(result: prunec.CompileResult, tmp_path) -> torch.Tensor:
+    """save_pretrained → the class's OWN from_pretrained (diffusers' loader); returns |Δ| of the outputs."""
+    from prunec.frameworks.diffusers import check_config
+    assert check_config(result.model) == ""
+    result.model.save_pretrained(tmp_path)
+    reloaded = type(result.model).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        return (_first(reloaded(*result.example_inputs)) - _first(result.model(*result.example_inputs))).abs().max()
+
+
+def _vae_plain() -> tuple[torch.nn.Module, tuple]:
+    """The small VAE without its mid-block attention (a single head as wide as the last block)."""
+    return _vae(mid_block_add_attention=False)
+
+
+def test_native_config_vae_reloads_with_diffusers_own_loader(tmp_path) -> None:
+    """Every width the plan needs is one the config holds: block_out_channels and norm_num_groups scale
+    together, model.config follows, and AutoencoderKL.from_pretrained rebuilds the pruned model."""
+    model, inputs = _vae_plain()
+    result = prunec.compile(model, inputs, channels=0.3, static=True)
+    assert_verified(result)
+    assert result.report["passes"]["native_config"] == {
+        "config": {"block_out_channels": (24, 48), "norm_num_groups": 6}, "refused": []}
+    assert result.model.config.block_out_channels == (24, 48) and result.model.config.norm_num_groups == 6
+    assert result.report["macs_after"] < 0.7 * result.report["macs_before"]
+    assert _native_roundtrip(result, tmp_path) == 0
+    from prunec.frameworks.diffusers import check_config  # shapes alone don't show a GroupNorm's groups:
+    result.model.register_to_config(norm_num_groups=8)  # same shapes, 8 groups of 3 channels
+    assert "num_groups: pruned 6, config builds 8" in check_config(result.model)
+
+
+@pytest.mark.parametrize("build", [_unet, _unet_cond])
+def test_native_config_unets(build, tmp_path) -> None:
+    """A UNet's block_out_channels[0] also sets its sinusoidal time projection (and the GroupNorms over
+    concatenated skips straddle levels), so the default keeps the free plan (see _diffusers_roundtrip);
+    native_config=True prunes only what the config expresses (time_embedding_dim) and reloads natively."""
+    model, inputs = build()
+    result = prunec.compile(model, inputs, channels=0.3, static=True, native_config=True)
+    assert_verified(result)
+    native = result.report["passes"]["native_config"]
+    assert list(native["config"]) == ["time_embedding_dim"] and "conv_in.weight" in native["refused"][0]
+    assert 0 < result.model.config.time_embedding_dim < 128
+    assert result.model.time_embedding.linear_1.weight.shape[0] == result.model.config.time_embedding_dim
+    assert _native_roundtrip(result, tmp_path) == 0
+
+
+def test_native_config_strict_prunes_nothing_it_cannot_express() -> None:
+    """AutoencoderKL's mid-block attention is one head as wide as block_out_channels[-1] (its softmax
+    scale): no smaller width is exact, so native_config=True keeps the model whole, saying why."""
+    model, inputs = _vae()
+    result = prunec.compile(model, inputs, channels=0.3, static=True, native_config=True)
+    assert result.report["macs_after"] == result.report["macs_before"]
+    assert any("nothing pruned" in n and "mid_block.attentions.0.to_q" in n for n in result.report["notes"])
+
+
+def test_native_config_needs_rules() -> None:
+    """Asking for config-expressible widths of a class without rules is the user's error, said at once."""
+    with pytest.raises(prunec.errors.InputError, match="no config rules for Linear"):
+        prunec.compile(torch.nn.Linear(4, 4), torch.randn(1, 4), channels=0.3, native_config=True)

@@ -2,13 +2,15 @@
 
 Module attributes follow the sliced tensors (``Upsample2D``/``Downsample2D`` ``channels``,
 ``ResnetBlock2D`` widths, ``Attention`` ``heads``/``inner_dim``, ``Transformer2DModel``
-``inner_dim``); GroupNorm groups follow through the core table. ``save_pretrained`` works on the
-pruned model as is; ``from_pretrained`` here reloads it (the config keeps the original widths,
-which diffusers' own loader would build); ``check_config`` names the first tensor the config
-can't express.
+``inner_dim``); GroupNorm groups follow through the core table. With the config-expressible plan
+(``passes.NativeConfig``, compile's default for the classes in ``NATIVE``) the model's config
+follows too (``sync_config``), so diffusers' own ``from_pretrained`` reloads ``save_pretrained``'s
+folder; a freer plan reloads through ``from_pretrained`` here. ``check_config`` names the first
+tensor or attribute the config can't express.
 """
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +82,108 @@ def sync_transformer(m: nn.Module) -> None:
     m.out_channels = m.proj_out.weight.shape[0]
 
 
+# Per class, the config entries that set inner widths, as axes the plan may move independently:
+# ("groups", keys): entries that scale with the kept fraction of GroupNorm groups (``norm_num_groups``
+# is one count for every GroupNorm and a GroupNorm'd dim loses whole groups, so all such dims keep
+# the same fraction): block widths and, where an entry counts heads (not their width), heads.
+# ("width", key, default, tensor): one width of its own, dim 0 of ``tensor``, e.g. the time-embedding
+# MLP (default 4 × block 0).
+Axis = tuple
+NATIVE: dict[str, tuple[Axis, ...]] = {
+    "UNet2DModel": (("groups", ("block_out_channels", "norm_num_groups")),  # attention_head_dim: a width
+                    ("width", "time_embedding_dim", lambda c: 4 * c["block_out_channels"][0],
+                     "time_embedding.linear_1.weight")),
+    "UNet2DConditionModel": (("groups", ("block_out_channels", "norm_num_groups", "attention_head_dim",
+                                         "num_attention_heads")),  # attention_head_dim: a head count
+                             ("width", "time_embedding_dim", lambda c: 4 * c["block_out_channels"][0],
+                              "time_embedding.linear_1.weight")),
+    "AutoencoderKL": (("groups", ("block_out_channels", "norm_num_groups")),),
+}
+
+
+def native_axes(model: nn.Module, fraction: float, tries: int = 12) -> list[list[tuple[float, dict[str, Any]]]]:
+    """Per axis of ``NATIVE``, up to ``tries`` (kept fraction, config overrides) the config expresses,
+    nearest ``fraction`` first (ties keep more); [] for a class without rules."""
+    config = dict(getattr(model, "config", {}) or {})
+    out = []
+    for axis in NATIVE.get(type(model).__name__, ()):
+        if axis[0] == "groups":
+            options = _group_options(config, axis[1])
+        else:
+            width = config.get(axis[1]) or axis[2](config)
+            options = [(k / width, {axis[1]: k}) for k in range(1, width)]
+        out.append(sorted(options, key=lambda o: (abs(o[0] - fraction), -o[0]))[:tries])
+    return out
+
+
+def _group_options(config: dict[str, Any], keys: tuple[str, ...]) -> list[tuple[float, dict[str, Any]]]:
+    groups = config.get("norm_num_groups")
+    if not isinstance(groups, int):
+        return []
+    out = []
+    for kept in range(groups - 1, 0, -1):
+        overrides: dict[str, Any] = {}
+        for key in keys:
+            if config.get(key) is None:
+                continue  # e.g. num_attention_heads unset: attention_head_dim counts the heads
+            scaled = _scaled(config[key], kept, groups)
+            if scaled is None:
+                break
+            overrides[key] = scaled
+        else:
+            out.append((kept / groups, overrides))
+    return out
+
+
+def _scaled(value: Any, kept: int, of: int) -> Any:
+    """``value`` (an int or a tuple/list of ints) × kept/of, or None if not whole."""
+    if isinstance(value, int):
+        return value * kept // of if value * kept % of == 0 else None
+    items = [_scaled(v, kept, of) for v in value]
+    return None if any(v is None for v in items) else type(value)(items)
+
+
+def built(model: nn.Module, overrides: dict[str, Any]) -> nn.Module:
+    """The model ``type(model).from_config`` builds with ``overrides``, on the meta device (no memory)."""
+    config = {**_explicit(model.config, overrides), **overrides}
+    with torch.device("meta"):
+        return type(model).from_config(config)
+
+
+def _explicit(config: Any, overrides: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with the overridden keys out of ``_use_default_values`` (which from_config rebuilds
+    from their defaults, ignoring the stored value)."""
+    out = dict(config)
+    if "_use_default_values" in out:
+        out["_use_default_values"] = [k for k in out["_use_default_values"] if k not in overrides]
+    return out
+
+
+def sync_config(m: nn.Module) -> None:
+    """A diffusers model: ``register_to_config`` the widths of ``NATIVE`` its pruned tensors match
+    (only the config-expressible plan does); otherwise the config stays (see ``from_pretrained``)."""
+    state = m.state_dict()
+    config = dict(m.config)
+    norms = {g.num_groups for g in m.modules() if isinstance(g, nn.GroupNorm)}
+    choices: list[list[dict[str, Any]]] = []
+    for axis in NATIVE.get(type(m).__name__, ()):
+        if axis[0] == "groups":  # the pruned GroupNorms hold norm_num_groups' groups
+            choices.append([o for f, o in _group_options(config, axis[1]) if o["norm_num_groups"] in norms])
+        elif axis[3] in state and state[axis[3]].shape[0] != (config.get(axis[1]) or axis[2](config)):
+            choices.append([{axis[1]: state[axis[3]].shape[0]}])
+    for combo in itertools.product(*[c + [{}] for c in choices]):
+        overrides = {k: v for o in combo for k, v in o.items()}
+        if overrides and not _mismatches(built(m, overrides).state_dict(), state):
+            defaults = _explicit(m.config, overrides).get("_use_default_values")
+            m.register_to_config(**overrides, **({"_use_default_values": defaults} if defaults is not None else {}))
+            return
+
+
+def _mismatches(fresh: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> int:
+    """State tensors whose shape ``fresh`` (a built model's state dict) doesn't hold."""
+    return sum(1 for n, t in state.items() if n not in fresh or fresh[n].shape != t.shape)
+
+
 def register() -> None:
     """Add the diffusers classes of this install to the module_sync table."""
     from diffusers.models import downsampling, resnet, upsampling
@@ -101,6 +205,8 @@ def register() -> None:
               if isinstance(c, type) and issubclass(c, nn.Module) and c.__module__ == module.__name__
               and c.__name__.endswith("Block2D")]
     module_sync(*blocks)(sync_block)
+    from diffusers.models.modeling_utils import ModelMixin
+    module_sync(ModelMixin)(sync_config)
 
 
 def from_pretrained(cls: type, path: str | Path, **kwargs: Any) -> nn.Module:
@@ -126,9 +232,12 @@ def from_pretrained(cls: type, path: str | Path, **kwargs: Any) -> nn.Module:
     return model.eval()
 
 
+_ATTRS = ("num_groups", "heads", "scale", "inner_dim")  # what forward reads besides the tensors
+
+
 def check_config(model: nn.Module) -> str:
-    """'' if ``type(model).from_config(model.config)`` holds the pruned state dict, else the first
-    tensor whose shape the config can't express."""
+    """'' if ``type(model).from_config(model.config)`` holds the pruned state dict and builds the same
+    GroupNorm groups and attention heads, else the first tensor or attribute the config can't express."""
     try:
         fresh = type(model).from_config(model.config)
     except (ValueError, TypeError, RuntimeError, AssertionError) as err:
@@ -140,4 +249,11 @@ def check_config(model: nn.Module) -> str:
         if theirs[name].shape != t.shape:
             return (f"config cannot express {name}: pruned {tuple(t.shape)}, "
                     f"config builds {tuple(theirs[name].shape)}")
+    built_modules = dict(fresh.named_modules())
+    for path, mod in model.named_modules():
+        other = built_modules.get(path)
+        for attr in _ATTRS:
+            if other is not None and hasattr(mod, attr) and getattr(mod, attr) != getattr(other, attr, None):
+                return (f"config cannot express {path}.{attr}: pruned {getattr(mod, attr)}, "
+                        f"config builds {getattr(other, attr, None)}")
     return ""
