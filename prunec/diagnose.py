@@ -136,7 +136,7 @@ def inspect_summary(coupling: Coupling) -> dict[str, Any]:
 
 def describe_inspect(s: dict[str, Any]) -> str:
     """The one line `prunec inspect` leads with."""
-    head = (f"nothing is prunable" if not s["groups"] else
+    head = ("nothing is prunable" if not s["groups"] else
             f"{100 * s['prunable_share']:.0f}% of parameters are in {s['groups']} prunable groups")
     if not s["reasons"]:
         return head

@@ -6,7 +6,7 @@ from typing import Iterable
 import torch
 from torch import fx
 
-from prunec.coupling import Coupling, shape_of
+from prunec.coupling import Coupling
 from prunec.cut import Cut, Sizes
 from prunec.layers import drop_branches
 from prunec.plan import Plan
