@@ -26,10 +26,16 @@ from prunec.errors import InputError
 T = TypeVar("T")
 
 
+def has_group() -> bool:
+    """Whether a default process group is initialised (of any size, one rank included)."""
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized()
+
+
 def world() -> tuple[int, int]:
     """(rank, world size) of the default process group; (0, 1) when there is none."""
     import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
+    if has_group():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 

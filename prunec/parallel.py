@@ -18,14 +18,14 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from prunec.distributed import world
+from prunec.distributed import is_distributed
 
 
 def pick_device(requested: str | torch.device | None, student: nn.Module) -> torch.device:
     """``requested``; under a process group with CUDA, ``cuda:$LOCAL_RANK``; else the student's device."""
     if requested is not None:
         return torch.device(requested)
-    if world()[1] > 1 and torch.cuda.is_available():
+    if is_distributed() and torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     first = next(chain(student.parameters(), student.buffers()), None)
     return first.device if first is not None else torch.device("cpu")

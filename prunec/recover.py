@@ -28,7 +28,7 @@ from torch import nn
 
 from prunec.distill import (Features, Step, cycle, evaluate, kd_loss, logits_of, reestimate_batchnorm, shard,
                             split_batch)
-from prunec.distributed import world
+from prunec.distributed import has_group, world
 from prunec.errors import InputError, RecoverError
 from prunec.lora import merge_lora, with_lora
 from prunec.parallel import (fsdp_copy, full_state, load_full_state, load_optimizer_state, optimizer_state,
@@ -112,7 +112,7 @@ class Recovery:
             raise InputError(f"LoRA rank {self.lora} must be ≥ 1", "e.g. lora=8")
         if self.checkpoint_every < 1:
             raise InputError(f"checkpoint_every {self.checkpoint_every} must be ≥ 1", "e.g. 50")
-        if self.fsdp and not _group_initialised():
+        if self.fsdp and not has_group():
             raise InputError("fsdp=True needs a torch.distributed process group",
                              "launch with torchrun or accelerate launch, or drop fsdp")
         if self.fsdp and self.lora:
@@ -132,11 +132,6 @@ def _unwrap(student: Any, example: Any) -> tuple[nn.Module, Any]:
     if hasattr(student, "model") and hasattr(student, "plan") and hasattr(student, "report"):
         return student.model, example if example is not None else student.example_inputs
     return student, example
-
-
-def _group_initialised() -> bool:
-    import torch.distributed as dist
-    return dist.is_available() and dist.is_initialized()
 
 
 class _Loop:
