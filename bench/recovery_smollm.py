@@ -118,7 +118,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--child", default=None)
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--add", type=Path, nargs="*", default=[],
+                    help="logs of --child runs: merge their ROW lines into --out (keyed by cut and mode)")
+    ap.add_argument("--plot", type=Path, default=None, help="draw --out's rows (ppl vs step, KD loss) to this PNG")
     args = ap.parse_args(argv)
+    if args.add or args.plot:
+        if args.add:
+            merge_rows(args.out, args.add)
+        if args.plot:
+            plot(json.loads(args.out.read_text()), args.plot)
+        return 0
     if args.child:
         print("ROW " + json.dumps(child(args)), flush=True)
         return 0
@@ -135,6 +144,43 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, default=str))
     return 0
+
+
+def merge_rows(out: Path, logs: list[Path]) -> None:
+    """Add the ROW line of each child log to ``out``'s rows, replacing a row of the same cut and mode."""
+    result = json.loads(out.read_text()) if out.exists() else {"rows": []}
+    for log in logs:
+        rows = [json.loads(ln[4:]) for ln in log.read_text().splitlines() if ln.startswith("ROW ")]
+        if not rows:
+            raise SystemExit(f"{log}: no ROW line (the child did not finish)")
+        for row in rows:
+            row["log"] = str(log)
+            result["rows"] = [r for r in result["rows"]
+                              if (r.get("cut", "layers"), r["mode"]) != (row["cut"], row["mode"])] + [row]
+    out.write_text(json.dumps(result, indent=1, default=str))
+
+
+def plot(result: dict, path: Path) -> None:
+    """Held-out perplexity (× dense) against recovery steps, and the KD loss per step, for every row."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for row in result["rows"]:
+        label = f"{row.get('cut', 'layers')} cut, {row['mode']}"
+        steps = sorted(row["ppl"], key=int)
+        a.plot([int(s) for s in steps], [row["ppl"][s] / row["ppl_dense"] for s in steps], "o-", label=label)
+        b.plot(row["loss"], lw=0.7, label=label)
+    a.axhline(1.3, ls="--", c="gray", lw=0.8)
+    a.set(xlabel="recovery step", ylabel="held-out perplexity / dense", yscale="log", title="SmolLM2-135M")
+    b.set(xlabel="step", ylabel="KD loss (T=2)", yscale="log")
+    for axis in (a.yaxis, b.yaxis):
+        axis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        axis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    a.legend(), b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
