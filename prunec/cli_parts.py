@@ -36,11 +36,23 @@ def parts_refusal(args: argparse.Namespace, hf_input: bool, out: Path | None) ->
         return f"{flag} is not applied to a model pruned part by part"
     if out is not None and out.suffix == ".pt2":
         return f"-o {out} names an ExportedProgram (.pt2)"
+    if _data_driven(args.method):
+        return (f"--method {args.method} is not supported for parts (it scores units on calibration batches, "
+                "which are whole-model inputs, not what each part reads)")
     for name, why in PARTS_REFUSED.items():
         value = getattr(args, name, None)
         if value and not (name == "refit" and value == "none"):
             return f"--{name.replace('_', '-')} is not supported for parts ({why})"
     return None
+
+
+def _data_driven(method: str) -> bool:
+    """Whether ``--method`` names a criterion that scores on calibration data (its pass takes ``calib``)."""
+    import inspect
+
+    from prunec.compiler import methods
+    from prunec.passes import PASSES
+    return method in methods() and "calib" in inspect.signature(PASSES[method].__init__).parameters
 
 
 def refused(err: TraceError, why: str, out: Path | None) -> InputError:
@@ -50,6 +62,8 @@ def refused(err: TraceError, why: str, out: Path | None) -> InputError:
         fix = "use --target torch (a pickled module + safetensors) or --target onnx: they prune the submodules that export"
     elif why.startswith("-o ") and out is not None:
         fix = f"write -o {out.with_suffix('.pt')} (a pickled module), or use --target onnx"
+    elif why.startswith("--method"):
+        fix = "use a data-free criterion (--method l1, l2, bn or magnitude): then the submodules that export are pruned"
     else:
         fix = f"drop {why.split()[0]}: then the submodules that export are pruned"
     return InputError(f"{first}: only its parts can be pruned, and {why}", fix)

@@ -57,6 +57,7 @@ def test_torch_and_onnx_artifacts_of_a_model_pruned_part_by_part(dense: tuple, t
     (["--target", "executorch"], "--target executorch needs one exported program. Use --target torch"),
     (["-o", "{tmp}/x.pt2"], "-o {tmp}/x.pt2 names an ExportedProgram (.pt2). Write -o {tmp}/x.pt"),
     (["--sparsity", "2:4"], "--sparsity is not supported for parts"),
+    (["--method", "taylor"], "--method taylor is not supported for parts (it scores units on calibration batches"),
 ])
 def test_options_that_need_one_program_are_refused(args: list[str], message: str, dense: tuple, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture, monkeypatch) -> None:
