@@ -6,7 +6,8 @@ docs/detection.md, each run as a subprocess, with its summary, exit code, wall t
 Models (random weights, nothing downloaded): the zoo's `fasterrcnn_mobilenet_v3_large_320_fpn` (default
 score threshold: no detection on a random image); the same with `box_score_thresh=0` (20 detections, but every
 class score ≈ 1/91: near-tied); and *trained-like*: BatchNorm statistics from two random images, class and
-objectness logits rescaled to std 2 and box deltas to std 0.2 (scores spread, boxes near their anchors).
+objectness logits rescaled to std 2 and box deltas to std 0.2 (scores spread, boxes near their anchors); the same
+for ssdlite320_mobilenet_v3_large. The CLI's example image is uniform in [0, 1] for torchvision's detectors.
 """
 from __future__ import annotations
 
@@ -56,7 +57,31 @@ def build(folder: Path) -> dict[str, Path]:
         for b in (rpn.cls_logits.bias, rpn.bbox_pred.bias, box.bbox_pred.bias):
             b.zero_()
     torch.save(m.eval(), paths["trained_like"])
+    paths["ssd_trained_like"] = folder / "ssd_trained_like.pt"
+    torch.save(_ssd_trained_like(), paths["ssd_trained_like"])
     return paths
+
+
+def _ssd_trained_like() -> torch.nn.Module:
+    """SSDlite320 (20 detections) with BatchNorm statistics from images, class logits of std 2, box deltas of std 0.2."""
+    import torchvision
+    m = torchvision.models.get_model("ssdlite320_mobilenet_v3_large", weights=None, weights_backbone=None,
+                                     detections_per_img=20).eval()
+    _bn_from_images(m, 320)
+    out: dict[str, torch.Tensor] = {}
+    heads = {"cls": m.head.classification_head, "reg": m.head.regression_head}
+    hooks = [h.register_forward_hook(lambda mod, i, o, n=n: out.setdefault(n, o)) for n, h in heads.items()]
+    with torch.no_grad():
+        m([torch.rand(3, 320, 320)])
+        for h in hooks:
+            h.remove()
+        for name, scale in (("cls", 2.0), ("reg", 0.2)):
+            for block in heads[name].module_list:
+                last = block[-1] if isinstance(block, torch.nn.Sequential) else block
+                last.weight.mul_(scale / float(out[name].std()))
+                if name == "reg":
+                    last.bias.zero_()
+    return m.eval()
 
 
 def _uptime() -> str:
@@ -78,6 +103,8 @@ def main() -> None:
                 ("thresh0 onnx", [str(paths["thresh0"]), *pickled, "--target", "onnx"]),
                 ("trained_like", [str(paths["trained_like"]), *pickled]),
                 ("trained_like onnx", [str(paths["trained_like"]), *pickled, "--target", "onnx"]),
+                ("ssd_trained_like", [str(paths["ssd_trained_like"]), *pickled]),
+                ("ssd_trained_like onnx", [str(paths["ssd_trained_like"]), *pickled, "--target", "onnx"]),
                 ("zoo executorch", [f"torchvision:{NAME}", "--channels", "0.3", "--target", "executorch"])]
         for label, argv in runs:
             report = Path(d) / "report.json"
