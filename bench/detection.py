@@ -41,19 +41,30 @@ def _ort_latency(path: str, x: np.ndarray, runs: int = 20) -> float:
     return float(np.median(times)) * 1e3
 
 
-def bench_yolo(name: str, size: int = 320) -> dict[str, Any]:
+def prunec_yolo(name: str, size: int = 320, channels: float = 0.3) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    """The dense ``name`` built from its yaml (random weights) and prunec's result at ``channels``."""
     from ultralytics import YOLO as Yolo
     import prunec
-    from prunec.frameworks.ultralytics import save_checkpoint
     model = Yolo(f"{name}.yaml").model.eval()
     x = torch.randn(1, 3, size, size)
     t = time.perf_counter()
-    r = prunec.compile(model, x, channels=0.3)
-    row = {"model": name, "input": size, "compile_s": round(time.perf_counter() - t, 1), **_common(r)}
+    r = prunec.compile(model, x, channels=channels)
+    return model, r, {"model": name, "input": size, "compile_s": round(time.perf_counter() - t, 1), **_common(r)}
+
+
+def yolo_onnx(model: torch.nn.Module, folder: str | Path, tag: str, size: int) -> str:
+    """``model`` through ultralytics' own exporter: save_checkpoint → YOLO(path).export(format="onnx")."""
+    from ultralytics import YOLO as Yolo
+    from prunec.frameworks.ultralytics import save_checkpoint
+    yolo = Yolo(str(save_checkpoint(model, Path(folder) / f"{tag}.pt")))
+    return yolo.export(format="onnx", imgsz=size, simplify=False, verbose=False)
+
+
+def bench_yolo(name: str, size: int = 320) -> dict[str, Any]:
+    model, r, row = prunec_yolo(name, size)
+    x = torch.randn(1, 3, size, size)
     with tempfile.TemporaryDirectory() as d:
-        dense = Yolo(str(save_checkpoint(model, Path(d) / "dense.pt")))
-        pruned = Yolo(str(save_checkpoint(r.model, Path(d) / "pruned.pt")))
-        files = [y.export(format="onnx", imgsz=size, simplify=False, verbose=False) for y in (dense, pruned)]
+        files = [yolo_onnx(m, d, tag, size) for m, tag in ((model, "dense"), (r.model, "pruned"))]
         lat = [_ort_latency(f, x.numpy()) for f in files]
         import onnxruntime as ort
         s = ort.InferenceSession(files[1])

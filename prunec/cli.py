@@ -5,13 +5,14 @@ import argparse
 import gc
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
 from rich.console import Console
 from rich.table import Table
 
-from prunec.errors import InputError, InternalError, PrunecError
+from prunec.errors import InputError, InternalError, PrunecError, TraceError
 from prunec.cli_base import Parser, console
 
 
@@ -239,6 +240,7 @@ def _run_compile(args: argparse.Namespace) -> int:
     import torch
 
     import prunec
+    from prunec.partial import PartsResult
     from prunec.atomic import atomic_path, check_writable
     from prunec.backends import ARTIFACTS, BACKENDS
     from prunec.load import load_model
@@ -277,18 +279,27 @@ def _run_compile(args: argparse.Namespace) -> int:
         passes = _passes(args, loaded, search)
         method, layer_method = _methods(args)
         inplace = not (args.recover_steps and not args.teacher)
-        result = prunec.compile(loaded.model, loaded.example_inputs, example_kwargs=loaded.example_kwargs,
-                                channels=args.channels, mlp=args.mlp, heads=args.heads, hidden=args.hidden,
-                                layers=args.layers, passes=passes,
-                                method=method, layer_method=layer_method, round_to=args.round_to,
-                                global_rank=args.global_rank, refit=args.refit, sequential=args.sequential, gqa=args.gqa,
-                                plan=plan, calib=calib, check=not args.no_verify, progress=progress,
-                                static=args.static, dynamic_shapes=loaded.extra.get("dynamic_shapes"),
-                                parts=False,  # artifacts need the whole program: untraceable stays an error
-                                runtime=runtime, target_latency=args.target_latency,
-                                batch=args.batch, threads=args.threads,
-                                native_config={"auto": None, "on": True, "off": False}[args.native_config],
-                                inplace=inplace)  # the original is no teacher: share what stays whole
+        from prunec.cli_parts import check_whole_output, parts_refusal, refused, write_parts
+        no_parts = parts_refusal(args, hf_input, out if args.output else None)
+        started = time.perf_counter()
+        try:
+            result = prunec.compile(loaded.model, loaded.example_inputs, example_kwargs=loaded.example_kwargs,
+                                    channels=args.channels, mlp=args.mlp, heads=args.heads, hidden=args.hidden,
+                                    layers=args.layers, passes=passes,
+                                    method=method, layer_method=layer_method, round_to=args.round_to,
+                                    global_rank=args.global_rank, refit=args.refit, sequential=args.sequential,
+                                    gqa=args.gqa, plan=plan, calib=calib, check=not args.no_verify, progress=progress,
+                                    static=args.static, dynamic_shapes=loaded.extra.get("dynamic_shapes"),
+                                    parts=no_parts is None,  # the whole model does not export: prune its parts
+                                    runtime=runtime, target_latency=args.target_latency,
+                                    batch=args.batch, threads=args.threads,
+                                    native_config={"auto": None, "on": True, "off": False}[args.native_config],
+                                    inplace=inplace)  # the original is no teacher: share what stays whole
+        except TraceError as err:
+            raise (refused(err, no_parts, out) if no_parts else err) from None
+        if isinstance(result, PartsResult):
+            return write_parts(args, loaded, result, out, time.perf_counter() - started, status)
+        check_whole_output(out, loaded.name)
         from prunec.cli_recover import recover_after_compile
         result = recover_after_compile(args, loaded, result, status)
         if inplace:  # verified: the original's weights are not needed to write the artifact
@@ -328,6 +339,8 @@ def output_path(output: str | None, target: str, hf_input: bool = False) -> tupl
     out = Path(output)
     if hf_input and target == "torch" and out.suffix != ".pt2":
         is_dir = True
+    elif target == "torch" and out.suffix == ".pt":  # a pickled module: models pruned part by part
+        pass
     elif is_dir and suffix.startswith("_"):  # a folder named freely (tensorrt)
         pass
     elif out.suffix == "":

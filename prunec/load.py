@@ -74,7 +74,14 @@ def _zoo(spec: str, shape: tuple[int, ...] | None) -> Loaded:
             return Loaded(model.eval(), default_inputs, name)
         default = shape
     shape = shape or default
-    return Loaded(model.eval(), (torch.randn(*shape),), name)
+    return Loaded(model.eval(), (example_image(model, shape),), name)
+
+
+def example_image(model: torch.nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
+    """A random example input: uniform in [0, 1] for torchvision's detectors (they normalise images in that
+    range themselves; N(0, 1) pixels saturate their scores into ties), N(0, 1) for everything else."""
+    detector = type(model).__module__.startswith("torchvision.models.detection")
+    return torch.rand(*shape) if detector else torch.randn(*shape)
 
 
 def sniff(path: Path) -> str:
@@ -242,7 +249,7 @@ def _pickle(path: Path, shape: tuple[int, ...] | None, trust_pickle: bool) -> Lo
                          "give the architecture as MODEL (e.g. torchvision:resnet50) and the file as --weights")
     if shape is None:
         raise InputError(f"{path} does not record its input shape", "pass --input-shape, e.g. 1,3,224,224")
-    return Loaded(obj.eval(), (torch.randn(*shape),), path.stem)
+    return Loaded(obj.eval(), (example_image(model=obj, shape=shape),), path.stem)
 
 
 def _model_file(path: Path, shape: tuple[int, ...] | None, trust_pickle: bool) -> Loaded:

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import copy
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from prunec import hf
+from prunec.errors import InputError
 
 Sync = Callable[[nn.Module], None]
 SYNC: dict[type, Sync] = {}
@@ -235,3 +237,19 @@ def synced_copy(model: nn.Module, state: dict[str, torch.Tensor],
     if hasattr(new, "config") and type(new).__module__.startswith("transformers"):
         hf.sync_config(new, kept_layers)
     return new
+
+
+def load_pruned(model: nn.Module, weights: str | Path | dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of the dense ``model`` (same class and config as the one pruned) holding the pruned
+    ``weights`` (a safetensors file or a state dict): each module gets the saved tensors' shapes through
+    the same attribute table as compile, then the weights are loaded strictly. No pickle is read."""
+    if not isinstance(weights, dict):
+        from safetensors.torch import load_file
+        weights = load_file(str(weights))
+    try:
+        new = synced_copy(model, weights)
+        new.load_state_dict(weights, strict=True)
+    except (ValueError, RuntimeError) as err:
+        raise InputError(f"the pruned weights do not fit {type(model).__name__}: {str(err).strip()[:200]}",
+                         "pass the dense model the weights were pruned from (same class and config)") from None
+    return new.eval()

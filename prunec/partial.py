@@ -167,7 +167,8 @@ def _assemble(model: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any],
         _set_submodule(pruned, path, result.model)
         _load_matching(reference.get_submodule(path), reference_module(cuts[path]).state_dict())
     with torch.no_grad(), keep_attributes(pruned), keep_attributes(reference):
-        abs_err, rel_err = compare(pruned(*inputs, **kwargs), reference(*inputs, **kwargs))
+        want = reference(*inputs, **kwargs)
+        abs_err, rel_err = compare(pruned(*inputs, **kwargs), want)
         macs = {"macs_before": count_macs(model, inputs, kwargs), "macs_after": count_macs(pruned, inputs, kwargs)}
     _check_ties(boundaries, cuts)  # the in-context check sees each part alone: ties are checked here
     in_context = _parts_in_context(pruned, reference, cuts, inputs, kwargs)
@@ -190,6 +191,10 @@ def _assemble(model: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any],
         # float64: both models cast, when float32 rounding re-ranked (None: not needed, or they don't run in it)
         "verify_end_to_end": {"max_abs_err": abs_err, "rel_err": rel_err, "parts_in_context_rel_err": in_context,
                               "outputs_equal": rel_err <= 1e-4, "float64_rel_err": rel64,
+                              # 0: the example's outputs are empty (no detection above the score threshold):
+                              # outputs_equal then compared nothing; the in-context check still did
+                              "output_elements": sum(t.numel() for t in pytree.tree_leaves(want)
+                                                     if isinstance(t, torch.Tensor)),
                               "outputs_equal_float64": rel64 is not None and rel64 <= 1e-4, "passed": True},
         "module_synced": all(r["synced"] for r in rows),
     }

@@ -1,8 +1,11 @@
 """torch.export → Program: an ATen fx graph plus the FQN of every lifted parameter/buffer."""
 from __future__ import annotations
 
+import contextlib
+import io
 import operator
 import re
+import sys
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -92,7 +95,7 @@ def trace(model: torch.nn.Module, example_inputs: tuple[Any, ...],
     errors = []
     for strict in (False, True):  # non-strict first; TorchDynamo (strict) as the fallback
         try:
-            with torch.no_grad(), keep_attributes(model):
+            with torch.no_grad(), keep_attributes(model), _no_partial_graph():
                 ep = torch.export.export(model, tuple(example_inputs), kwargs or None,
                                          dynamic_shapes=dynamic_shapes, strict=strict)
         except Exception as err:  # export raises many types; keep the first for the message
@@ -112,6 +115,21 @@ def trace(model: torch.nn.Module, example_inputs: tuple[Any, ...],
                      f"{type(err).__name__}: {first_line}",
                      "make the forward traceable (no data-dependent Python control flow), "
                      "or check --input-shape matches what the model expects") from err
+
+
+@contextmanager
+def _no_partial_graph() -> Iterator[None]:
+    """torch.export prints the partial graph of a data-dependent failure (hundreds of lines) to stderr;
+    the TraceError names the failure: pass everything else written to stderr through, drop that graph."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buffer):
+            yield
+    except Exception as err:
+        graph = getattr(err, "partial_fx_graph", None)
+        sys.stderr.write(buffer.getvalue().replace(f"{graph}\n", "") if graph is not None else buffer.getvalue())
+        raise
+    sys.stderr.write(buffer.getvalue())
 
 
 def _data_dependent_size(ep: ExportedProgram) -> str | None:
