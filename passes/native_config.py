@@ -19,10 +19,9 @@ def native_rules(model: torch.nn.Module) -> tuple[Callable[[float], list[list[tu
     """(axes, build) from the model's framework: ``axes(fraction)`` lists per config axis the (kept
     fraction, config overrides) it expresses, nearest first; ``build(overrides)`` the model the config
     builds. None for a model without rules."""
-    try:
-        from diffusers.models.modeling_utils import ModelMixin
-    except ImportError:
-        return None
+    if not any(c.__module__.startswith("diffusers.") for c in type(model).__mro__):
+        return None  # not a diffusers class: don't import diffusers (seconds, and torchao's warnings)
+    from diffusers.models.modeling_utils import ModelMixin
     if not isinstance(model, ModelMixin):
         return None
     from prunec.frameworks.diffusers import NATIVE, built, native_axes
