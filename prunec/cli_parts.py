@@ -19,8 +19,7 @@ PARTS_REFUSED = {"plan": "a saved plan replays one exported program's groups",
                  "target_latency": "latency tables are measured on one exported program",
                  "sparsity": "2:4 is not applied to a model pruned part by part",
                  "recover_steps": "recovery re-traces the whole trained model",
-                 "refit": "parts are pruned without refits",
-                 "calib": "calibration batches are whole-model inputs, not what each part reads"}
+                 "refit": "parts are pruned without refits"}
 
 
 def parts_refusal(args: argparse.Namespace, hf_input: bool, out: Path | None) -> str | None:
@@ -36,23 +35,11 @@ def parts_refusal(args: argparse.Namespace, hf_input: bool, out: Path | None) ->
         return f"{flag} is not applied to a model pruned part by part"
     if out is not None and out.suffix == ".pt2":
         return f"-o {out} names an ExportedProgram (.pt2)"
-    if _data_driven(args.method):
-        return (f"--method {args.method} is not supported for parts (it scores units on calibration batches, "
-                "which are whole-model inputs, not what each part reads)")
     for name, why in PARTS_REFUSED.items():
         value = getattr(args, name, None)
         if value and not (name == "refit" and value == "none"):
             return f"--{name.replace('_', '-')} is not supported for parts ({why})"
     return None
-
-
-def _data_driven(method: str) -> bool:
-    """Whether ``--method`` names a criterion that scores on calibration data (its pass takes ``calib``)."""
-    import inspect
-
-    from prunec.compiler import methods
-    from prunec.passes import PASSES
-    return method in methods() and "calib" in inspect.signature(PASSES[method].__init__).parameters
 
 
 def refused(err: TraceError, why: str, out: Path | None) -> InputError:

@@ -7,7 +7,8 @@ NMS / top-k), prune the largest submodules that export, and leave the rest as wr
 3. Find the tensors that cross between parts (``prunec.ties``): one part returns it, others read it.
    Their dims are tied across the parts (the FPN's output channels and every head's input channels
    drop the same units), or frozen when untraced code reads them too — the report says which and why.
-4. Analyze each part with its tied inputs/outputs open, score and select; choose each tied group's
+4. Analyze each part with its tied inputs/outputs open, score (data-driven criteria on what the part reads
+   from the calibration batches: ``part_calib``) and select; choose each tied group's
    units jointly; rewrite, sync and verify every part against its zeroed reference (tied inputs cut
    alike, tied outputs compared on the kept units).
 5. Put each pruned part, when it is the user's class (synced), into a copy of the model; a part
@@ -77,6 +78,25 @@ def record_calls(model: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, An
     return calls
 
 
+def part_calib(model: nn.Module, paths: list[str], calib: Any) -> dict[str, list[tuple[tuple, dict]]]:
+    """What each part reads on the calibration batches: the whole model runs on every batch with
+    pre-hooks on the parts, every call recorded as (args, kwargs), so a data-driven criterion scores a
+    part on its real inputs (e.g. a head on the FPN features of the calibration images)."""
+    from prunec.calib import call_args
+    seen: dict[str, list[tuple[tuple, dict]]] = {p: [] for p in paths}
+    handles = [model.get_submodule(p).register_forward_pre_hook(
+        lambda m, args, kw, p=p: seen[p].append((tuple(args), dict(kw))), with_kwargs=True) for p in paths]
+    try:
+        with torch.no_grad(), keep_attributes(model):
+            for batch in calib:
+                args, kwargs = call_args(batch)
+                model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
 def find_parts(model: nn.Module, calls: dict[str, tuple], trace_part: Callable[[nn.Module, str], Any]
                ) -> tuple[dict[str, Any], dict[str, str]]:
     """Trace the largest submodules (top-down) that trace on their recorded inputs. Returns
@@ -126,7 +146,10 @@ def compile_parts(model: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, A
         boundaries, untied = [], f"crossing dims not analyzed, all kept: {type(err).__name__}: {str(err)[:200]}"
     opened = open_leaves(boundaries)
     none = (frozenset(), frozenset())
-    states = {p: stages.plan(model.get_submodule(p), prog, *opened.get(p, none), check=check, **options)
+    calib = options.pop("calib", None)
+    batches = part_calib(model, list(programs), calib) if calib is not None else {}
+    states = {p: stages.plan(model.get_submodule(p), prog, *opened.get(p, none), check=check,
+                             calib=batches.get(p) if calib is not None else None, **options)
               for p, prog in programs.items()}
     couplings = {p: s.coupling for p, s in states.items()}
     scores = {p: s.scores for p, s in states.items()}

@@ -57,7 +57,7 @@ def test_torch_and_onnx_artifacts_of_a_model_pruned_part_by_part(dense: tuple, t
     (["--target", "executorch"], "--target executorch needs one exported program. Use --target torch"),
     (["-o", "{tmp}/x.pt2"], "-o {tmp}/x.pt2 names an ExportedProgram (.pt2). Write -o {tmp}/x.pt"),
     (["--sparsity", "2:4"], "--sparsity is not supported for parts"),
-    (["--method", "taylor"], "--method taylor is not supported for parts (it scores units on calibration batches"),
+    (["--refit", "ls"], "--refit is not supported for parts (parts are pruned without refits)"),
 ])
 def test_options_that_need_one_program_are_refused(args: list[str], message: str, dense: tuple, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture, monkeypatch) -> None:
@@ -74,3 +74,22 @@ def test_pickled_output_refused_for_a_model_that_exports_whole(tmp_path: Path, c
     assert main(["zoo:convbn", "--channels", "0.5", "-o", str(tmp_path / "m.pt")]) == 2
     assert "exports whole. Write -o" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_data_driven_method_scores_parts_on_calibration_images(dense: tuple, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    """--calib images go through the whole detector; each part is scored on what it reads."""
+    model, path = dense
+    torch.manual_seed(1)
+    np_path = tmp_path / "calib.npy"
+    import numpy as np
+    np.save(np_path, torch.rand(4, 3, 64, 64).numpy())
+    args = [str(path), *SHAPE, "--calib", str(np_path), "--calib-samples", "4", "-o", str(tmp_path / "a.pt")]
+    assert main([*args, "--method", "activation"]) == 0
+    assert "e2e     PASSED" in capsys.readouterr().out
+    assert main([*args[:-1], str(tmp_path / "l1.pt")]) == 0
+    by_data = torch.load(tmp_path / "a.pt", weights_only=False)
+    by_l1 = torch.load(tmp_path / "l1.pt", weights_only=False)
+    # the same widths, other units: the activations chose them
+    assert by_data.rpn.head.conv[0][0].out_channels == by_l1.rpn.head.conv[0][0].out_channels
+    assert not torch.equal(by_data.rpn.head.conv[0][0].bias, by_l1.rpn.head.conv[0][0].bias)

@@ -2,6 +2,8 @@
 parts pruned, each verified, and the whole model checked end to end against the zeroed reference."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -283,3 +285,23 @@ def test_parts_pruned_with_closed_boundaries_when_the_watch_fails(monkeypatch: p
     neck = result.model.neck
     assert neck.out2.out_channels == neck.p4.out_channels == 24 and neck.lat2.out_channels == 12
     assert result.report["verify_end_to_end"]["outputs_equal"]
+
+
+def test_data_driven_criterion_scores_each_part_on_what_it_reads() -> None:
+    """Calibration batches are whole-model inputs; each part is scored on the inputs it receives."""
+    model = _tiny_detector()
+    x, calib = torch.rand(1, 3, 32, 32), [torch.rand(1, 3, 32, 32) for _ in range(3)]
+    result = prunec.compile(model, (x,), channels=0.5, round_to=1, method="activation", calib=calib)
+    report = result.report
+    assert all(p["synced"] and p["rel_err"] <= 1e-4 for p in report["parts"]), report["parts"]
+    assert report["verify_end_to_end"]["outputs_equal"]
+    # the box head's tower width is its own group: the same units as compiling the box head alone on the
+    # feature maps the calibration images give it
+    with torch.no_grad():
+        feats = [[model.neck(c)["p4"]] for c in calib]
+        alone = prunec.compile(copy.deepcopy(model.box), ([model.neck(x)["p4"]],), channels=0.5, round_to=1,
+                               method="activation", calib=[(f,) for f in feats])
+    assert result.model.box.tower.out_channels == alone.model.tower.out_channels == 12
+    assert torch.equal(result.model.box.tower.bias, alone.model.tower.bias)
+    by_l1 = prunec.compile(model, (x,), channels=0.5, round_to=1)
+    assert not torch.equal(by_l1.model.box.tower.bias, alone.model.tower.bias)  # the data chose other units
