@@ -177,7 +177,7 @@ def plot(result: dict, path: Path) -> None:
     b.set(xlabel="step", ylabel="KD loss (T=2)", yscale="log")
     for axis in (a.yaxis, b.yaxis):
         axis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-        axis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     a.legend(), b.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
