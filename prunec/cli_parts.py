@@ -49,8 +49,6 @@ def refused(err: TraceError, why: str, out: Path | None) -> InputError:
         fix = "use --target torch (a pickled module + safetensors) or --target onnx: they prune the submodules that export"
     elif why.startswith("-o ") and out is not None:
         fix = f"write -o {out.with_suffix('.pt')} (a pickled module), or use --target onnx"
-    elif why.startswith("--method"):
-        fix = "use a data-free criterion (--method l1, l2, bn or magnitude): then the submodules that export are pruned"
     else:
         fix = f"drop {why.split()[0]}: then the submodules that export are pruned"
     return InputError(f"{first}: only its parts can be pruned, and {why}", fix)

@@ -149,7 +149,7 @@ def compile_parts(model: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, A
     calib = options.pop("calib", None)
     batches = part_calib(model, list(programs), calib) if calib is not None else {}
     states = {p: stages.plan(model.get_submodule(p), prog, *opened.get(p, none), check=check,
-                             calib=batches.get(p) if calib is not None else None, **options)
+                             calib=batches.get(p), **options)
               for p, prog in programs.items()}
     couplings = {p: s.coupling for p, s in states.items()}
     scores = {p: s.scores for p, s in states.items()}
