@@ -3,7 +3,9 @@
 With ``ratios`` each group's width is snapped to the widest latency step at or below the width the
 ratio asks for (instead of a fixed ``round_to``); a step is a width faster than every wider one. With ``target`` (a fraction of the
 dense latency, or ms) a greedy knapsack steps groups down their latency staircases, each time where
-the predicted latency falls most per unit of importance lost (HALP / NetAdapt style).
+the predicted latency falls most per unit of importance lost (HALP / NetAdapt style); before it, each
+group's predicted savings are calibrated on the whole model (``prunec.latency.calibrate``), once per
+cached table.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from prunec.errors import InputError, InternalError
-from prunec.latency import LatencyTable, measure, parse_target, profile
+from prunec.latency import LatencyTable, calibrate, measure, parse_target, profile, save
 from prunec.passes.base import Pass, PassResult, State, register_pass
 from prunec.passes.select import check_ratio, keep_count
 from prunec.plan import Plan
@@ -55,7 +57,7 @@ def allocate(table: LatencyTable, scores: dict[str, np.ndarray], target_ms: floa
         best = None
         for w in (w for w in steps[g] if w < widths[g]):
             trial = {**widths, g: w}
-            saved = table.scale * sum(table.op_ms(op, widths) - table.op_ms(op, trial) for op in touching[g])
+            saved = sum(table.op_saved(op, trial) - table.op_saved(op, widths) for op in touching[g])
             lost = gain[g][widths[g]] - gain[g][w]
             if saved > 0 and (best is None or saved / max(lost, 1e-12) > best[0]):
                 best = (saved / max(lost, 1e-12), saved, w)
@@ -101,7 +103,7 @@ class LatencySelect(Pass):
                  ratios: dict[str, float] | None = None, batch: int = 1, threads: int | None = None,
                  kinds: tuple[str, ...] = ("channel", "mlp"), max_ratio: float = 0.9, points: int = 16,
                  rounds: int = 5, table: LatencyTable | None = None, cache: Any = True,
-                 refine: int = 3, measure: bool = True) -> None:
+                 refine: int = 3, measure: bool = True, calibrate: bool = True) -> None:
         self.ratios = {k: check_ratio(k, float(v)) for k, v in (ratios or {}).items() if v}
         if target is None and not self.ratios:
             raise InputError("latency-aware selection needs a latency target or ratios",
@@ -111,6 +113,7 @@ class LatencySelect(Pass):
         self.kinds = tuple(self.ratios) if self.ratios and target is None else kinds
         self.max_ratio, self.points, self.rounds = max_ratio, points, rounds
         self.table, self.cache, self.refine, self.measure = table, cache, refine, measure
+        self.calibrate = calibrate
 
     def _refine(self, state: State, table: LatencyTable, scores: dict[str, np.ndarray], floor: dict[str, int],
                 target_ms: float, widths: dict[str, int], pred: float, info: dict[str, Any]
@@ -145,6 +148,18 @@ class LatencySelect(Pass):
         info["refine"] = tries
         return best[0], best[1]
 
+    def _calibrate(self, state: State, table: LatencyTable, scores: dict[str, np.ndarray], deploy: Any) -> None:
+        """Scale each group's predicted savings by the whole model's (see ``prunec.latency.calibrate``)."""
+        def cut(group: str, width: int) -> Any:
+            plan = Plan(meta={})
+            _keep(plan, state.scores, {group: width})
+            return deploy(plan)[1]
+
+        dense = deploy(Plan(meta={}))[0]   # the unpruned model as compile returns it
+        calibrate(table, {g: len(s) for g, s in scores.items()}, cut, dense, state.program.example_inputs,
+                  rounds=max(self.rounds, 7))
+        save(table)
+
     def run(self, state: State) -> PassResult:
         table = self.table or profile(state.model, state.program, state.coupling, self.runtime, self.batch,
                                       self.threads, self.points, self.rounds, self.cache)
@@ -160,6 +175,10 @@ class LatencySelect(Pass):
             target_ms = value * table.dense_ms if kind == "fraction" else value
             scores = {g.name: state.scores[g.name] for g in groups if g.name in timed}
             floor = {g: max(1, math.ceil(len(s) * (1 - self.max_ratio))) for g, s in scores.items()}
+            deploy = state.services.deployed if state.services is not None else None
+            if self.calibrate and deploy is not None and not table.factors:
+                self._calibrate(state, table, scores, deploy)
+            info["factors"] = _summary(table.factors)
             widths, pred = allocate(table, scores, target_ms, floor)
             info.update(mode="target", target_ms=target_ms)
             if self.refine and state.services is not None and state.services.deployed is not None:
@@ -182,3 +201,11 @@ class LatencySelect(Pass):
         for name, kept in state.plan.kept.items():
             if not kept:
                 raise InternalError(f"latency_select emptied group {name}")
+
+
+def _summary(factors: dict[str, float]) -> dict[str, Any] | None:
+    """Count, min, median and max of the calibration factors (None when not calibrated)."""
+    if not factors:
+        return None
+    v = sorted(factors.values())
+    return {"groups": len(v), "min": v[0], "median": v[len(v) // 2], "max": v[-1]}

@@ -5,6 +5,10 @@ Model: an op's latency with ``c_in`` and ``c_out`` kept is ``T_in(c_in) · T_out
 (each curve measured with the other side whole; depthwise convs get one curve for both). The
 model's latency is the sum over ops, scaled so the unpruned sum equals the dense model measured
 end to end on the same runtime (the ops not timed are assumed to shrink in proportion).
+
+Standalone ops pay layout reorders and dispatch the fused model doesn't (and the model pays
+norms, activations and pooling the ops don't), so ``calibrate`` times the whole model with one group
+cut at a time and scales each group's predicted savings by what the model really saved.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from prunec.errors import InputError, InternalError
 from prunec.runtimes import Runtime, get_runtime, time_interleaved
 from prunec.trace import Program
 
-MODEL_VERSION = 2   # bump when the measuring or the JSON layout changes: old caches stop matching
+MODEL_VERSION = 3   # bump when the measuring or the JSON layout changes: old caches stop matching
 aten = torch.ops.aten
 CONVS = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3}
 Progress = Callable[[str], None]
@@ -136,6 +140,8 @@ class LatencyTable:
     curves: dict[str, dict[str, dict[int, float]]]   # op name → {"in"|"out"|"both": {width: ms}}
     full: dict[str, float]                            # op name → ms with every width whole
     sizes: dict[str, int] = field(default_factory=dict)  # group → units
+    factors: dict[str, float] = field(default_factory=dict)  # group → measured / predicted saving
+    calibration: dict[str, Any] = field(default_factory=dict)  # how the factors were measured
 
     @property
     def scale(self) -> float:
@@ -161,9 +167,18 @@ class LatencyTable:
             t *= self._curve(op.name, "out", widths[op.out_group]) / full
         return t
 
+    def op_saved(self, op: Op, widths: dict[str, int]) -> float:
+        """Predicted end-to-end ms saved by ``op`` at these widths: its standalone saving, scaled to
+        the model and by the calibration factors of the groups that shrink it."""
+        saved = self.scale * (self.full[op.name] - self.op_ms(op, widths))
+        groups = {g for g in (op.in_group, op.out_group) if g in widths and widths[g] < self.sizes.get(g, math.inf)}
+        if not saved or not self.factors or not groups:
+            return saved
+        return saved * sum(self.factors.get(g, 1.0) for g in groups) / len(groups)
+
     def predict(self, widths: dict[str, int]) -> float:
         """Predicted end-to-end ms of the model with these group widths."""
-        return self.scale * sum(self.op_ms(op, widths) for op in self.ops)
+        return self.dense_ms - sum(self.op_saved(op, widths) for op in self.ops)
 
     def group_curve(self, group: str) -> dict[int, float]:
         """Predicted model ms at each timed width of ``group`` (the others whole)."""
@@ -195,8 +210,8 @@ class LatencyTable:
         return [b for a, b in zip(ws, ws[1:]) if span > 0 and curve[b] - curve[a] > rel * span]
 
     def to_json(self) -> dict[str, Any]:
-        return {"meta": self.meta, "dense_ms": self.dense_ms, "sizes": self.sizes,
-                "ops": [op.__dict__ for op in self.ops], "full": self.full,
+        return {"meta": self.meta, "dense_ms": self.dense_ms, "sizes": self.sizes, "factors": self.factors,
+                "calibration": self.calibration, "ops": [op.__dict__ for op in self.ops], "full": self.full,
                 "curves": {o: {s: {str(w): t for w, t in c.items()} for s, c in sides.items()}
                            for o, sides in self.curves.items()}}
 
@@ -206,7 +221,8 @@ class LatencyTable:
         curves = {o: {s: {int(w): float(t) for w, t in c.items()} for s, c in sides.items()}
                   for o, sides in d["curves"].items()}
         return cls(d["meta"], float(d["dense_ms"]), ops, curves, {k: float(v) for k, v in d["full"].items()},
-                   {k: int(v) for k, v in d.get("sizes", {}).items()})
+                   {k: int(v) for k, v in d.get("sizes", {}).items()},
+                   {k: float(v) for k, v in d.get("factors", {}).items()}, d.get("calibration", {}))
 
 
 def cache_dir() -> Path:
@@ -287,12 +303,50 @@ def profile(model: nn.Module, program: Program, coupling: Coupling, runtime: str
     table = LatencyTable({"key_fields": fields, "key": cache_key(fields), "runtime_note": rt.note},
                          dense, ops, curves, full, sizes)
     if path:
-        from prunec.atomic import atomic_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            Path(tmp).write_text(json.dumps(table.to_json()))
         table.meta["cache"] = str(path)
+        save(table)
     return table
+
+
+def save(table: LatencyTable) -> None:
+    """Write ``table`` back to its cache file (``meta["cache"]``), atomically; no file, no write."""
+    if not table.meta.get("cache"):
+        return
+    from prunec.atomic import atomic_path
+    path = Path(table.meta["cache"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(table.to_json()))
+
+
+def calibrate(table: LatencyTable, groups: dict[str, int], deploy: Callable[[str, int], nn.Module],
+              dense: nn.Module, inputs: tuple[Any, ...], rounds: int = 7, chunk: int = 8,
+              progress: Progress | None = None, fraction: float = 0.25) -> None:
+    """Time the whole model with one group at a time cut to about ``fraction`` of its width
+    (``deploy(group, width)`` builds it as compile would return it), interleaved with the dense model
+    in chunks of ``chunk``, and set ``table.factors[g]`` = measured ms saved ÷ predicted ms saved
+    (clipped to [0, 3]; 1 when the table predicts no saving). ``groups``: group → units."""
+    rt = get_runtime(table.meta["key_fields"]["runtime"])
+    batch, threads = table.meta["key_fields"]["batch"], table.meta["key_fields"]["threads"]
+    x = batched(tuple(inputs), batch)
+    todo = []
+    for g, size in groups.items():
+        steps = [w for w in table.steps(g) if w < size] or [w for w in table.group_curve(g) if w < size]
+        if steps:
+            todo.append((g, min(steps, key=lambda w: abs(w - fraction * size))))
+    table.factors, factors, record = {}, {}, {}
+    for i in range(0, len(todo), chunk):
+        part = todo[i:i + chunk]
+        if progress:
+            progress(f"calibrating groups {i + 1}–{i + len(part)} of {len(todo)} end to end")
+        runs = [rt.prepare(dense, x, threads)] + [rt.prepare(deploy(g, w), x, threads) for g, w in part]
+        secs = time_interleaved(runs, rounds, stat="min")
+        for (g, w), sec in zip(part, secs[1:]):
+            measured, predicted = (secs[0] - sec) * 1e3, table.dense_ms - table.predict({g: w})
+            factors[g] = min(3.0, max(0.0, measured / predicted)) if predicted > 1e-9 else 1.0
+            record[g] = {"width": w, "size": groups[g], "dense_ms": secs[0] * 1e3, "cut_ms": sec * 1e3,
+                         "predicted_saved_ms": predicted, "factor": factors[g]}
+    table.factors, table.calibration = factors, {"groups": record, "fraction": fraction, "rounds": rounds}
 
 
 def _measure_ops(ops: list[Op], sizes: dict[str, int], rt: Runtime, batch: int, threads: int,

@@ -68,6 +68,20 @@ def test_allocator_spends_removal_where_latency_per_importance_is_cheapest() -> 
     assert widths["b"] <= 8 and widths["a"] == 16
 
 
+def test_calibration_factors_steer_the_allocator() -> None:
+    """A group whose standalone savings the whole model doesn't deliver (factor 0) is not cut; the
+    prediction counts only what the calibrated groups save."""
+    t = fake_table(LINEAR, LINEAR)
+    scores = {"a": np.ones(16), "b": np.r_[np.ones(8), np.full(8, 1e-3)]}
+    t.factors = {"a": 1.0, "b": 0.0}
+    assert t.predict({"b": 4}) == pytest.approx(t.dense_ms)
+    assert t.predict({"a": 8}) == pytest.approx(fake_table(LINEAR, LINEAR).predict({"a": 8}))
+    widths, pred = allocate(t, scores, 0.8 * t.dense_ms, {"a": 2, "b": 2})
+    assert widths["b"] == 16 and widths["a"] < 16 and pred <= 0.8 * t.dense_ms + 1e-9
+    again = LatencyTable.from_json(json.loads(json.dumps(t.to_json())))
+    assert again.factors == t.factors and again.predict({"a": 8, "b": 4}) == pytest.approx(t.predict({"a": 8, "b": 4}))
+
+
 def test_allocator_unreachable_names_best_reachable() -> None:
     t = fake_table(LINEAR, LINEAR)
     with pytest.raises(InputError, match=r"unreachable: the best reachable is .* ms \(0\.\d+ of the dense"):
@@ -156,4 +170,7 @@ def test_target_latency_end_to_end_on_onnxruntime(tmp_path: Path, capsys: pytest
     assert lat["predicted_ms"] > 0 and lat["measured_ms"] > 0 and lat["dense_ms"] > 0
     assert data["macs_after"] < data["macs_before"]
     assert "latency predicted" in stdout and "measured" in stdout
-    assert list((tmp_path / "cache" / "latency").glob("*.json"))
+    cached = [json.loads(f.read_text()) for f in (tmp_path / "cache" / "latency").glob("*.json")]
+    # each group was calibrated on the whole model once, and the factors went into the cached table
+    assert cached and cached[0]["factors"] and set(cached[0]["factors"]) == set(cached[0]["calibration"]["groups"])
+    assert data["passes"]["latency_select"]["factors"]["groups"] == len(cached[0]["factors"])
