@@ -8,8 +8,10 @@ Per model and batch: a latency table is profiled once on onnxruntime (prunec.lat
 pruning ratio (MACs counted with torch_pruning.utils.count_ops_and_params for every model):
 prunec default (--channels, round_to=8), prunec latency-aware (--channels snapped on the table),
 Torch-Pruning default (MagnitudePruner L1, round_to=None). Then --target-latency 0.5 (the knapsack
-allocator, measured end to end) and plain --channels bisected to the same measured latency, with top-1
-agreement vs dense on a fixed synthetic image set. All rows of one batch are timed interleaved in one
+allocator, measured end to end) on the standalone-op table alone and calibrated on the whole model, and
+plain --channels bisected to the same measured latency, with top-1 agreement vs dense on a fixed image
+set (efficientnet_lite0: ImageNet weights and 260 real photos, bench/real_images.py; torchvision models:
+random weights, synthetic images). All rows of one batch are timed interleaved in one
 loop (order reversed every other round; medians); `uptime` load is recorded before and after.
 efficiency = speedup / MACs reduction.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import statistics
@@ -134,12 +137,20 @@ def time_rows(rows: dict, batch: int, rounds: int, threads: int, tmp: Path) -> d
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
-def run_model(name: str, args, log) -> list[dict]:
+def build(name: str) -> tuple[torch.nn.Module, torch.Tensor, str]:
+    """(model, agreement image set, what the weights are): efficientnet_lite0 with ImageNet weights on
+    real photos (bench/real_images.py), torchvision models with random weights on synthetic images."""
     torch.manual_seed(0)
-    base = getattr(torchvision.models, name)(weights=None).eval()
+    if name == "efficientnet_lite0":
+        from real_images import efficientnet_lite0, photos
+        return efficientnet_lite0(), photos(), "ImageNet weights, 260 real photos"
+    return getattr(torchvision.models, name)(weights=None).eval(), images(), "random weights, synthetic images"
+
+
+def run_model(name: str, args, log) -> list[dict]:
+    base, imgs, weights = build(name)
     dense_macs = old.macs_of(base)
     coupling = prunec.analyze(base, (X,))
-    imgs = images()
     out = []
     tmp = Path(tempfile.mkdtemp(prefix="prunec_lat_"))
     common = {}
@@ -167,14 +178,22 @@ def run_model(name: str, args, log) -> list[dict]:
                                                            "predicted_ms"] / table.dense_ms}
             log(f"{name} b{batch} latency-aware @{target}: ratio {r:.3f} macs {mr:.3f}")
         for goal in args.latency_targets:
-            res = prunec.compile(copy.deepcopy(base), X, passes=[L1(), LatencySelect(
-                target=goal, table=table, batch=batch, threads=args.threads, rounds=args.rounds, measure=False)])
-            info = res.report["passes"]["latency_select"]
-            rows[f"--target-latency {goal}"] = {
-                "tool": "target-latency", "target_latency": goal, "model": res.model,
-                "macs_ratio": old.macs_of(res.model) / dense_macs, "predicted_ratio": info["predicted_ms"] / table.dense_ms,
-                "refine": info.get("refine"), "verify_passed": res.report["verify"]["passed"],
-                **agreement(base, res.model, imgs)}
+            for calibrated in (False, True):   # the standalone-op table alone, then calibrated on the model
+                t0 = time.time()
+                tbl = table if calibrated else dataclasses.replace(table, factors={}, calibration={})
+                res = prunec.compile(copy.deepcopy(base), X, passes=[L1(), LatencySelect(
+                    target=goal, table=tbl, batch=batch, threads=args.threads, rounds=args.rounds, measure=False,
+                    calibrate=calibrated)])
+                info = res.report["passes"]["latency_select"]
+                key = f"--target-latency {goal}" + ("" if calibrated else " (standalone table)")
+                rows[key] = {
+                    "tool": "target-latency" if calibrated else "target-latency standalone", "target_latency": goal,
+                    "model": res.model, "macs_ratio": old.macs_of(res.model) / dense_macs,
+                    "predicted_ratio": info["predicted_ms"] / table.dense_ms, "factors": info.get("factors"),
+                    "compile_s": round(time.time() - t0, 1), "refine": info.get("refine"),
+                    "verify_passed": res.report["verify"]["passed"], **agreement(base, res.model, imgs)}
+                log(f"{name} b{batch} {key}: factors {info.get('factors')}, {rows[key]['compile_s']} s, "
+                    f"in-pass {[round(t['measured_ratio'], 3) for t in info.get('refine') or []]}")
             tries = info.get("refine") or [{"measured_ratio": goal}]
             got = min(tries, key=lambda t: abs(t["measured_ratio"] - goal))["measured_ratio"]  # the one kept
             log(f"{name} b{batch} target {goal}: in-pass measured {[round(t['measured_ratio'], 3) for t in tries]}, "
@@ -189,7 +208,7 @@ def run_model(name: str, args, log) -> list[dict]:
         after = load()
         for key, row in rows.items():
             rec = {k: v for k, v in row.items() if k != "model"}
-            rec.update(model=name, name=key, batch=batch, ms=ms[key], speedup=ms["dense"] / ms[key],
+            rec.update(model=name, weights=weights, name=key, batch=batch, ms=ms[key], speedup=ms["dense"] / ms[key],
                        measured_ratio=ms[key] / ms["dense"], load_before=before, load_after=after,
                        params=sum(p.numel() for p in row["model"].parameters()))
             rec["efficiency"] = rec["speedup"] * row["macs_ratio"]
@@ -208,7 +227,8 @@ def plot(rows: list[dict], png: Path) -> None:
     panels = sorted({(r["model"], r["batch"]) for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
     styles = {"prunec default": ("o", "C0"), "prunec latency-aware": ("s", "C2"), "TP default": ("^", "C3"),
-              "target-latency": ("*", "C1"), "channels same latency": ("D", "C4")}
+              "target-latency": ("*", "C1"), "target-latency standalone": ("P", "C5"),
+              "channels same latency": ("D", "C4")}
     for ax, (model, batch) in zip(axes[0], panels):
         ax.plot([0, 1], [0, 1], "k--", lw=1, label="latency ∝ MACs")
         for tool, (mk, col) in styles.items():

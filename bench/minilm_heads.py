@@ -15,7 +15,8 @@ Criteria (each followed by ``Select({"head": ratio})``, same ratio in every laye
 * ``wanda_sp``, ``flap``: the data-driven width criteria on the calibration documents.
 * ``+ refit``: each criterion again, then ``Refit("ls")``: least-squares refit of every layer's
   ``attention.output.dense`` (with its bias) on the calibration documents, unpadded, one document
-  per batch (padding positions would be fit too) (``--refit``).
+  per batch (padding positions would be fit too) (``--refit``); ``--refit-queries`` adds the
+  calibration queries (the model encodes both).
 
 Reports cosine similarity of mean-pooled embeddings to the dense model's (queries and documents),
 top-1 retrieval agreement with the dense model and retrieval accuracy, measured in this run.
@@ -60,6 +61,8 @@ def main() -> int:
     ap.add_argument("--ratios", default="0.3,0.5")
     ap.add_argument("--refit", action="store_true", help="also run each criterion followed by the LS refit")
     ap.add_argument("--criteria", default="", help="comma list of criterion names to run (default all)")
+    ap.add_argument("--refit-queries", action="store_true",
+                    help="refit on the calibration queries too (the model encodes both), not only the documents")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "minilm_heads.json"))
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -80,7 +83,8 @@ def main() -> int:
     example = encode(docs[:BATCH])
     cal_docs = [encode([d for _, d in calibration[i:i + BATCH]]) for i in range(0, len(calibration), BATCH)]
     # the refit fits every position it sees: calibrate it on unpadded documents, one per batch (any length)
-    cal_free = [dict(tok([d], truncation=True, max_length=SEQ, return_tensors="pt")) for _, d in calibration]
+    texts = [d for _, d in calibration] + ([q for q, _ in calibration] if args.refit_queries else [])
+    cal_free = [dict(tok([t], truncation=True, max_length=SEQ, return_tensors="pt")) for t in texts]
     cal_free = [{"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]} for b in cal_free]
     cal_pairs = [encode([q for q, _ in calibration[i:i + BATCH]] + [d for _, d in calibration[i:i + BATCH]])
                  for i in range(0, len(calibration), BATCH)]
@@ -135,6 +139,7 @@ def main() -> int:
             print(json.dumps({k: v for k, v in row.items() if k != "kept"}), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"n_pairs": len(evaluation), "n_calib_pairs": len(calibration),
+                                          "refit_on": "documents and queries" if args.refit_queries else "documents",
                                           "batch": BATCH, "seq": SEQ, "rows": rows}, indent=1))
     return 0
 

@@ -6,7 +6,7 @@ Every row is one ``prunec hf:DIR --mlp 0.25 --method M [--refit ls] --calib cali
 --seq-len 128 --static -o OUT`` process (timed with /usr/bin/time -v); the output folder is reloaded with
 ``from_pretrained`` and its perplexity measured on the eval windows of bench/smollm_ppl.py (held-out
 Wikipedia summaries, non-overlapping 128-token windows, exp(mean next-token NLL)). Calibration text:
-the first 400 articles of the calibration pool (disjoint from the eval articles), one per line.
+the first ``--articles`` (400) articles of the calibration pool (disjoint from the eval articles), one per line.
 Results → bench/results/smollm_width.json (rows are merged, so rows can be run one at a time).
 """
 from __future__ import annotations
@@ -41,7 +41,8 @@ def row(name: str, args: argparse.Namespace, calib_txt: Path, eval_ids: torch.Te
     cmd = [exe, f"hf:{args.model_dir}", "--mlp", "0.25", "--method", method, "--refit", refit or "none",
            "--calib", str(calib_txt), "--calib-samples", str(args.calib), "--seq-len", "128", "--static", "-o", str(out),
            "--report", str(out) + ".json"]
-    res: dict = {"name": name, "command": " ".join(cmd[1:]), "load_before": load_avg()}
+    res: dict = {"name": name, "command": " ".join(cmd[1:]), "calib_articles": args.articles,
+                 "load_before": load_avg()}
     t = time.perf_counter()
     proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "2"})
@@ -68,6 +69,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/q14")
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--calib", type=int, default=32)
+    ap.add_argument("--articles", type=int, default=400, help="calibration-half articles in the calibration text")
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--out", default=str(ROOT / "bench/results/smollm_width.json"))
     args = ap.parse_args()
@@ -76,13 +78,13 @@ def main() -> None:
     items = wiki_texts()
     half = len(items) // 2
     calib_txt = Path(args.work) / "wiki_calib.txt"
-    calib_txt.write_text("\n".join(text.replace("\n", " ") for _, text in items[:half][:400]) + "\n")
+    calib_txt.write_text("\n".join(text.replace("\n", " ") for _, text in items[:half][:args.articles]) + "\n")
     eval_ids = windows(tok, items[half:], args.windows)
     old = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
     result = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32)",
               "protocol": f"{args.windows} non-overlapping 128-token windows of held-out Wikipedia summaries "
                           f"(second half of the seeded shuffle), exp(mean next-token NLL); calibration "
-                          f"{args.calib} windows × 128 tokens from the first 400 articles of the first half",
+                          f"{args.calib} windows × 128 tokens from the first {args.articles} articles of the first half",
               "rows": old.get("rows", {})}
     if "dense" not in result["rows"] or result["rows"]["dense"].get("windows") != args.windows:
         result["rows"]["dense"] = {"ppl": round(perplexity(model, eval_ids), 3), "windows": args.windows}
