@@ -7,6 +7,7 @@ Per model and batch: a latency table is profiled once on onnxruntime (prunec.lat
 --points widths per group, --threads threads, cached). Rows, all at matched MACs by bisection on the
 pruning ratio (MACs counted with torch_pruning.utils.count_ops_and_params for every model):
 prunec default (--channels, round_to=8), prunec latency-aware (--channels snapped on the table),
+prunec allocator (the --target-latency knapsack on the calibrated table, its goal bisected to the MACs),
 Torch-Pruning default (MagnitudePruner L1, round_to=None). Then --target-latency 0.5 (the knapsack
 allocator, measured end to end) on the standalone-op table alone and calibrated on the whole model, and
 plain --channels bisected to the same measured latency, with top-1 agreement vs dense on a fixed image
@@ -76,9 +77,17 @@ def latency_aware(base, ratio: float, table):
         ratios={"channel": ratio, "mlp": ratio}, table=table, measure=False)])
 
 
-def search(make, dense_macs: int, target: float, iters: int):
-    """Bisection on the ratio for MACs ≈ target (closest point evaluated)."""
-    lo, hi, best, mid = 0.0, 0.9, None, 1 - target ** 0.5
+def allocator(base, goal: float, table, batch: int):
+    """The knapsack allocator (--target-latency goal) on the calibrated table, without the measured re-aim."""
+    return prunec.compile(copy.deepcopy(base), X, passes=[L1(), LatencySelect(
+        target=goal, table=table, batch=batch, refine=0, measure=False)])
+
+
+def search(make, dense_macs: int, target: float, iters: int, knob: str = "ratio"):
+    """Bisection for MACs ≈ target (closest point evaluated) on the pruning ratio (``knob="ratio"``:
+    higher cuts more) or the latency goal (``"goal"``: lower cuts more)."""
+    lo, hi, mid = (0.0, 0.9, 1 - target ** 0.5) if knob == "ratio" else (0.05, 1.0, target)
+    best = None
     for _ in range(iters):
         model = make(mid)
         m = model.model if hasattr(model, "model") else model
@@ -87,7 +96,8 @@ def search(make, dense_macs: int, target: float, iters: int):
             best = (mid, model, mr)
         if abs(mr - target) < 0.01:
             break
-        lo, hi = (mid, hi) if mr > target else (lo, mid)
+        cut_more = mr > target
+        lo, hi = (mid, hi) if cut_more == (knob == "ratio") else (lo, mid)
         mid = (lo + hi) / 2
     return best
 
@@ -177,6 +187,12 @@ def run_model(name: str, args, log) -> list[dict]:
                                                        "predicted_ratio": m.report["passes"]["latency_select"][
                                                            "predicted_ms"] / table.dense_ms}
             log(f"{name} b{batch} latency-aware @{target}: ratio {r:.3f} macs {mr:.3f}")
+            g, m, mr = search(lambda goal: allocator(base, goal, table, batch), dense_macs, target, args.iters + 2, "goal")
+            info = m.report["passes"]["latency_select"]
+            rows[f"prunec allocator @{target}"] = {"tool": "prunec allocator", "target": target, "goal": g,
+                                                   "model": m.model, "macs_ratio": mr, "factors": info.get("factors"),
+                                                   "predicted_ratio": info["predicted_ms"] / table.dense_ms}
+            log(f"{name} b{batch} allocator @{target}: goal {g:.3f} macs {mr:.3f} factors {info.get('factors')}")
         for goal in args.latency_targets:
             for calibrated in (False, True):   # the standalone-op table alone, then calibrated on the model
                 t0 = time.time()
@@ -227,6 +243,7 @@ def plot(rows: list[dict], png: Path) -> None:
     panels = sorted({(r["model"], r["batch"]) for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
     styles = {"prunec default": ("o", "C0"), "prunec latency-aware": ("s", "C2"), "TP default": ("^", "C3"),
+              "prunec allocator": ("X", "C6"),
               "target-latency": ("*", "C1"), "target-latency standalone": ("P", "C5"),
               "channels same latency": ("D", "C4")}
     for ax, (model, batch) in zip(axes[0], panels):
