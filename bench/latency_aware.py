@@ -1,4 +1,4 @@
-"""Latency-aware widths vs fixed round_to vs Torch-Pruning on ONNX Runtime CPU (issue 12).
+"""Latency-aware widths vs fixed round_to vs Torch-Pruning on ONNX Runtime CPU or ExecuTorch XNNPACK (issue 12).
 
     python bench/latency_aware.py --models mobilenet_v3_large,resnet50 --batches 1,8 --rounds 5
     python bench/latency_aware.py --models mobilenet_v3_large --batches 1 --targets 0.5 --rounds 3  # reduced
@@ -74,13 +74,13 @@ def tp_default(base, ratio: float):
 
 def latency_aware(base, ratio: float, table):
     return prunec.compile(copy.deepcopy(base), X, passes=[L1(), LatencySelect(
-        ratios={"channel": ratio, "mlp": ratio}, table=table, measure=False)])
+        table.meta["key_fields"]["runtime"], ratios={"channel": ratio, "mlp": ratio}, table=table, measure=False)])
 
 
 def allocator(base, goal: float, table, batch: int):
     """The knapsack allocator (--target-latency goal) on the calibrated table, without the measured re-aim."""
     return prunec.compile(copy.deepcopy(base), X, passes=[L1(), LatencySelect(
-        target=goal, table=table, batch=batch, refine=0, measure=False)])
+        table.meta["key_fields"]["runtime"], target=goal, table=table, batch=batch, refine=0, measure=False)])
 
 
 def search(make, dense_macs: int, target: float, iters: int, knob: str = "ratio"):
@@ -102,12 +102,13 @@ def search(make, dense_macs: int, target: float, iters: int, knob: str = "ratio"
     return best
 
 
-def same_latency(base, want_ratio: float, batch: int, threads: int, rounds: int, iters: int):
+def same_latency(base, want_ratio: float, batch: int, threads: int, rounds: int, iters: int,
+                 runtime: str = "onnxruntime"):
     """Plain --channels (round_to=8) bisected so its measured latency ratio ≈ ``want_ratio``."""
     lo, hi, best, mid = 0.0, 0.9, None, min(0.9, max(0.0, 1 - want_ratio ** 0.5))
     for _ in range(iters):
         r = prunec.compile(copy.deepcopy(base), X, channels=mid)
-        ms = measure("onnxruntime", {"dense": base, "p": r.model}, (X,), batch, threads, rounds)
+        ms = measure(runtime, {"dense": base, "p": r.model}, (X,), batch, threads, rounds)
         got = ms["p"] / ms["dense"]
         if best is None or abs(got - want_ratio) < abs(best[2] - want_ratio):
             best = (mid, r, got)
@@ -125,8 +126,11 @@ def session(path: Path, threads: int):
     return old.ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def time_rows(rows: dict, batch: int, rounds: int, threads: int, tmp: Path) -> dict:
-    """Median ms of every row's model at ``batch``: ONNX (dynamo=False), ORT sessions, interleaved."""
+def time_rows(rows: dict, batch: int, rounds: int, threads: int, tmp: Path, runtime: str = "onnxruntime") -> dict:
+    """Median ms of every row's model at ``batch``, interleaved: on onnxruntime ONNX (dynamo=False) in ORT
+    sessions as bench/latency.py; on another runtime as prunec.latency.measure deploys it (ExecuTorch: XNNPACK)."""
+    if runtime != "onnxruntime":
+        return measure(runtime, {k: row["model"] for k, row in rows.items()}, (X,), batch, threads, rounds)
     sessions = {}
     for i, (key, row) in enumerate(rows.items()):
         path = tmp / f"{abs(hash(key))}_{i}.onnx"
@@ -176,7 +180,7 @@ def run_model(name: str, args, log) -> list[dict]:
             log(f"{name} TP @{target}: ratio {r:.3f} macs {mr:.3f}")
     for batch in args.batches:
         t0 = time.time()
-        table = profile(base, coupling.program, coupling, "onnxruntime", batch, args.threads, args.points,
+        table = profile(base, coupling.program, coupling, args.runtime, batch, args.threads, args.points,
                         args.rounds)
         log(f"{name} b{batch}: table {len(table.ops)} ops, dense {table.dense_ms:.1f} ms ({time.time() - t0:.0f}s)")
         rows = {"dense": {"tool": "dense", "model": base, "macs_ratio": 1.0, "ratio": 0.0}, **common}
@@ -198,7 +202,7 @@ def run_model(name: str, args, log) -> list[dict]:
                 t0 = time.time()
                 tbl = table if calibrated else dataclasses.replace(table, factors={}, calibration={})
                 res = prunec.compile(copy.deepcopy(base), X, passes=[L1(), LatencySelect(
-                    target=goal, table=tbl, batch=batch, threads=args.threads, rounds=args.rounds, measure=False,
+                    args.runtime, target=goal, table=tbl, batch=batch, threads=args.threads, rounds=args.rounds, measure=False,
                     calibrate=calibrated)])
                 info = res.report["passes"]["latency_select"]
                 key = f"--target-latency {goal}" + ("" if calibrated else " (standalone table)")
@@ -214,17 +218,17 @@ def run_model(name: str, args, log) -> list[dict]:
             got = min(tries, key=lambda t: abs(t["measured_ratio"] - goal))["measured_ratio"]  # the one kept
             log(f"{name} b{batch} target {goal}: in-pass measured {[round(t['measured_ratio'], 3) for t in tries]}, "
                 f"kept {got:.3f}")
-            r, m, ratio = same_latency(base, got, batch, args.threads, args.rounds, args.iters)
+            r, m, ratio = same_latency(base, got, batch, args.threads, args.rounds, args.iters, args.runtime)
             rows[f"--channels @ same latency as {goal}"] = {
                 "tool": "channels same latency", "ratio": r, "model": m.model, "measured_in_search": ratio,
                 "macs_ratio": old.macs_of(m.model) / dense_macs, **agreement(base, m.model, imgs)}
             log(f"{name} b{batch} channels {r:.3f} at same latency: {ratio:.3f}")
         before = load()
-        ms = time_rows(rows, batch, args.rounds, args.threads, tmp)
+        ms = time_rows(rows, batch, args.rounds, args.threads, tmp, args.runtime)
         after = load()
         for key, row in rows.items():
             rec = {k: v for k, v in row.items() if k != "model"}
-            rec.update(model=name, weights=weights, name=key, batch=batch, ms=ms[key], speedup=ms["dense"] / ms[key],
+            rec.update(model=name, weights=weights, runtime=args.runtime, name=key, batch=batch, ms=ms[key], speedup=ms["dense"] / ms[key],
                        measured_ratio=ms[key] / ms["dense"], load_before=before, load_after=after,
                        params=sum(p.numel() for p in row["model"].parameters()))
             rec["efficiency"] = rec["speedup"] * row["macs_ratio"]
@@ -240,20 +244,21 @@ def plot(rows: list[dict], png: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    panels = sorted({(r["model"], r["batch"]) for r in rows})
+    panels = sorted({(r["model"], r["batch"], r.get("runtime", "onnxruntime")) for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
     styles = {"prunec default": ("o", "C0"), "prunec latency-aware": ("s", "C2"), "TP default": ("^", "C3"),
               "prunec allocator": ("X", "C6"),
               "target-latency": ("*", "C1"), "target-latency standalone": ("P", "C5"),
               "channels same latency": ("D", "C4")}
-    for ax, (model, batch) in zip(axes[0], panels):
+    for ax, (model, batch, runtime) in zip(axes[0], panels):
         ax.plot([0, 1], [0, 1], "k--", lw=1, label="latency ∝ MACs")
         for tool, (mk, col) in styles.items():
             pts = sorted((r["macs_ratio"], r["measured_ratio"]) for r in rows
-                         if r["model"] == model and r["batch"] == batch and r["tool"] == tool)
+                         if r["model"] == model and r["batch"] == batch and r["tool"] == tool
+                         and r.get("runtime", "onnxruntime") == runtime)
             if pts:
                 ax.plot(*zip(*pts), marker=mk, color=col, ls="-" if len(pts) > 1 else "", ms=9, label=tool)
-        ax.set_title(f"{model}, onnxruntime CPU, batch {batch}")
+        ax.set_title(f"{model}, {runtime} CPU, batch {batch}")
         ax.set_xlabel("MACs (fraction of dense)")
         ax.set_ylabel("measured latency (fraction of dense)")
         ax.grid(alpha=0.3)
@@ -269,6 +274,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--targets", default="0.5,0.25", help="MACs fractions to match")
     ap.add_argument("--latency-targets", default="0.5")
+    ap.add_argument("--runtime", default="onnxruntime", help="onnxruntime | executorch (XNNPACK) | torch")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--points", type=int, default=16)

@@ -87,10 +87,13 @@ def _prepare_executorch(module: torch.nn.Module, x: tuple[torch.Tensor, ...], th
     from executorch.runtime import Runtime as EtRuntime
     with torch.no_grad():
         ep = torch.export.export(module.eval(), x)
-    program = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch()
-    method = EtRuntime.get().load_program(program.buffer).load_method("forward")
+    buffer = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch().buffer
+    loaded = EtRuntime.get().load_program(buffer)
+    method = loaded.load_method("forward")
     inputs = list(x)
-    return lambda: method.execute(inputs)
+    # the method points into the loaded program and its buffer: the closure keeps both alive
+    # (without them the first execute after garbage collection segfaults)
+    return lambda: (buffer, loaded) and method.execute(inputs)
 
 
 @contextmanager

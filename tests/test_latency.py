@@ -174,3 +174,18 @@ def test_target_latency_end_to_end_on_onnxruntime(tmp_path: Path, capsys: pytest
     # each group was calibrated on the whole model once, and the factors went into the cached table
     assert cached and cached[0]["factors"] and set(cached[0]["factors"]) == set(cached[0]["calibration"]["groups"])
     assert data["passes"]["latency_select"]["factors"]["groups"] == len(cached[0]["factors"])
+
+
+def test_executorch_timer_outlives_garbage_collection() -> None:
+    """The XNNPACK method points into its loaded program: the timer keeps it alive (it segfaulted
+    on the first call after a collection when only the method was kept)."""
+    pytest.importorskip("executorch.runtime")
+    import gc
+
+    from prunec.runtimes import get_runtime
+    run = get_runtime("executorch").prepare(tiny(), (torch.randn(1, 3, 16, 16),), 1)
+    gc.collect()
+    junk = [bytearray(b"\xff" * (1 << 16)) for _ in range(256)]  # reuse whatever memory was freed
+    out = run()
+    del junk
+    assert tuple(out[0].shape) == (1, 10)
