@@ -9,7 +9,8 @@ pruning ratio (MACs counted with torch_pruning.utils.count_ops_and_params for ev
 prunec default (--channels, round_to=8), prunec latency-aware (--channels snapped on the table),
 prunec allocator (the --target-latency knapsack on the calibrated table, its goal bisected to the MACs),
 Torch-Pruning default (MagnitudePruner L1, round_to=None). Then --target-latency 0.5 (the knapsack
-allocator, measured end to end) on the standalone-op table alone and calibrated on the whole model, and
+allocator, measured end to end) three ways: on the standalone-op table alone, calibrated on the whole
+model, and calibrated with the groups' measured output errors weighing their importance (the default), and
 plain --channels bisected to the same measured latency, with top-1 agreement vs dense on a fixed image
 set (efficientnet_lite0: ImageNet weights and 260 real photos, bench/real_images.py; torchvision models:
 random weights, synthetic images). All rows of one batch are timed interleaved in one
@@ -89,7 +90,13 @@ def search(make, dense_macs: int, target: float, iters: int, knob: str = "ratio"
     lo, hi, mid = (0.0, 0.9, 1 - target ** 0.5) if knob == "ratio" else (0.05, 1.0, target)
     best = None
     for _ in range(iters):
-        model = make(mid)
+        try:
+            model = make(mid)
+        except prunec.InputError:   # a latency goal below the best reachable: aim higher
+            if knob != "goal":
+                raise
+            lo, mid = mid, (mid + hi) / 2
+            continue
         m = model.model if hasattr(model, "model") else model
         mr = old.macs_of(m) / dense_macs
         if best is None or abs(mr - target) < abs(best[2] - target):
@@ -198,16 +205,19 @@ def run_model(name: str, args, log) -> list[dict]:
                                                    "predicted_ratio": info["predicted_ms"] / table.dense_ms}
             log(f"{name} b{batch} allocator @{target}: goal {g:.3f} macs {mr:.3f} factors {info.get('factors')}")
         for goal in args.latency_targets:
-            for calibrated in (False, True):   # the standalone-op table alone, then calibrated on the model
+            # the standalone-op table alone; calibrated on the model; calibrated + sensitivity weights (default)
+            for tool, calibrated, sens in (("target-latency standalone", False, False),
+                                           ("target-latency calibrated", True, False), ("target-latency", True, True)):
                 t0 = time.time()
                 tbl = table if calibrated else dataclasses.replace(table, factors={}, calibration={})
                 res = prunec.compile(copy.deepcopy(base), X, passes=[L1(), LatencySelect(
                     args.runtime, target=goal, table=tbl, batch=batch, threads=args.threads, rounds=args.rounds, measure=False,
-                    calibrate=calibrated)])
+                    calibrate=calibrated, sensitivity=sens)])
                 info = res.report["passes"]["latency_select"]
-                key = f"--target-latency {goal}" + ("" if calibrated else " (standalone table)")
+                key = f"--target-latency {goal}" + {"target-latency": "", "target-latency standalone": " (standalone table)",
+                                                    "target-latency calibrated": " (calibrated, no sensitivity)"}[tool]
                 rows[key] = {
-                    "tool": "target-latency" if calibrated else "target-latency standalone", "target_latency": goal,
+                    "tool": tool, "target_latency": goal, "sensitivity": info.get("sensitivity"),
                     "model": res.model, "macs_ratio": old.macs_of(res.model) / dense_macs,
                     "predicted_ratio": info["predicted_ms"] / table.dense_ms, "factors": info.get("factors"),
                     "compile_s": round(time.time() - t0, 1), "refine": info.get("refine"),
@@ -249,6 +259,7 @@ def plot(rows: list[dict], png: Path) -> None:
     styles = {"prunec default": ("o", "C0"), "prunec latency-aware": ("s", "C2"), "TP default": ("^", "C3"),
               "prunec allocator": ("X", "C6"),
               "target-latency": ("*", "C1"), "target-latency standalone": ("P", "C5"),
+              "target-latency calibrated": ("p", "C7"),
               "channels same latency": ("D", "C4")}
     for ax, (model, batch, runtime) in zip(axes[0], panels):
         ax.plot([0, 1], [0, 1], "k--", lw=1, label="latency ∝ MACs")

@@ -5,7 +5,7 @@ ratio asks for (instead of a fixed ``round_to``); a step is a width faster than 
 dense latency, or ms) a greedy knapsack steps groups down their latency staircases, each time where
 the predicted latency falls most per unit of importance lost (HALP / NetAdapt style); before it, each
 group's predicted savings are calibrated on the whole model (``prunec.latency.calibrate``), once per
-cached table.
+cached table, and each group's importance is weighed by the output error its cut causes (``sensitivity``).
 """
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ import math
 from typing import Any
 
 import numpy as np
+import torch
+from torch.utils._pytree import tree_leaves
 
 from prunec.errors import InputError, InternalError
-from prunec.latency import LatencyTable, calibrate, measure, parse_target, profile, save
+from prunec.latency import LatencyTable, calibrate, measure, parse_target, probe_width, profile, save
 from prunec.passes.base import Pass, PassResult, State, register_pass
 from prunec.passes.select import check_ratio, keep_count
 from prunec.plan import Plan
@@ -41,10 +43,13 @@ def importance(scores: np.ndarray) -> np.ndarray:
 
 
 def allocate(table: LatencyTable, scores: dict[str, np.ndarray], target_ms: float,
-             min_keep: dict[str, int]) -> tuple[dict[str, int], float]:
+             min_keep: dict[str, int], weights: dict[str, float] | None = None) -> tuple[dict[str, int], float]:
     """Greedy knapsack: from whole widths, repeatedly move the group whose next lower latency step
     removes the most predicted ms per unit of importance lost, until the prediction ≤ ``target_ms``.
-    Returns (group → width, predicted ms); an InputError names the best reachable if it can't."""
+    ``weights`` (group → cost of a unit of importance, from ``sensitivity``; 1 if absent) make the
+    groups' importances comparable. Returns (group → width, predicted ms); an InputError names the
+    best reachable if it can't."""
+    weights = weights or {}
     steps = {g: [w for w in table.steps(g) if w >= min_keep.get(g, 1)] for g in scores}
     steps = {g: s for g, s in steps.items() if len(s) > 1 or (s and s[-1] < len(scores[g]))}
     gain = {g: importance(scores[g]) for g in steps}
@@ -58,7 +63,7 @@ def allocate(table: LatencyTable, scores: dict[str, np.ndarray], target_ms: floa
         for w in (w for w in steps[g] if w < widths[g]):
             trial = {**widths, g: w}
             saved = sum(table.op_saved(op, trial) - table.op_saved(op, widths) for op in touching[g])
-            lost = gain[g][widths[g]] - gain[g][w]
+            lost = (gain[g][widths[g]] - gain[g][w]) * weights.get(g, 1.0)
             if saved > 0 and (best is None or saved / max(lost, 1e-12) > best[0]):
                 best = (saved / max(lost, 1e-12), saved, w)
         return best
@@ -79,6 +84,34 @@ def allocate(table: LatencyTable, scores: dict[str, np.ndarray], target_ms: floa
         for h in shared & set(moves):
             moves[h] = move(h)
     return widths, table.predict(widths)
+
+
+def output_error(dense: Any, pruned: Any, batches: list[tuple[Any, ...]]) -> float:
+    """Relative L2 error of ``pruned``'s outputs (all float tensors, flattened) against ``dense``'s."""
+    num = den = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            a, b = (torch.cat([t.detach().float().flatten() for t in tree_leaves(m(*batch))
+                               if isinstance(t, torch.Tensor) and t.is_floating_point()]) for m in (dense, pruned))
+            num, den = num + float((a - b).square().sum()), den + float(a.square().sum())
+    return math.sqrt(num / den) if den > 0 else 0.0
+
+
+def sensitivity(table: LatencyTable, scores: dict[str, np.ndarray], cut: Any, dense: Any,
+                batches: list[tuple[Any, ...]], fraction: float = 0.25) -> tuple[dict[str, float], dict[str, float]]:
+    """Each group alone cut to its latency step nearest ``fraction`` (``cut(group, width)`` builds the
+    model): (group → output error, group → error per unit of normalised importance removed). The
+    second is the allocator's weight: a first-order model of the output error that matches the
+    measurement at the probe width, so importances of different groups become comparable."""
+    errors, weights = {}, {}
+    for g, s in scores.items():
+        w = probe_width(table, g, len(s), fraction)
+        if w is None:
+            continue
+        gain = importance(s)
+        errors[g] = output_error(dense, cut(g, w), batches)
+        weights[g] = errors[g] / max(gain[len(s)] - gain[w], 1e-12)
+    return errors, weights
 
 
 def _keep(plan: Plan, scores: dict[str, np.ndarray], widths: dict[str, int]) -> None:
@@ -103,7 +136,7 @@ class LatencySelect(Pass):
                  ratios: dict[str, float] | None = None, batch: int = 1, threads: int | None = None,
                  kinds: tuple[str, ...] = ("channel", "mlp"), max_ratio: float = 0.9, points: int = 16,
                  rounds: int = 5, table: LatencyTable | None = None, cache: Any = True,
-                 refine: int = 3, measure: bool = True, calibrate: bool = True) -> None:
+                 refine: int = 3, measure: bool = True, calibrate: bool = True, sensitivity: bool = True) -> None:
         self.ratios = {k: check_ratio(k, float(v)) for k, v in (ratios or {}).items() if v}
         if target is None and not self.ratios:
             raise InputError("latency-aware selection needs a latency target or ratios",
@@ -113,11 +146,11 @@ class LatencySelect(Pass):
         self.kinds = tuple(self.ratios) if self.ratios and target is None else kinds
         self.max_ratio, self.points, self.rounds = max_ratio, points, rounds
         self.table, self.cache, self.refine, self.measure = table, cache, refine, measure
-        self.calibrate = calibrate
+        self.calibrate, self.sensitivity = calibrate, sensitivity
 
     def _refine(self, state: State, table: LatencyTable, scores: dict[str, np.ndarray], floor: dict[str, int],
-                target_ms: float, widths: dict[str, int], pred: float, info: dict[str, Any]
-                ) -> tuple[dict[str, int], float]:
+                target_ms: float, widths: dict[str, int], pred: float, info: dict[str, Any],
+                weights: dict[str, float]) -> tuple[dict[str, int], float]:
         """Measure the allocation end to end (interleaved with the unpruned model, both as compile
         returns them) and re-aim the predicted target up to ``refine`` times (proportional steps) while the
         measured ratio misses the goal by more than 5 %; keep the allocation measured closest."""
@@ -142,23 +175,40 @@ class LatencySelect(Pass):
             aim *= min(1.5, max(1 / 1.5, goal / ratio))
             aim = min(max(aim, target_ms / 3), target_ms * 2, table.dense_ms * 0.95)
             try:
-                widths, pred = allocate(table, scores, aim, floor)
+                widths, pred = allocate(table, scores, aim, floor, weights)
             except InputError:
                 break  # the re-aimed target is beyond reach: keep the closest allocation
         info["refine"] = tries
         return best[0], best[1]
 
-    def _calibrate(self, state: State, table: LatencyTable, scores: dict[str, np.ndarray], deploy: Any) -> None:
-        """Scale each group's predicted savings by the whole model's (see ``prunec.latency.calibrate``)."""
+    @staticmethod
+    def _cutter(state: State, deploy: Any) -> tuple[Any, Any]:
+        """(the unpruned model, ``cut(group, width)`` → the model with only that group cut), both as
+        compile returns them."""
         def cut(group: str, width: int) -> Any:
             plan = Plan(meta={})
             _keep(plan, state.scores, {group: width})
             return deploy(plan)[1]
+        return deploy(Plan(meta={}))[0], cut
 
-        dense = deploy(Plan(meta={}))[0]   # the unpruned model as compile returns it
+    def _calibrate(self, state: State, table: LatencyTable, scores: dict[str, np.ndarray], deploy: Any) -> None:
+        """Scale each group's predicted savings by the whole model's (see ``prunec.latency.calibrate``)."""
+        dense, cut = self._cutter(state, deploy)
         calibrate(table, {g: len(s) for g, s in scores.items()}, cut, dense, state.program.example_inputs,
                   rounds=max(self.rounds, 7))
         save(table)
+
+    def _weights(self, state: State, table: LatencyTable, scores: dict[str, np.ndarray], deploy: Any,
+                 info: dict[str, Any]) -> dict[str, float]:
+        """The allocator's per-group importance weights from ``sensitivity``, measured on up to 4
+        calibration batches (the example inputs without calibration data)."""
+        batches = list(state.calib)[:4] if state.calib is not None else []
+        batches = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in batches] or \
+            [tuple(state.program.example_inputs)]
+        dense, cut = self._cutter(state, deploy)
+        errors, weights = sensitivity(table, scores, cut, dense, batches)
+        info["sensitivity"] = _summary(errors)
+        return weights
 
     def run(self, state: State) -> PassResult:
         table = self.table or profile(state.model, state.program, state.coupling, self.runtime, self.batch,
@@ -179,10 +229,11 @@ class LatencySelect(Pass):
             if self.calibrate and deploy is not None and not table.factors:
                 self._calibrate(state, table, scores, deploy)
             info["factors"] = _summary(table.factors)
-            widths, pred = allocate(table, scores, target_ms, floor)
+            weights = self._weights(state, table, scores, deploy, info) if self.sensitivity and deploy else {}
+            widths, pred = allocate(table, scores, target_ms, floor, weights)
             info.update(mode="target", target_ms=target_ms)
-            if self.refine and state.services is not None and state.services.deployed is not None:
-                widths, pred = self._refine(state, table, scores, floor, target_ms, widths, pred, info)
+            if self.refine and deploy is not None:
+                widths, pred = self._refine(state, table, scores, floor, target_ms, widths, pred, info, weights)
         else:
             widths = {}
             for g in groups:
@@ -204,7 +255,7 @@ class LatencySelect(Pass):
 
 
 def _summary(factors: dict[str, float]) -> dict[str, Any] | None:
-    """Count, min, median and max of the calibration factors (None when not calibrated)."""
+    """Count, min, median and max of per-group values (None when there are none)."""
     if not factors:
         return None
     v = sorted(factors.values())

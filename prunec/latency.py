@@ -319,6 +319,13 @@ def save(table: LatencyTable) -> None:
         Path(tmp).write_text(json.dumps(table.to_json()))
 
 
+def probe_width(table: LatencyTable, group: str, size: int, fraction: float = 0.25) -> int | None:
+    """The latency step of ``group`` nearest ``fraction`` of its ``size`` units (any timed width if it has
+    no step below ``size``); None when no narrower width was timed."""
+    steps = [w for w in table.steps(group) if w < size] or [w for w in table.group_curve(group) if w < size]
+    return min(steps, key=lambda w: abs(w - fraction * size)) if steps else None
+
+
 def calibrate(table: LatencyTable, groups: dict[str, int], deploy: Callable[[str, int], nn.Module],
               dense: nn.Module, inputs: tuple[Any, ...], rounds: int = 7, chunk: int = 8,
               progress: Progress | None = None, fraction: float = 0.25) -> None:
@@ -329,11 +336,7 @@ def calibrate(table: LatencyTable, groups: dict[str, int], deploy: Callable[[str
     rt = get_runtime(table.meta["key_fields"]["runtime"])
     batch, threads = table.meta["key_fields"]["batch"], table.meta["key_fields"]["threads"]
     x = batched(tuple(inputs), batch)
-    todo = []
-    for g, size in groups.items():
-        steps = [w for w in table.steps(g) if w < size] or [w for w in table.group_curve(g) if w < size]
-        if steps:
-            todo.append((g, min(steps, key=lambda w: abs(w - fraction * size))))
+    todo = [(g, w) for g, size in groups.items() if (w := probe_width(table, g, size, fraction)) is not None]
     table.factors, factors, record = {}, {}, {}
     for i in range(0, len(todo), chunk):
         part = todo[i:i + chunk]

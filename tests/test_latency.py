@@ -11,7 +11,7 @@ import prunec
 from prunec.cli import main
 from prunec.errors import InputError
 from prunec.latency import LatencyTable, Op, candidate_widths, load_cached, parse_target, profile
-from prunec.passes.latency_select import allocate, snap
+from prunec.passes.latency_select import allocate, sensitivity, snap
 
 
 def tiny() -> nn.Module:
@@ -80,6 +80,30 @@ def test_calibration_factors_steer_the_allocator() -> None:
     assert widths["b"] == 16 and widths["a"] < 16 and pred <= 0.8 * t.dense_ms + 1e-9
     again = LatencyTable.from_json(json.loads(json.dumps(t.to_json())))
     assert again.factors == t.factors and again.predict({"a": 8, "b": 4}) == pytest.approx(t.predict({"a": 8, "b": 4}))
+
+
+def test_sensitivity_weights_steer_the_allocator() -> None:
+    """Equal latency and equal normalised scores: the group whose cut hurts the output more (measured)
+    is left whole, and the weight is the measured error per unit of importance removed."""
+    t = fake_table(LINEAR, LINEAR)
+    scores = {"a": np.ones(16), "b": np.ones(16)}
+    dense = nn.Linear(4, 4)
+    errors_by_group = {"a": 0.9, "b": 0.1}
+
+    def cut(group: str, width: int) -> nn.Module:   # a model whose output error is the group's error
+        m = nn.Linear(4, 4)
+        m.load_state_dict(dense.state_dict())
+        with torch.no_grad():
+            m.weight.mul_(1 + errors_by_group[group]), m.bias.mul_(1 + errors_by_group[group])
+        return m
+
+    errors, weights = sensitivity(t, scores, cut, dense, [(torch.randn(8, 4),)])
+    assert errors == pytest.approx(errors_by_group)
+    assert weights["a"] == pytest.approx(0.9 / 12) and weights["b"] == pytest.approx(0.1 / 12)  # probe width 4
+    widths, _ = allocate(t, scores, 0.8 * t.dense_ms, {"a": 2, "b": 2}, weights)
+    assert widths["a"] == 16 and widths["b"] < 16
+    widths, _ = allocate(t, scores, 0.8 * t.dense_ms, {"a": 2, "b": 2}, {"a": 0.1, "b": 0.9})
+    assert widths["b"] == 16 and widths["a"] < 16
 
 
 def test_allocator_unreachable_names_best_reachable() -> None:
@@ -174,6 +198,9 @@ def test_target_latency_end_to_end_on_onnxruntime(tmp_path: Path, capsys: pytest
     # each group was calibrated on the whole model once, and the factors went into the cached table
     assert cached and cached[0]["factors"] and set(cached[0]["factors"]) == set(cached[0]["calibration"]["groups"])
     assert data["passes"]["latency_select"]["factors"]["groups"] == len(cached[0]["factors"])
+    # and each group's cut was weighed by the output error it causes (measured on the example input)
+    sens = data["passes"]["latency_select"]["sensitivity"]
+    assert sens["groups"] == len(cached[0]["factors"]) and 0 < sens["min"] <= sens["max"]
 
 
 def test_executorch_timer_outlives_garbage_collection() -> None:
