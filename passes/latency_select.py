@@ -86,6 +86,21 @@ def allocate(table: LatencyTable, scores: dict[str, np.ndarray], target_ms: floa
     return widths, table.predict(widths)
 
 
+def next_aim(tries: list[dict[str, float]], target_ms: float, dense_ms: float) -> float:
+    """The next predicted-ms aim after measured ``tries`` (each: aim_ms, measured_ratio, goal). Once an aim
+    measured too fast and a larger one too slow, bisect between them (the allocation is a step function of
+    the aim, so proportional steps can oscillate across the goal); before that a proportional step from the
+    last try, at most ×/÷ 1.5. Kept within [target/3, min(2·target, 0.95·dense)]."""
+    fast = [t["aim_ms"] for t in tries if t["measured_ratio"] < t["goal"]]
+    slow = [t["aim_ms"] for t in tries if t["measured_ratio"] > t["goal"]]
+    if fast and slow and max(fast) < min(slow):
+        aim = (max(fast) + min(slow)) / 2
+    else:
+        last = tries[-1]
+        aim = last["aim_ms"] * min(1.5, max(1 / 1.5, last["goal"] / last["measured_ratio"]))
+    return min(max(aim, target_ms / 3), target_ms * 2, dense_ms * 0.95)
+
+
 def output_error(dense: Any, pruned: Any, batches: list[tuple[Any, ...]]) -> float:
     """Relative L2 error of ``pruned``'s outputs (all float tensors, flattened) against ``dense``'s."""
     num = den = 0.0
@@ -152,7 +167,7 @@ class LatencySelect(Pass):
                 target_ms: float, widths: dict[str, int], pred: float, info: dict[str, Any],
                 weights: dict[str, float]) -> tuple[dict[str, int], float]:
         """Measure the allocation end to end (interleaved with the unpruned model, both as compile
-        returns them) and re-aim the predicted target up to ``refine`` times (proportional steps) while the
+        returns them) and re-aim the predicted target up to ``refine`` times (``next_aim``) while the
         measured ratio misses the goal by more than 5 %; keep the allocation measured closest."""
         goal = target_ms / table.dense_ms
         aim, tries, best = target_ms, [], None
@@ -170,10 +185,7 @@ class LatencySelect(Pass):
                 best = (widths, pred, ratio)
             if abs(ratio / goal - 1) <= 0.05 or len(tries) > self.refine:
                 break
-            # proportional re-aim, at most ×/÷ 1.5 a step and within [target/3, min(2·target, 0.95·dense)]:
-            # end-to-end timings on a shared host are noisy, so no secant steps from two close points
-            aim *= min(1.5, max(1 / 1.5, goal / ratio))
-            aim = min(max(aim, target_ms / 3), target_ms * 2, table.dense_ms * 0.95)
+            aim = next_aim(tries, target_ms, table.dense_ms)
             try:
                 widths, pred = allocate(table, scores, aim, floor, weights)
             except InputError:

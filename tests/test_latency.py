@@ -11,7 +11,7 @@ import prunec
 from prunec.cli import main
 from prunec.errors import InputError
 from prunec.latency import LatencyTable, Op, candidate_widths, load_cached, parse_target, profile
-from prunec.passes.latency_select import allocate, sensitivity, snap
+from prunec.passes.latency_select import allocate, next_aim, sensitivity, snap
 
 
 def tiny() -> nn.Module:
@@ -104,6 +104,16 @@ def test_sensitivity_weights_steer_the_allocator() -> None:
     assert widths["a"] == 16 and widths["b"] < 16
     widths, _ = allocate(t, scores, 0.8 * t.dense_ms, {"a": 2, "b": 2}, {"a": 0.1, "b": 0.9})
     assert widths["b"] == 16 and widths["a"] < 16
+
+
+def test_next_aim_bisects_once_the_goal_is_bracketed() -> None:
+    """Proportional steps first; once one aim measured too fast and a larger one too slow, the midpoint."""
+    first = [{"aim_ms": 5.0, "measured_ratio": 0.3, "goal": 0.5}]
+    assert next_aim(first, 5.0, 10.0) == pytest.approx(7.5)            # ×1.5 at most
+    both = first + [{"aim_ms": 7.5, "measured_ratio": 0.65, "goal": 0.5}]
+    assert next_aim(both, 5.0, 10.0) == pytest.approx(6.25)            # not 7.5 × 0.77 = 5.77, then back up
+    noisy = both + [{"aim_ms": 4.0, "measured_ratio": 0.7, "goal": 0.5}]  # a smaller aim measured slower
+    assert next_aim(noisy, 5.0, 10.0) == pytest.approx(4.0 / 1.4)      # no bracket: proportional from the last
 
 
 def test_allocator_unreachable_names_best_reachable() -> None:
