@@ -113,7 +113,7 @@ def output_error(dense: Any, pruned: Any, batches: list[tuple[Any, ...]]) -> flo
 
 
 def sensitivity(table: LatencyTable, scores: dict[str, np.ndarray], cut: Any, dense: Any,
-                batches: list[tuple[Any, ...]], fraction: float = 0.75) -> tuple[dict[str, float], dict[str, float]]:
+                batches: list[tuple[Any, ...]], fraction: float = 0.25) -> tuple[dict[str, float], dict[str, float]]:
     """Each group alone cut to its latency step nearest ``fraction`` (``cut(group, width)`` builds the
     model): (group → output error, group → error per unit of normalised importance removed). The
     second is the allocator's weight: a first-order model of the output error that matches the

@@ -99,7 +99,7 @@ def test_sensitivity_weights_steer_the_allocator() -> None:
 
     errors, weights = sensitivity(t, scores, cut, dense, [(torch.randn(8, 4),)])
     assert errors == pytest.approx(errors_by_group)
-    assert weights["a"] == pytest.approx(0.9 / 4) and weights["b"] == pytest.approx(0.1 / 4)  # probe width 12
+    assert weights["a"] == pytest.approx(0.9 / 12) and weights["b"] == pytest.approx(0.1 / 12)  # probe width 4
     widths, _ = allocate(t, scores, 0.8 * t.dense_ms, {"a": 2, "b": 2}, weights)
     assert widths["a"] == 16 and widths["b"] < 16
     widths, _ = allocate(t, scores, 0.8 * t.dense_ms, {"a": 2, "b": 2}, {"a": 0.1, "b": 0.9})
