@@ -255,13 +255,17 @@ def plot(rows: list[dict], png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     panels = sorted({(r["model"], r["batch"], r.get("runtime", "onnxruntime")) for r in rows})
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
+    cols = min(3, len(panels))
+    rows_n = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5 * cols, 4.2 * rows_n), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
     styles = {"prunec default": ("o", "C0"), "prunec latency-aware": ("s", "C2"), "TP default": ("^", "C3"),
               "prunec allocator": ("X", "C6"),
               "target-latency": ("*", "C1"), "target-latency standalone": ("P", "C5"),
               "target-latency calibrated": ("p", "C7"),
               "channels same latency": ("D", "C4")}
-    for ax, (model, batch, runtime) in zip(axes[0], panels):
+    for ax, (model, batch, runtime) in zip(axes.flat, panels):
         ax.plot([0, 1], [0, 1], "k--", lw=1, label="latency ∝ MACs")
         for tool, (mk, col) in styles.items():
             pts = sorted((r["macs_ratio"], r["measured_ratio"]) for r in rows
