@@ -194,11 +194,15 @@ def test_sync_note_for_empty_message_error() -> None:
 
 
 def _native_roundtrip(result: prunec.CompileResult, tmp_path) -> torch.Tensor:
-    """save_pretrained → the class's OWN from_pretrained (diffusers' loader); returns |Δ| of the outputs."""
+    """save_pretrained → the class's OWN from_pretrained (diffusers' loader); every tensor must come back
+    bit-exact; returns |Δ| of the outputs (not 0: the reloaded tensors are memory-mapped from the
+    safetensors file at addresses not 64-byte aligned, and the CPU kernels round those differently)."""
     from prunec.frameworks.diffusers import check_config
     assert check_config(result.model) == ""
     result.model.save_pretrained(tmp_path)
     reloaded = type(result.model).from_pretrained(tmp_path).eval()
+    mine, theirs = result.model.state_dict(), reloaded.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
     with torch.no_grad():
         return (_first(reloaded(*result.example_inputs)) - _first(result.model(*result.example_inputs))).abs().max()
 
@@ -218,7 +222,7 @@ def test_native_config_vae_reloads_with_diffusers_own_loader(tmp_path) -> None:
         "config": {"block_out_channels": (24, 48), "norm_num_groups": 6}, "refused": []}
     assert result.model.config.block_out_channels == (24, 48) and result.model.config.norm_num_groups == 6
     assert result.report["macs_after"] < 0.7 * result.report["macs_before"]
-    assert _native_roundtrip(result, tmp_path) == 0
+    assert _native_roundtrip(result, tmp_path) < 1e-5
     from prunec.frameworks.diffusers import check_config  # shapes alone don't show a GroupNorm's groups:
     result.model.register_to_config(norm_num_groups=8)  # same shapes, 8 groups of 3 channels
     assert "num_groups: pruned 6, config builds 8" in check_config(result.model)
@@ -236,7 +240,7 @@ def test_native_config_unets(build, tmp_path) -> None:
     assert list(native["config"]) == ["time_embedding_dim"] and "conv_in.weight" in native["refused"][0]
     assert 0 < result.model.config.time_embedding_dim < 128
     assert result.model.time_embedding.linear_1.weight.shape[0] == result.model.config.time_embedding_dim
-    assert _native_roundtrip(result, tmp_path) == 0
+    assert _native_roundtrip(result, tmp_path) < 1e-5
 
 
 def test_native_config_strict_prunes_nothing_it_cannot_express() -> None:
