@@ -8,7 +8,7 @@ Per model and batch: a latency table is profiled once on onnxruntime (prunec.lat
 pruning ratio (MACs counted with torch_pruning.utils.count_ops_and_params for every model):
 prunec default (--channels, round_to=8), prunec latency-aware (--channels snapped on the table),
 prunec allocator (the --target-latency knapsack on the calibrated table, its goal bisected to the MACs),
-Torch-Pruning default (MagnitudePruner L1, round_to=None). Then --target-latency 0.5 (the knapsack
+Torch-Pruning default (MagnitudePruner L1, round_to=None; prunec rows use --method, L1 by default). Then --target-latency 0.5 (the knapsack
 allocator, measured end to end) three ways: on the standalone-op table alone, calibrated on the whole
 model, and calibrated with the groups' measured output errors weighing their importance (the default), and
 plain --channels bisected to the same measured latency, with top-1 agreement vs dense on a fixed image
@@ -40,11 +40,19 @@ import latency as old  # noqa: E402  (bench/latency.py: MACs counter, ONNX expor
 import prunec  # noqa: E402
 import torch_pruning as tp  # noqa: E402
 from prunec.latency import measure, profile  # noqa: E402
-from prunec.passes import L1, LatencySelect  # noqa: E402
+from prunec.compiler import criterion  # noqa: E402
+from prunec.passes import LatencySelect  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "latency_aware.json"
 X = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+METHOD: str = "l1"  # --method: the criterion of every prunec row
+CALIB: list | None = None  # calibration batches of every prunec row (--calib-photos), else None
+
+
+def score():
+    """The --method criterion pass."""
+    return criterion(METHOD)
 
 
 def load() -> list[float]:
@@ -74,13 +82,13 @@ def tp_default(base, ratio: float):
 
 
 def latency_aware(base, ratio: float, table):
-    return prunec.compile(copy.deepcopy(base), X, passes=[L1(), LatencySelect(
+    return prunec.compile(copy.deepcopy(base), X, calib=CALIB, passes=[score(), LatencySelect(
         table.meta["key_fields"]["runtime"], ratios={"channel": ratio, "mlp": ratio}, table=table, measure=False)])
 
 
 def allocator(base, goal: float, table, batch: int):
     """The knapsack allocator (--target-latency goal) on the calibrated table, without the measured re-aim."""
-    return prunec.compile(copy.deepcopy(base), X, passes=[L1(), LatencySelect(
+    return prunec.compile(copy.deepcopy(base), X, calib=CALIB, passes=[score(), LatencySelect(
         table.meta["key_fields"]["runtime"], target=goal, table=table, batch=batch, refine=0, measure=False)])
 
 
@@ -114,7 +122,7 @@ def same_latency(base, want_ratio: float, batch: int, threads: int, rounds: int,
     """Plain --channels (round_to=8) bisected so its measured latency ratio ≈ ``want_ratio``."""
     lo, hi, best, mid = 0.0, 0.9, None, min(0.9, max(0.0, 1 - want_ratio ** 0.5))
     for _ in range(iters):
-        r = prunec.compile(copy.deepcopy(base), X, channels=mid)
+        r = prunec.compile(copy.deepcopy(base), X, channels=mid, method=METHOD, calib=CALIB)
         ms = measure(runtime, {"dense": base, "p": r.model}, (X,), batch, threads, rounds)
         got = ms["p"] / ms["dense"]
         if best is None or abs(got - want_ratio) < abs(best[2] - want_ratio):
@@ -158,25 +166,40 @@ def time_rows(rows: dict, batch: int, rounds: int, threads: int, tmp: Path, runt
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
-def build(name: str) -> tuple[torch.nn.Module, torch.Tensor, str]:
-    """(model, agreement image set, what the weights are): efficientnet_lite0 with ImageNet weights on
-    real photos (bench/real_images.py), torchvision models with random weights on synthetic images."""
+def build(name: str, calib_photos: bool = False) -> tuple[torch.nn.Module, torch.Tensor, str, list | None]:
+    """(model, agreement image set, what the weights are, calibration batches or None): efficientnet_lite0
+    with ImageNet weights on real photos (bench/real_images.py), torchvision models with random weights on
+    synthetic images. ``calib_photos`` splits the photos by picture: 32 images of the even-numbered
+    pictures (4 batches of 8) calibrate, the 130 images of the odd-numbered pictures measure agreement."""
     torch.manual_seed(0)
     if name == "efficientnet_lite0":
         from real_images import efficientnet_lite0, photos
-        return efficientnet_lite0(), photos(), "ImageNet weights, 260 real photos"
-    return getattr(torchvision.models, name)(weights=None).eval(), images(), "random weights, synthetic images"
+        imgs = photos()
+        if not calib_photos:
+            return efficientnet_lite0(), imgs, "ImageNet weights, 260 real photos", None
+        per = imgs.view(26, 10, *imgs.shape[1:])
+        calib = per[0::2].flatten(0, 1)[::4][:32]
+        return (efficientnet_lite0(), per[1::2].flatten(0, 1),
+                "ImageNet weights, 130 real photos (odd pictures); calibration: 32 from the even pictures",
+                [(b,) for b in calib.split(8)])
+    if calib_photos:
+        raise SystemExit("--calib-photos needs real weights: --models efficientnet_lite0")
+    return (getattr(torchvision.models, name)(weights=None).eval(), images(), "random weights, synthetic images",
+            None)
 
 
 def run_model(name: str, args, log) -> list[dict]:
-    base, imgs, weights = build(name)
+    global METHOD, CALIB
+    base, imgs, weights, CALIB = build(name, args.calib_photos)
+    METHOD = args.method
     dense_macs = old.macs_of(base)
     coupling = prunec.analyze(base, (X,))
     out = []
     tmp = Path(tempfile.mkdtemp(prefix="prunec_lat_"))
     common = {}
     for target in ([] if args.skip_macs else args.targets):
-        r, m, mr = search(lambda c: prunec.compile(copy.deepcopy(base), X, channels=c), dense_macs, target, args.iters)
+        r, m, mr = search(lambda c: prunec.compile(copy.deepcopy(base), X, channels=c, method=METHOD,
+                                                                  calib=CALIB), dense_macs, target, args.iters)
         common[f"prunec default @{target}"] = {"tool": "prunec default", "target": target, "ratio": r,
                                                "model": m.model, "macs_ratio": mr}
         log(f"{name} default @{target}: ratio {r:.3f} macs {mr:.3f}")
@@ -210,7 +233,7 @@ def run_model(name: str, args, log) -> list[dict]:
                                            ("target-latency calibrated", True, False), ("target-latency", True, True)):
                 t0 = time.time()
                 tbl = table if calibrated else dataclasses.replace(table, factors={}, calibration={})
-                res = prunec.compile(copy.deepcopy(base), X, passes=[L1(), LatencySelect(
+                res = prunec.compile(copy.deepcopy(base), X, calib=CALIB, passes=[score(), LatencySelect(
                     args.runtime, target=goal, table=tbl, batch=batch, threads=args.threads, rounds=args.rounds, measure=False,
                     calibrate=calibrated, sensitivity=sens)])
                 info = res.report["passes"]["latency_select"]
@@ -295,6 +318,10 @@ def main() -> None:
     ap.add_argument("--points", type=int, default=16)
     ap.add_argument("--iters", type=int, default=4, help="bisection steps per search")
     ap.add_argument("--no-tp", action="store_true")
+    ap.add_argument("--method", default="l1", help="criterion of every prunec row (Torch-Pruning stays L1)")
+    ap.add_argument("--calib-photos", action="store_true",
+                    help="efficientnet_lite0: sensitivity weights measured on 32 photos of pictures the agreement "
+                         "set does not contain (the agreement set is then the other 130)")
     ap.add_argument("--skip-macs", action="store_true", help="only dense, --target-latency and same-latency rows")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "latency_aware.json"))
     ap.add_argument("--plot-only", action="store_true", help="redraw docs/latency.png from the JSON")
