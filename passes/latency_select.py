@@ -3,23 +3,26 @@
 With ``ratios`` each group's width is snapped to the widest latency step at or below the width the
 ratio asks for (instead of a fixed ``round_to``); a step is a width faster than every wider one. With ``target`` (a fraction of the
 dense latency, or ms) a greedy knapsack steps groups down their latency staircases, each time where
-the predicted latency falls most per unit of importance lost (HALP / NetAdapt style); before it, each
-group's predicted savings are calibrated on the whole model (``prunec.latency.calibrate``), once per
-cached table, and each group's importance is weighed by the output error its cut causes (``sensitivity``).
+the predicted latency falls most per unit of cost (HALP / NetAdapt style); before it, each group's
+predicted savings are calibrated on the whole model (``prunec.latency.calibrate``), once per cached
+table, and each group's cost curve is the output error its cut causes, measured at a few widths
+(``sensitivity``).
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils._pytree import tree_leaves
-
+from prunec.calib import Call, calls, with_example_options
 from prunec.errors import InputError, InternalError
 from prunec.latency import LatencyTable, calibrate, measure, parse_target, probe_width, profile, save
 from prunec.passes.base import Pass, PassResult, State, register_pass
 from prunec.passes.select import check_ratio, keep_count
+from prunec.passes.sensitivity import output_error
 from prunec.plan import Plan
 
 
@@ -35,6 +38,9 @@ def snap(table: LatencyTable, group: str, budget: int) -> int:
     return max(w for w in steps if curve[w] <= curve[base])
 
 
+PROBES = (0.75, 0.5, 0.25)  # fractions of a group's units kept where ``sensitivity`` measures its cut
+
+
 def importance(scores: np.ndarray) -> np.ndarray:
     """Prefix sums of the group's scores (normalised by their mean), best first: [0, s1, s1+s2, …]."""
     s = np.asarray(scores, dtype=np.float64)
@@ -42,28 +48,50 @@ def importance(scores: np.ndarray) -> np.ndarray:
     return np.concatenate([[0.0], np.cumsum(np.sort(s)[::-1])])
 
 
+def removed(scores: np.ndarray) -> np.ndarray:
+    """Normalised importance removed when keeping each width 0..size of the group (the best units kept)."""
+    gain = importance(scores)
+    return gain[-1] - gain
+
+
+def error_curve(scores: np.ndarray, measured: dict[int, float]) -> np.ndarray:
+    """The cost of each width 0..size of a group: its squared output error, measured with the group alone
+    cut to each probe width (``measured``: width → relative error; 0 when whole), interpolated in the
+    importance removed between probes and extrapolated past the narrowest one with the last slope; a
+    narrower width never costs less. Squared: independent perturbations of the output add in energy."""
+    x = removed(scores)
+    pts = sorted({len(scores): 0.0, **measured}.items(), reverse=True)  # widest first: x ascending
+    xs = np.array([x[w] for w, _ in pts])
+    ys = np.maximum.accumulate(np.array([e for _, e in pts]) ** 2)
+    curve = np.interp(x, xs, ys)
+    if len(xs) > 1 and xs[-1] > xs[-2]:
+        slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+        curve = np.where(x > xs[-1], ys[-1] + slope * (x - xs[-1]), curve)
+    return curve
+
+
 def allocate(table: LatencyTable, scores: dict[str, np.ndarray], target_ms: float,
-             min_keep: dict[str, int], weights: dict[str, float] | None = None) -> tuple[dict[str, int], float]:
+             min_keep: dict[str, int], costs: dict[str, np.ndarray] | None = None) -> tuple[dict[str, int], float]:
     """Greedy knapsack: from whole widths, repeatedly move the group whose next lower latency step
-    removes the most predicted ms per unit of importance lost, until the prediction ≤ ``target_ms``.
-    ``weights`` (group → cost of a unit of importance, from ``sensitivity``; 1 if absent) make the
-    groups' importances comparable. Returns (group → width, predicted ms); an InputError names the
+    removes the most predicted ms per unit of cost, until the prediction ≤ ``target_ms``. A group's cost
+    at each width 0..size is ``costs[g]`` (measured output errors, ``error_curve``) or, without it, the
+    normalised importance removed. Returns (group → width, predicted ms); an InputError names the
     best reachable if it can't."""
-    weights = weights or {}
+    costs = costs or {}
     steps = {g: [w for w in table.steps(g) if w >= min_keep.get(g, 1)] for g in scores}
     steps = {g: s for g, s in steps.items() if len(s) > 1 or (s and s[-1] < len(scores[g]))}
-    gain = {g: importance(scores[g]) for g in steps}
+    cost = {g: costs[g] if g in costs else removed(scores[g]) for g in steps}
     touching: dict[str, list] = {g: [op for op in table.ops if g in (op.in_group, op.out_group)] for g in steps}
     widths = {g: len(scores[g]) for g in steps}
     pred = table.predict(widths)
 
     def move(g: str) -> tuple[float, float, int] | None:
-        """The lower step of ``g`` with the most predicted ms saved per importance lost."""
+        """The lower step of ``g`` with the most predicted ms saved per unit of cost."""
         best = None
         for w in (w for w in steps[g] if w < widths[g]):
             trial = {**widths, g: w}
             saved = sum(table.op_saved(op, trial) - table.op_saved(op, widths) for op in touching[g])
-            lost = (gain[g][widths[g]] - gain[g][w]) * weights.get(g, 1.0)
+            lost = cost[g][w] - cost[g][widths[g]]
             if saved > 0 and (best is None or saved / max(lost, 1e-12) > best[0]):
                 best = (saved / max(lost, 1e-12), saved, w)
         return best
@@ -101,32 +129,41 @@ def next_aim(tries: list[dict[str, float]], target_ms: float, dense_ms: float) -
     return min(max(aim, target_ms / 3), target_ms * 2, dense_ms * 0.95)
 
 
-def output_error(dense: Any, pruned: Any, batches: list[tuple[Any, ...]]) -> float:
-    """Relative L2 error of ``pruned``'s outputs (all float tensors, flattened) against ``dense``'s."""
-    num = den = 0.0
-    with torch.no_grad():
-        for batch in batches:
-            a, b = (torch.cat([t.detach().float().flatten() for t in tree_leaves(m(*batch))
-                               if isinstance(t, torch.Tensor) and t.is_floating_point()]) for m in (dense, pruned))
-            num, den = num + float((a - b).square().sum()), den + float(a.square().sum())
-    return math.sqrt(num / den) if den > 0 else 0.0
+_MEASURED: dict[tuple[str, int], float] = {}  # (digest of model, batches, group and its scores; width) → error
+
+
+def digest(*parts: Any) -> str:
+    """SHA-1 of the tensors, arrays and other leaves in ``parts`` (a model's state, batches, scores)."""
+    h = hashlib.sha1()
+    for leaf in tree_leaves(parts):
+        if isinstance(leaf, torch.Tensor):
+            leaf = leaf.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        h.update(leaf.tobytes() if isinstance(leaf, np.ndarray) else repr(leaf).encode())
+    return h.hexdigest()
 
 
 def sensitivity(table: LatencyTable, scores: dict[str, np.ndarray], cut: Any, dense: Any,
-                batches: list[tuple[Any, ...]], fraction: float = 0.25) -> tuple[dict[str, float], dict[str, float]]:
-    """Each group alone cut to its latency step nearest ``fraction`` (``cut(group, width)`` builds the
-    model): (group → output error, group → error per unit of normalised importance removed). The
-    second is the allocator's weight: a first-order model of the output error that matches the
-    measurement at the probe width, so importances of different groups become comparable."""
-    errors, weights = {}, {}
+                batches: list[Call], fractions: tuple[float, ...] = PROBES, key: str | None = None
+                ) -> tuple[dict[str, dict[int, float]], dict[str, np.ndarray]]:
+    """Each group alone cut to its latency steps nearest ``fractions`` of its units (``cut(group, width)``
+    builds the model), the relative output error measured on ``batches``: (group → {width: error},
+    group → the allocator's cost of every width, ``error_curve``). Measured curves make the groups'
+    costs comparable, which normalised criterion scores are not. With ``key`` (a digest of the model's
+    state and the batches) errors measured before in this process are reused, e.g. across the compiles
+    of a search."""
+    errors, costs, error_of = {}, {}, output_error(dense, batches)
+    store = _MEASURED if key else {}
     for g, s in scores.items():
-        w = probe_width(table, g, len(s), fraction)
-        if w is None:
+        widths = {w for f in fractions if (w := probe_width(table, g, len(s), f)) is not None}
+        if not widths:
             continue
-        gain = importance(s)
-        errors[g] = output_error(dense, cut(g, w), batches)
-        weights[g] = errors[g] / max(gain[len(s)] - gain[w], 1e-12)
-    return errors, weights
+        memo = digest(key, g, s) if key else g
+        for w in sorted(widths):
+            if (memo, w) not in store:
+                store[memo, w] = error_of(cut(g, w))
+        errors[g] = {w: store[memo, w] for w in sorted(widths)}
+        costs[g] = error_curve(s, errors[g])
+    return errors, costs
 
 
 def _keep(plan: Plan, scores: dict[str, np.ndarray], widths: dict[str, int]) -> None:
@@ -165,7 +202,7 @@ class LatencySelect(Pass):
 
     def _refine(self, state: State, table: LatencyTable, scores: dict[str, np.ndarray], floor: dict[str, int],
                 target_ms: float, widths: dict[str, int], pred: float, info: dict[str, Any],
-                weights: dict[str, float]) -> tuple[dict[str, int], float]:
+                costs: dict[str, np.ndarray]) -> tuple[dict[str, int], float]:
         """Measure the allocation end to end (interleaved with the unpruned model, both as compile
         returns them) and re-aim the predicted target up to ``refine`` times (``next_aim``) while the
         measured ratio misses the goal by more than 5 %; keep the allocation measured closest."""
@@ -187,7 +224,7 @@ class LatencySelect(Pass):
                 break
             aim = next_aim(tries, target_ms, table.dense_ms)
             try:
-                widths, pred = allocate(table, scores, aim, floor, weights)
+                widths, pred = allocate(table, scores, aim, floor, costs)
             except InputError:
                 break  # the re-aimed target is beyond reach: keep the closest allocation
         info["refine"] = tries
@@ -210,17 +247,19 @@ class LatencySelect(Pass):
                   rounds=max(self.rounds, 7))
         save(table)
 
-    def _weights(self, state: State, table: LatencyTable, scores: dict[str, np.ndarray], deploy: Any,
-                 info: dict[str, Any]) -> dict[str, float]:
-        """The allocator's per-group importance weights from ``sensitivity``, measured on up to 4
-        calibration batches (the example inputs without calibration data)."""
-        batches = list(state.calib)[:4] if state.calib is not None else []
-        batches = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in batches] or \
-            [tuple(state.program.example_inputs)]
+    def _costs(self, state: State, table: LatencyTable, scores: dict[str, np.ndarray], deploy: Any,
+               info: dict[str, Any]) -> dict[str, np.ndarray]:
+        """The allocator's per-group costs from ``sensitivity``, measured on up to 4 calibration batches
+        (the example inputs without calibration data); the report summarises each group's error at its
+        narrowest probe."""
+        program = state.program
+        batches = [with_example_options(program, c) for c in calls(state.calib or [])[:4]] or \
+            [(tuple(program.example_inputs), dict(program.example_kwargs))]
         dense, cut = self._cutter(state, deploy)
-        errors, weights = sensitivity(table, scores, cut, dense, batches)
-        info["sensitivity"] = _summary(errors)
-        return weights
+        key = digest(state.model.state_dict(), batches, table.meta["key_fields"])
+        errors, costs = sensitivity(table, scores, cut, dense, batches, key=key)
+        info["sensitivity"] = _summary({g: e[min(e)] for g, e in errors.items()})
+        return costs
 
     def run(self, state: State) -> PassResult:
         table = self.table or profile(state.model, state.program, state.coupling, self.runtime, self.batch,
@@ -241,11 +280,11 @@ class LatencySelect(Pass):
             if self.calibrate and deploy is not None and not table.factors:
                 self._calibrate(state, table, scores, deploy)
             info["factors"] = _summary(table.factors)
-            weights = self._weights(state, table, scores, deploy, info) if self.sensitivity and deploy else {}
-            widths, pred = allocate(table, scores, target_ms, floor, weights)
+            costs = self._costs(state, table, scores, deploy, info) if self.sensitivity and deploy else {}
+            widths, pred = allocate(table, scores, target_ms, floor, costs)
             info.update(mode="target", target_ms=target_ms)
             if self.refine and deploy is not None:
-                widths, pred = self._refine(state, table, scores, floor, target_ms, widths, pred, info, weights)
+                widths, pred = self._refine(state, table, scores, floor, target_ms, widths, pred, info, costs)
         else:
             widths = {}
             for g in groups:

@@ -11,7 +11,7 @@ import prunec
 from prunec.cli import main
 from prunec.errors import InputError
 from prunec.latency import LatencyTable, Op, candidate_widths, load_cached, parse_target, profile
-from prunec.passes.latency_select import allocate, next_aim, sensitivity, snap
+from prunec.passes.latency_select import allocate, digest, error_curve, next_aim, sensitivity, snap
 
 
 def tiny() -> nn.Module:
@@ -82,28 +82,49 @@ def test_calibration_factors_steer_the_allocator() -> None:
     assert again.factors == t.factors and again.predict({"a": 8, "b": 4}) == pytest.approx(t.predict({"a": 8, "b": 4}))
 
 
-def test_sensitivity_weights_steer_the_allocator() -> None:
-    """Equal latency and equal normalised scores: the group whose cut hurts the output more (measured)
-    is left whole, and the weight is the measured error per unit of importance removed."""
+def test_sensitivity_curves_steer_the_allocator() -> None:
+    """Equal latency and equal normalised scores: the group whose cut hurts the output more (measured at
+    each probe width) is left whole; the cost curve is the squared error, interpolated between probes in
+    the importance removed, never lower for a narrower width."""
     t = fake_table(LINEAR, LINEAR)
     scores = {"a": np.ones(16), "b": np.ones(16)}
     dense = nn.Linear(4, 4)
-    errors_by_group = {"a": 0.9, "b": 0.1}
+    per_unit = {"a": 0.9 / 12, "b": 0.1 / 12}   # relative error per unit removed
 
-    def cut(group: str, width: int) -> nn.Module:   # a model whose output error is the group's error
+    def cut(group: str, width: int) -> nn.Module:   # a model whose output error grows with the cut
         m = nn.Linear(4, 4)
         m.load_state_dict(dense.state_dict())
         with torch.no_grad():
-            m.weight.mul_(1 + errors_by_group[group]), m.bias.mul_(1 + errors_by_group[group])
+            f = 1 + per_unit[group] * (16 - width)
+            m.weight.mul_(f), m.bias.mul_(f)
         return m
 
-    errors, weights = sensitivity(t, scores, cut, dense, [(torch.randn(8, 4),)])
-    assert errors == pytest.approx(errors_by_group)
-    assert weights["a"] == pytest.approx(0.9 / 12) and weights["b"] == pytest.approx(0.1 / 12)  # probe width 4
-    widths, _ = allocate(t, scores, 0.8 * t.dense_ms, {"a": 2, "b": 2}, weights)
+    errors, costs = sensitivity(t, scores, cut, dense, [((torch.randn(8, 4),), {})])
+    assert sorted(errors["a"]) == [4, 8, 12]                      # the steps nearest 25 / 50 / 75 % kept
+    assert errors["a"][4] == pytest.approx(0.9, rel=1e-5) and errors["b"][8] == pytest.approx(0.1 * 8 / 12, rel=1e-5)
+    assert costs["a"][16] == 0 and costs["a"][4] == pytest.approx(0.81, rel=1e-5)
+    assert costs["a"][10] == pytest.approx((costs["a"][8] + costs["a"][12]) / 2)   # interpolated
+    assert costs["a"][2] > costs["a"][4] and np.all(np.diff(costs["a"]) <= 1e-12)  # extrapolated, monotone
+    widths, _ = allocate(t, scores, 0.8 * t.dense_ms, {"a": 2, "b": 2}, costs)
     assert widths["a"] == 16 and widths["b"] < 16
-    widths, _ = allocate(t, scores, 0.8 * t.dense_ms, {"a": 2, "b": 2}, {"a": 0.1, "b": 0.9})
+    widths, _ = allocate(t, scores, 0.8 * t.dense_ms, {"a": 2, "b": 2}, {"a": costs["b"], "b": costs["a"]})
     assert widths["b"] == 16 and widths["a"] < 16
+    made = []
+    again = sensitivity(t, scores, lambda g, w: made.append(g) or cut(g, w), dense, [((torch.randn(8, 4),), {})],
+                        key=digest(dense.state_dict(), "batches 1"))
+    assert len(made) == 6 and again[0]["a"][4] == pytest.approx(0.9, rel=1e-5)   # 3 probes × 2 groups, measured
+    sensitivity(t, scores, lambda g, w: made.append(g) or cut(g, w), dense, [((torch.randn(8, 4),), {})],
+                key=digest(dense.state_dict(), "batches 1"))
+    assert len(made) == 6                    # same model, batches and scores: reused within the process
+    sensitivity(t, scores, lambda g, w: made.append(g) or cut(g, w), dense, [((torch.randn(8, 4),), {})],
+                key=digest(dense.state_dict(), "batches 2"))
+    assert len(made) == 12
+
+
+def test_error_curve_is_monotone_under_noisy_measurements() -> None:
+    """A narrower probe that measured a smaller error (noise, or a lucky cut) costs as much as the wider one."""
+    curve = error_curve(np.ones(16), {12: 0.5, 8: 0.3, 4: 0.6})
+    assert curve[8] == pytest.approx(0.25) and curve[4] == pytest.approx(0.36) and curve[16] == 0
 
 
 def test_next_aim_bisects_once_the_goal_is_bracketed() -> None:
