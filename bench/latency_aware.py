@@ -7,7 +7,7 @@ Per model and batch: a latency table is profiled once on onnxruntime (prunec.lat
 --points widths per group, --threads threads, cached). Rows, all at matched MACs by bisection on the
 pruning ratio (MACs counted with torch_pruning.utils.count_ops_and_params for every model):
 prunec default (--channels, round_to=8), prunec latency-aware (--channels snapped on the table),
-prunec allocator (the --target-latency knapsack on the calibrated table, its goal bisected to the MACs),
+prunec allocator (--target-latency with its measured re-aim, the goal bisected to the MACs),
 Torch-Pruning default (MagnitudePruner L1, round_to=None; prunec rows use --method, L1 by default). Then --target-latency 0.5 (the knapsack
 allocator, measured end to end) three ways: on the standalone-op table alone, calibrated on the whole
 model, and calibrated with the groups' measured output errors weighing their importance (the default), and
@@ -87,9 +87,10 @@ def latency_aware(base, ratio: float, table):
 
 
 def allocator(base, goal: float, table, batch: int):
-    """The knapsack allocator (--target-latency goal) on the calibrated table, without the measured re-aim."""
+    """``--target-latency goal`` as the CLI runs it (the knapsack on the calibrated table, measured and
+    re-aimed), so the bisection on the goal matches MACs with measured, not predicted, latency."""
     return prunec.compile(copy.deepcopy(base), X, calib=CALIB, passes=[score(), LatencySelect(
-        table.meta["key_fields"]["runtime"], target=goal, table=table, batch=batch, refine=0, measure=False)])
+        table.meta["key_fields"]["runtime"], target=goal, table=table, batch=batch, measure=False)])
 
 
 def search(make, dense_macs: int, target: float, iters: int, knob: str = "ratio"):

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils._pytree import tree_leaves
+
 from prunec.calib import Call, calls, with_example_options
 from prunec.errors import InputError, InternalError
 from prunec.latency import LatencyTable, calibrate, measure, parse_target, probe_width, profile, save
