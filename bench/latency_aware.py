@@ -301,7 +301,11 @@ def plot(rows: list[dict], png: Path) -> None:
         ax.set_xlabel("MACs (fraction of dense)")
         ax.set_ylabel("measured latency (fraction of dense)")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    labels = {}  # one legend for every panel's markers (a panel may lack some rows)
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            labels.setdefault(lab, h)
+    axes[0][0].legend(labels.values(), labels.keys(), fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
 
