@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils._pytree import tree_leaves
 
-from prunec.calib import Call, calls, with_example_options
+from prunec.calib import Call, calls, first_samples, with_example_options
 from prunec.errors import InputError, InternalError
 from prunec.latency import LatencyTable, calibrate, measure, parse_target, probe_width, profile, save
 from prunec.passes.base import Pass, PassResult, State, register_pass
@@ -40,6 +40,7 @@ def snap(table: LatencyTable, group: str, budget: int) -> int:
 
 
 PROBES = (0.75, 0.5, 0.25)  # fractions of a group's units kept where ``sensitivity`` measures its cut
+SAMPLES = 32  # calibration samples it measures on (three forwards over them per group)
 
 
 def importance(scores: np.ndarray) -> np.ndarray:
@@ -250,11 +251,11 @@ class LatencySelect(Pass):
 
     def _costs(self, state: State, table: LatencyTable, scores: dict[str, np.ndarray], deploy: Any,
                info: dict[str, Any]) -> dict[str, np.ndarray]:
-        """The allocator's per-group costs from ``sensitivity``, measured on up to 4 calibration batches
-        (the example inputs without calibration data); the report summarises each group's error at its
-        narrowest probe."""
+        """The allocator's per-group costs from ``sensitivity``, measured on the first ``SAMPLES``
+        calibration samples (the example inputs without calibration data); the report summarises each
+        group's error at its narrowest probe."""
         program = state.program
-        batches = [with_example_options(program, c) for c in calls(state.calib or [])[:4]] or \
+        batches = [with_example_options(program, c) for c in first_samples(calls(state.calib or []), SAMPLES)] or \
             [(tuple(program.example_inputs), dict(program.example_kwargs))]
         dense, cut = self._cutter(state, deploy)
         key = digest(state.model.state_dict(), batches, table.meta["key_fields"])

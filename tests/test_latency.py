@@ -121,6 +121,17 @@ def test_sensitivity_curves_steer_the_allocator() -> None:
     assert len(made) == 12
 
 
+def test_sensitivity_samples_are_capped() -> None:
+    """The curves run three forwards per group over the calibration data: only its first 32 samples, the
+    last batch cut (a keyword input is cut alike; a call without a shared batch dim counts as one)."""
+    from prunec.calib import first_samples
+    batches = [((torch.randn(12, 3), torch.randn(12)), {"mask": torch.ones(12, 5)}) for _ in range(4)]
+    picked = first_samples(batches, 32)
+    assert [c[0][0].shape[0] for c in picked] == [12, 12, 8] and picked[2][1]["mask"].shape == (8, 5)
+    assert torch.equal(picked[2][0][1], batches[2][0][1][:8])
+    assert len(first_samples([((torch.randn(3), torch.randn(4)), {})] * 40, 32)) == 32
+
+
 def test_error_curve_is_monotone_under_noisy_measurements() -> None:
     """A narrower probe that measured a smaller error (noise, or a lucky cut) costs as much as the wider one."""
     curve = error_curve(np.ones(16), {12: 0.5, 8: 0.3, 4: 0.6})
