@@ -147,7 +147,7 @@ def digest(*parts: Any) -> str:
 def sensitivity(table: LatencyTable, scores: dict[str, np.ndarray], cut: Any, dense: Any,
                 batches: list[Call], fractions: tuple[float, ...] = PROBES, key: str | None = None
                 ) -> tuple[dict[str, dict[int, float]], dict[str, np.ndarray]]:
-    """Each group alone cut to its latency steps nearest ``fractions`` of its units (``cut(group, width)``
+    """Each group alone cut to its latency steps nearest ``fractions`` of its units (``cut({group: width})``
     builds the model), the relative output error measured on ``batches``: (group → {width: error},
     group → the allocator's cost of every width, ``error_curve``). Measured curves make the groups'
     costs comparable, which normalised criterion scores are not. With ``key`` (a digest of the model's
@@ -162,7 +162,7 @@ def sensitivity(table: LatencyTable, scores: dict[str, np.ndarray], cut: Any, de
         memo = digest(key, g, s) if key else g
         for w in sorted(widths):
             if (memo, w) not in store:
-                store[memo, w] = error_of(cut(g, w))
+                store[memo, w] = error_of(cut({g: w}))
         errors[g] = {w: store[memo, w] for w in sorted(widths)}
         costs[g] = error_curve(s, errors[g])
     return errors, costs
@@ -234,11 +234,11 @@ class LatencySelect(Pass):
 
     @staticmethod
     def _cutter(state: State, deploy: Any) -> tuple[Any, Any]:
-        """(the unpruned model, ``cut(group, width)`` → the model with only that group cut), both as
-        compile returns them."""
-        def cut(group: str, width: int) -> Any:
+        """(the unpruned model, ``cut(widths)`` → the model with those groups cut to those widths),
+        both as compile returns them."""
+        def cut(widths: dict[str, int]) -> Any:
             plan = Plan(meta={})
-            _keep(plan, state.scores, {group: width})
+            _keep(plan, state.scores, widths)
             return deploy(plan)[1]
         return deploy(Plan(meta={}))[0], cut
 

@@ -30,7 +30,7 @@ from prunec.errors import InputError, InternalError
 from prunec.runtimes import Runtime, get_runtime, time_interleaved
 from prunec.trace import Program
 
-MODEL_VERSION = 3   # bump when the measuring or the JSON layout changes: old caches stop matching
+MODEL_VERSION = 4   # bump when the measuring or the JSON layout changes: old caches stop matching
 aten = torch.ops.aten
 CONVS = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3}
 Progress = Callable[[str], None]
@@ -326,13 +326,16 @@ def probe_width(table: LatencyTable, group: str, size: int, fraction: float = 0.
     return min(steps, key=lambda w: abs(w - fraction * size)) if steps else None
 
 
-def calibrate(table: LatencyTable, groups: dict[str, int], deploy: Callable[[str, int], nn.Module],
+def calibrate(table: LatencyTable, groups: dict[str, int], deploy: Callable[[dict[str, int]], nn.Module],
               dense: nn.Module, inputs: tuple[Any, ...], rounds: int = 7, chunk: int = 8,
-              progress: Progress | None = None, fraction: float = 0.25) -> None:
+              progress: Progress | None = None, fraction: float = 0.25, joint: float = 0.5) -> None:
     """Time the whole model with one group at a time cut to about ``fraction`` of its width
-    (``deploy(group, width)`` builds it as compile would return it), interleaved with the dense model
+    (``deploy({group: width})`` builds it as compile would return it), interleaved with the dense model
     in chunks of ``chunk``, and set ``table.factors[g]`` = measured ms saved ÷ predicted ms saved
-    (clipped to [0, 3]; 1 when the table predicts no saving). ``groups``: group → units."""
+    (clipped to [0, 3]; 1 when the table predicts no saving). ``groups``: group → units. Savings of
+    single cuts don't add up to a joint cut's, so last every group is cut together to about ``joint``
+    of its width and all factors are scaled so that this cut is predicted as measured (the scale clipped
+    to [0.25, 2])."""
     rt = get_runtime(table.meta["key_fields"]["runtime"])
     batch, threads = table.meta["key_fields"]["batch"], table.meta["key_fields"]["threads"]
     x = batched(tuple(inputs), batch)
@@ -342,7 +345,7 @@ def calibrate(table: LatencyTable, groups: dict[str, int], deploy: Callable[[str
         part = todo[i:i + chunk]
         if progress:
             progress(f"calibrating groups {i + 1}–{i + len(part)} of {len(todo)} end to end")
-        runs = [rt.prepare(dense, x, threads)] + [rt.prepare(deploy(g, w), x, threads) for g, w in part]
+        runs = [rt.prepare(dense, x, threads)] + [rt.prepare(deploy({g: w}), x, threads) for g, w in part]
         secs = time_interleaved(runs, rounds, stat="min")
         for (g, w), sec in zip(part, secs[1:]):
             measured, predicted = (secs[0] - sec) * 1e3, table.dense_ms - table.predict({g: w})
@@ -350,6 +353,18 @@ def calibrate(table: LatencyTable, groups: dict[str, int], deploy: Callable[[str
             record[g] = {"width": w, "size": groups[g], "dense_ms": secs[0] * 1e3, "cut_ms": sec * 1e3,
                          "predicted_saved_ms": predicted, "factor": factors[g]}
     table.factors, table.calibration = factors, {"groups": record, "fraction": fraction, "rounds": rounds}
+    widths = {g: w for g, size in groups.items() if (w := probe_width(table, g, size, joint)) is not None}
+    if not widths:
+        return
+    if progress:
+        progress(f"calibrating all {len(widths)} groups cut together end to end")
+    secs = time_interleaved([rt.prepare(dense, x, threads), rt.prepare(deploy(widths), x, threads)], rounds,
+                            stat="min")
+    measured, predicted = (secs[0] - secs[1]) * 1e3, table.dense_ms - table.predict(widths)
+    scale = min(2.0, max(0.25, measured / predicted)) if predicted > 1e-9 else 1.0
+    table.factors = {g: f * scale for g, f in factors.items()}
+    table.calibration["joint"] = {"fraction": joint, "dense_ms": secs[0] * 1e3, "cut_ms": secs[1] * 1e3,
+                                  "predicted_saved_ms": predicted, "scale": scale}
 
 
 def _measure_ops(ops: list[Op], sizes: dict[str, int], rt: Runtime, batch: int, threads: int,

@@ -82,6 +82,24 @@ def test_calibration_factors_steer_the_allocator() -> None:
     assert again.factors == t.factors and again.predict({"a": 8, "b": 4}) == pytest.approx(t.predict({"a": 8, "b": 4}))
 
 
+def test_calibration_scales_factors_to_a_joint_cut(monkeypatch) -> None:
+    """Each group cut alone sets its factor; then every group cut together (to ~50 %) scales all factors so
+    that the joint cut is predicted as it measured (single cuts' savings do not add up)."""
+    import prunec.latency as lat
+    t = fake_table(LINEAR, LINEAR)
+    t.meta["key_fields"].update(runtime="torch", batch=1)
+    timings = iter([[0.010, 0.009, 0.009],   # s: dense, a cut alone, b cut alone (1 ms saved each)
+                    [0.010, 0.008]])          # dense, a and b cut together (2 ms saved)
+    monkeypatch.setattr(lat, "time_interleaved", lambda runs, rounds, stat: next(timings))
+    made = []
+    lat.calibrate(t, {"a": 16, "b": 16}, lambda ws: made.append(ws) or nn.Identity(), nn.Identity(),
+                  (torch.randn(1, 4),))
+    assert made == [{"a": 4}, {"b": 4}, {"a": 8, "b": 8}]
+    assert t.calibration["groups"]["a"]["factor"] == pytest.approx(1 / 5)   # 5 ms predicted, 1 measured
+    assert t.predict({"a": 8, "b": 8}) == pytest.approx(10.0 - 2.0)        # the joint cut, as measured
+    assert t.factors["a"] == pytest.approx(0.2 * t.calibration["joint"]["scale"]) and t.factors["a"] == t.factors["b"]
+
+
 def test_sensitivity_curves_steer_the_allocator() -> None:
     """Equal latency and equal normalised scores: the group whose cut hurts the output more (measured at
     each probe width) is left whole; the cost curve is the squared error, interpolated between probes in
@@ -91,7 +109,8 @@ def test_sensitivity_curves_steer_the_allocator() -> None:
     dense = nn.Linear(4, 4)
     per_unit = {"a": 0.9 / 12, "b": 0.1 / 12}   # relative error per unit removed
 
-    def cut(group: str, width: int) -> nn.Module:   # a model whose output error grows with the cut
+    def cut(widths: dict[str, int]) -> nn.Module:   # a model whose output error grows with the cut
+        (group, width), = widths.items()
         m = nn.Linear(4, 4)
         m.load_state_dict(dense.state_dict())
         with torch.no_grad():
@@ -110,13 +129,13 @@ def test_sensitivity_curves_steer_the_allocator() -> None:
     widths, _ = allocate(t, scores, 0.8 * t.dense_ms, {"a": 2, "b": 2}, {"a": costs["b"], "b": costs["a"]})
     assert widths["b"] == 16 and widths["a"] < 16
     made = []
-    again = sensitivity(t, scores, lambda g, w: made.append(g) or cut(g, w), dense, [((torch.randn(8, 4),), {})],
+    again = sensitivity(t, scores, lambda ws: made.append(ws) or cut(ws), dense, [((torch.randn(8, 4),), {})],
                         key=digest(dense.state_dict(), "batches 1"))
     assert len(made) == 6 and again[0]["a"][4] == pytest.approx(0.9, rel=1e-5)   # 3 probes × 2 groups, measured
-    sensitivity(t, scores, lambda g, w: made.append(g) or cut(g, w), dense, [((torch.randn(8, 4),), {})],
+    sensitivity(t, scores, lambda ws: made.append(ws) or cut(ws), dense, [((torch.randn(8, 4),), {})],
                 key=digest(dense.state_dict(), "batches 1"))
     assert len(made) == 6                    # same model, batches and scores: reused within the process
-    sensitivity(t, scores, lambda g, w: made.append(g) or cut(g, w), dense, [((torch.randn(8, 4),), {})],
+    sensitivity(t, scores, lambda ws: made.append(ws) or cut(ws), dense, [((torch.randn(8, 4),), {})],
                 key=digest(dense.state_dict(), "batches 2"))
     assert len(made) == 12
 
@@ -239,6 +258,7 @@ def test_target_latency_end_to_end_on_onnxruntime(tmp_path: Path, capsys: pytest
     cached = [json.loads(f.read_text()) for f in (tmp_path / "cache" / "latency").glob("*.json")]
     # each group was calibrated on the whole model once, and the factors went into the cached table
     assert cached and cached[0]["factors"] and set(cached[0]["factors"]) == set(cached[0]["calibration"]["groups"])
+    assert 0.25 <= cached[0]["calibration"]["joint"]["scale"] <= 2     # then scaled to the joint cut
     assert data["passes"]["latency_select"]["factors"]["groups"] == len(cached[0]["factors"])
     # and each group's cut was weighed by the output error it causes (measured on the example input)
     sens = data["passes"]["latency_select"]["sensitivity"]
