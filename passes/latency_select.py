@@ -43,16 +43,12 @@ PROBES = (0.75, 0.5, 0.25)  # fractions of a group's units kept where ``sensitiv
 SAMPLES = 32  # calibration samples it measures on (three forwards over them per group)
 
 
-def importance(scores: np.ndarray) -> np.ndarray:
-    """Prefix sums of the group's scores (normalised by their mean), best first: [0, s1, s1+s2, …]."""
+def removed(scores: np.ndarray) -> np.ndarray:
+    """Importance removed when keeping each width 0..size of the group, the best units kept (scores
+    normalised by their mean): [Σs, Σs − s1, …, 0]."""
     s = np.asarray(scores, dtype=np.float64)
     s = s / s.mean() if s.mean() > 0 else s
-    return np.concatenate([[0.0], np.cumsum(np.sort(s)[::-1])])
-
-
-def removed(scores: np.ndarray) -> np.ndarray:
-    """Normalised importance removed when keeping each width 0..size of the group (the best units kept)."""
-    gain = importance(scores)
+    gain = np.concatenate([[0.0], np.cumsum(np.sort(s)[::-1])])
     return gain[-1] - gain
 
 
@@ -153,7 +149,7 @@ def sensitivity(table: LatencyTable, scores: dict[str, np.ndarray], cut: Any, de
     costs comparable, which normalised criterion scores are not. With ``key`` (a digest of the model's
     state and the batches) errors measured before in this process are reused, e.g. across the compiles
     of a search."""
-    errors, costs, error_of = {}, {}, output_error(dense, batches)
+    errors, costs, error_of = {}, {}, None
     store = _MEASURED if key else {}
     for g, s in scores.items():
         widths = {w for f in fractions if (w := probe_width(table, g, len(s), f)) is not None}
@@ -162,6 +158,7 @@ def sensitivity(table: LatencyTable, scores: dict[str, np.ndarray], cut: Any, de
         memo = digest(key, g, s) if key else g
         for w in sorted(widths):
             if (memo, w) not in store:
+                error_of = error_of or output_error(dense, batches)   # the dense outputs, once, if needed
                 store[memo, w] = error_of(cut({g: w}))
         errors[g] = {w: store[memo, w] for w in sorted(widths)}
         costs[g] = error_curve(s, errors[g])
@@ -242,14 +239,14 @@ class LatencySelect(Pass):
             return deploy(plan)[1]
         return deploy(Plan(meta={}))[0], cut
 
-    def _calibrate(self, state: State, table: LatencyTable, scores: dict[str, np.ndarray], deploy: Any) -> None:
+    def _calibrate(self, state: State, table: LatencyTable, scores: dict[str, np.ndarray], dense: Any,
+                   cut: Any) -> None:
         """Scale each group's predicted savings by the whole model's (see ``prunec.latency.calibrate``)."""
-        dense, cut = self._cutter(state, deploy)
         calibrate(table, {g: len(s) for g, s in scores.items()}, cut, dense, state.program.example_inputs,
                   rounds=max(self.rounds, 7))
         save(table)
 
-    def _costs(self, state: State, table: LatencyTable, scores: dict[str, np.ndarray], deploy: Any,
+    def _costs(self, state: State, table: LatencyTable, scores: dict[str, np.ndarray], dense: Any, cut: Any,
                info: dict[str, Any]) -> dict[str, np.ndarray]:
         """The allocator's per-group costs from ``sensitivity``, measured on the first ``SAMPLES``
         calibration samples (the example inputs without calibration data); the report summarises each
@@ -257,7 +254,6 @@ class LatencySelect(Pass):
         program = state.program
         batches = [with_example_options(program, c) for c in first_samples(calls(state.calib or []), SAMPLES)] or \
             [(tuple(program.example_inputs), dict(program.example_kwargs))]
-        dense, cut = self._cutter(state, deploy)
         key = digest(state.model.state_dict(), batches, table.meta["key_fields"])
         errors, costs = sensitivity(table, scores, cut, dense, batches, key=key)
         info["sensitivity"] = _summary({g: e[min(e)] for g, e in errors.items()})
@@ -279,10 +275,12 @@ class LatencySelect(Pass):
             scores = {g.name: state.scores[g.name] for g in groups if g.name in timed}
             floor = {g: max(1, math.ceil(len(s) * (1 - self.max_ratio))) for g, s in scores.items()}
             deploy = state.services.deployed if state.services is not None else None
-            if self.calibrate and deploy is not None and not table.factors:
-                self._calibrate(state, table, scores, deploy)
+            calibrating = self.calibrate and not table.factors
+            cutter = self._cutter(state, deploy) if deploy and (calibrating or self.sensitivity) else None
+            if calibrating and cutter:
+                self._calibrate(state, table, scores, *cutter)
             info["factors"] = _summary(table.factors)
-            costs = self._costs(state, table, scores, deploy, info) if self.sensitivity and deploy else {}
+            costs = self._costs(state, table, scores, *cutter, info) if self.sensitivity and cutter else {}
             widths, pred = allocate(table, scores, target_ms, floor, costs)
             info.update(mode="target", target_ms=target_ms)
             if self.refine and deploy is not None:

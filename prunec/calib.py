@@ -357,6 +357,14 @@ def calls(calib: Iterable[Any]) -> list[Call]:
     return [call_args(b) for b in calib]
 
 
+def shared_rows(call: Any) -> int | None:
+    """The size of dim 0 that every tensor input of ``call`` shares; None if they share none."""
+    leaves = [t for t in pytree.tree_leaves(call) if isinstance(t, torch.Tensor)]
+    if not leaves or any(t.dim() == 0 or t.shape[0] != leaves[0].shape[0] for t in leaves):
+        return None
+    return int(leaves[0].shape[0])
+
+
 def first_samples(batches: Iterable[Call], n: int) -> list[Call]:
     """The leading calls holding ``n`` samples in all (the rows along dim 0 that every tensor input
     shares; a call without such a dim counts as one sample), the last call cut to the rows still wanted."""
@@ -364,9 +372,7 @@ def first_samples(batches: Iterable[Call], n: int) -> list[Call]:
     for call in batches:
         if n <= 0:
             break
-        leaves = [t for t in pytree.tree_leaves(call) if isinstance(t, torch.Tensor)]
-        rows = int(leaves[0].shape[0]) if leaves and all(t.dim() and t.shape[0] == leaves[0].shape[0]
-                                                         for t in leaves) else 1
+        rows = shared_rows(call) or 1
         if rows > n:
             call = pytree.tree_map(lambda t: t[:n] if isinstance(t, torch.Tensor) else t, call)
         out.append(call)

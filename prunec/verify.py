@@ -23,7 +23,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import fx
 
-from prunec.calib import Call, output_error, run
+from prunec.calib import Call, output_error, run, shared_rows
 from prunec.cut import Cut
 from prunec.distributed import all_reduce_sum
 from prunec.errors import InternalError
@@ -131,10 +131,9 @@ def compare(a: Any, b: Any) -> tuple[float, float]:
 def other_batch(inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Call, int, int] | None:
     """The example inputs grown by one along dim 0 (new rows differ from the old), with the
     old and new batch size; None when the tensor inputs share no leading batch dim."""
-    leaves = [t for t in pytree.tree_leaves((inputs, kwargs)) if isinstance(t, torch.Tensor)]
-    if not leaves or any(t.dim() == 0 or t.shape[0] != leaves[0].shape[0] for t in leaves):
+    b = shared_rows((inputs, kwargs))
+    if b is None:
         return None
-    b = int(leaves[0].shape[0])
 
     def grow(t: Any) -> Any:
         if not isinstance(t, torch.Tensor):
