@@ -199,11 +199,13 @@ def run_model(name: str, args, log) -> list[dict]:
     tmp = Path(tempfile.mkdtemp(prefix="prunec_lat_"))
     common = {}
     for target in ([] if args.skip_macs else args.targets):
-        r, m, mr = search(lambda c: prunec.compile(copy.deepcopy(base), X, channels=c, method=METHOD,
-                                                                  calib=CALIB), dense_macs, target, args.iters)
-        common[f"prunec default @{target}"] = {"tool": "prunec default", "target": target, "ratio": r,
-                                               "model": m.model, "macs_ratio": mr}
-        log(f"{name} default @{target}: ratio {r:.3f} macs {mr:.3f}")
+        for rt in args.round_to:
+            tool = "prunec default" if rt == 8 else f"prunec round_to {rt}"
+            r, m, mr = search(lambda c: prunec.compile(copy.deepcopy(base), X, channels=c, method=METHOD, round_to=rt,
+                                                       calib=CALIB), dense_macs, target, args.iters)
+            common[f"{tool} @{target}"] = {"tool": tool, "target": target, "ratio": r, "model": m.model,
+                                           "macs_ratio": mr}
+            log(f"{name} {tool} @{target}: ratio {r:.3f} macs {mr:.3f}")
         if not args.no_tp:
             r, m, mr = search(lambda c: tp_default(base, c), dense_macs, target, args.iters)
             common[f"TP default @{target}"] = {"tool": "TP default", "target": target, "ratio": r, "model": m,
@@ -230,8 +232,9 @@ def run_model(name: str, args, log) -> list[dict]:
             log(f"{name} b{batch} allocator @{target}: goal {g:.3f} macs {mr:.3f} factors {info.get('factors')}")
         for goal in args.latency_targets:
             # the standalone-op table alone; calibrated on the model; calibrated + sensitivity weights (default)
-            for tool, calibrated, sens in (("target-latency standalone", False, False),
-                                           ("target-latency calibrated", True, False), ("target-latency", True, True)):
+            variants = (("target-latency standalone", False, False), ("target-latency calibrated", True, False),
+                        ("target-latency", True, True))
+            for tool, calibrated, sens in (v for v in variants if v[0] in args.target_variants):
                 t0 = time.time()
                 tbl = table if calibrated else dataclasses.replace(table, factors={}, calibration={})
                 res = prunec.compile(copy.deepcopy(base), X, calib=CALIB, passes=[score(), LatencySelect(
@@ -285,7 +288,7 @@ def plot(rows: list[dict], png: Path) -> None:
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
     styles = {"prunec default": ("o", "C0"), "prunec latency-aware": ("s", "C2"), "TP default": ("^", "C3"),
-              "prunec allocator": ("X", "C6"),
+              "prunec allocator": ("X", "C6"), "prunec round_to 16": ("v", "C8"),
               "target-latency": ("*", "C1"), "target-latency standalone": ("P", "C5"),
               "target-latency calibrated": ("p", "C7"),
               "channels same latency": ("D", "C4")}
@@ -323,6 +326,9 @@ def main() -> None:
     ap.add_argument("--points", type=int, default=16)
     ap.add_argument("--iters", type=int, default=4, help="bisection steps per search")
     ap.add_argument("--no-tp", action="store_true")
+    ap.add_argument("--round-to", default="8", help="round_to of the uniform prunec rows (8 = 'prunec default')")
+    ap.add_argument("--target-variants", default="standalone,calibrated,default",
+                    help="--target-latency rows: standalone table, calibrated, default (calibrated + error curves)")
     ap.add_argument("--method", default="l1", help="criterion of every prunec row (Torch-Pruning stays L1)")
     ap.add_argument("--calib-photos", action="store_true",
                     help="efficientnet_lite0: sensitivity weights measured on 32 photos of pictures the agreement "
@@ -340,6 +346,9 @@ def main() -> None:
     args.batches = [int(b) for b in args.batches.split(",")]
     args.targets = [float(t) for t in args.targets.split(",")]
     args.latency_targets = [float(t) for t in args.latency_targets.split(",") if t]
+    args.round_to = [int(r) for r in args.round_to.split(",")]
+    args.target_variants = {"target-latency " + v if v != "default" else "target-latency"
+                            for v in args.target_variants.split(",")}
     torch.set_num_threads(args.threads)
     start = time.time()
 

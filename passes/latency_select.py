@@ -290,7 +290,7 @@ class LatencySelect(Pass):
             for g in groups:
                 budget = keep_count(g.size, self.ratios[g.kind])
                 widths[g.name] = snap(table, g.name, budget) if g.name in timed else keep_count(
-                    g.size, self.ratios[g.kind], 8)
+                    g.size, self.ratios[g.kind], table.meta["key_fields"].get("multiple", 8))
             pred = table.predict(widths)
             info.update(mode="snap", ratios=self.ratios)
         _keep(state.plan, state.scores, widths)

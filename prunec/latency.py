@@ -30,7 +30,7 @@ from prunec.errors import InputError, InternalError
 from prunec.runtimes import Runtime, get_runtime, time_interleaved
 from prunec.trace import Program
 
-MODEL_VERSION = 4   # bump when the measuring or the JSON layout changes: old caches stop matching
+MODEL_VERSION = 5   # bump when the measuring or the JSON layout changes: old caches stop matching
 aten = torch.ops.aten
 CONVS = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3}
 Progress = Callable[[str], None]
@@ -241,7 +241,8 @@ def key_fields(program: Program, ops: list[Op], runtime: Runtime, batch: int, th
                                             for o in ops).encode()).hexdigest()[:16],
             "runtime": runtime.name, "runtime_version": runtime.version(), "torch": torch.__version__,
             "machine": f"{platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()}".strip(),
-            "batch": batch, "threads": threads, "points": points, "version": MODEL_VERSION}
+            "batch": batch, "threads": threads, "points": points, "multiple": runtime.multiple,
+            "version": MODEL_VERSION}
 
 
 def cache_key(fields: dict[str, Any]) -> str:
@@ -382,7 +383,7 @@ def _measure_ops(ops: list[Op], sizes: dict[str, int], rt: Runtime, batch: int, 
         k = op.in_per_unit
         sides = {"both": (op.out_group, c_out)} if op.depthwise else \
             {s: (g, n) for s, g, n in (("in", op.in_group, c_in // k), ("out", op.out_group, c_out)) if g}
-        jobs = [(side, w) for side, (g, n) in sides.items() for w in candidate_widths(n, points)]
+        jobs = [(side, w) for side, (g, n) in sides.items() for w in candidate_widths(n, points, rt.multiple)]
         jobs = [("full", c_out)] + [j for j in jobs if j[1] != sides[j[0]][1]]
         todo = [j for j in jobs if (op.signature(), *j) not in done]
         runs = []
@@ -399,7 +400,8 @@ def _measure_ops(ops: list[Op], sizes: dict[str, int], rt: Runtime, batch: int, 
             done[(op.signature(), *job)] = sec * 1e3
         full[op.name] = done[(op.signature(), "full", c_out)]
         curves[op.name] = {side: {**{w: done[(op.signature(), side, w)]
-                                     for w in candidate_widths(n, points) if w != n}, n: full[op.name]}
+                                     for w in candidate_widths(n, points, rt.multiple) if w != n},
+                                  n: full[op.name]}
                            for side, (g, n) in sides.items()}
     return curves, full
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import io
+import platform
 import statistics
 import time
 import warnings
@@ -32,6 +33,7 @@ class Runtime:
     extra: str
     prepare: Callable[[torch.nn.Module, tuple[torch.Tensor, ...], int], Run]
     note: str = ""
+    multiple: int = 8   # the width grid the latency table times: the kernels' vector width in floats
 
     def version(self) -> str:
         mod = importlib.import_module(self.package)
@@ -112,8 +114,12 @@ def _threads(n: int) -> Iterator[None]:
 RUNTIMES: dict[str, Runtime] = {
     "onnxruntime": Runtime("onnxruntime", "onnxruntime", "onnx", _prepare_ort,
                            "CPUExecutionProvider, ORT_ENABLE_ALL, sequential"),
+    # XNNPACK's x86 f32 GEMM and depthwise kernels are 16 floats wide (8 on Arm): on an AVX2 host,
+    # MobileNetV3 --channels 0.293 ran at 0.589 of dense with widths rounded to 16 (57.5 % MACs) and
+    # 0.681 rounded to 8 (51.8 % MACs); docs/latency.md
     "executorch": Runtime("executorch", "executorch", "executorch", _prepare_executorch,
-                          "XNNPACK delegate (its own thread pool: --threads is not applied)"),
+                          "XNNPACK delegate (its own thread pool: --threads is not applied)",
+                          16 if platform.machine().lower() in ("x86_64", "amd64", "i686", "x86") else 8),
     "torch": Runtime("torch", "torch", "", _prepare_torch, "eager PyTorch CPU, torch.no_grad"),
 }
 

@@ -200,6 +200,24 @@ def test_profile_caches_keyed_table_and_refuses_a_stale_one(tmp_path: Path) -> N
         load_cached(files[0], t1.meta["key_fields"])
 
 
+def test_width_grid_is_the_runtimes_vector_width(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A runtime whose kernels are 16 floats wide gets its widths timed (and so chosen) in multiples of 16,
+    and a table measured on another grid has another key."""
+    import dataclasses
+
+    from prunec.runtimes import RUNTIMES
+    model, x = tiny(), (torch.randn(1, 3, 16, 16),)
+    coupling = prunec.analyze(model, x)
+    by8 = profile(model, coupling.program, coupling, "torch", threads=1, points=8, rounds=1, cache=tmp_path)
+    monkeypatch.setitem(RUNTIMES, "torch", dataclasses.replace(RUNTIMES["torch"], multiple=16))
+    by16 = profile(model, coupling.program, coupling, "torch", threads=1, points=8, rounds=1, cache=tmp_path)
+    assert by16.meta["key"] != by8.meta["key"] and by16.meta["key_fields"]["multiple"] == 16
+    wide = [o.name for o in by16.ops if o.w_shape[0] == 64]
+    assert wide and all(w % 16 == 0 for o in wide for w in by16.curves[o]["out"])
+    assert any(w % 16 for o in wide for w in by8.curves[o]["out"])   # 8, 24, … on the default grid
+    assert RUNTIMES["executorch"].multiple in (8, 16) and RUNTIMES["onnxruntime"].multiple == 8
+
+
 def _cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
     code = main(args)
     return code, capsys.readouterr().err.strip()
