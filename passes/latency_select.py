@@ -81,7 +81,8 @@ def allocate(table: LatencyTable, scores: dict[str, np.ndarray], target_ms: floa
     cost = {g: costs[g] if g in costs else removed(scores[g]) for g in steps}
     touching: dict[str, list] = {g: [op for op in table.ops if g in (op.in_group, op.out_group)] for g in steps}
     widths = {g: len(scores[g]) for g in steps}
-    pred = table.predict(widths)
+    raw = table.raw_saved(widths)
+    pred = table.dense_ms - table.saving(raw)
 
     def move(g: str) -> tuple[float, float, int] | None:
         """The lower step of ``g`` with the most predicted ms saved per unit of cost."""
@@ -105,7 +106,8 @@ def allocate(table: LatencyTable, scores: dict[str, np.ndarray], target_ms: floa
                              f"(or {math.ceil(pred * 10) / 10:g}ms)")
         g = max(live, key=lambda k: live[k][0])
         widths[g] = live[g][2]
-        pred -= live[g][1]
+        raw += live[g][1]
+        pred = table.dense_ms - table.saving(raw)
         shared = {h for op in touching[g] for h in (op.in_group, op.out_group)}
         for h in shared & set(moves):
             moves[h] = move(h)

@@ -6,14 +6,18 @@ import gc
 import json
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Sequence
 
-from rich.console import Console
-from rich.table import Table
-
 from prunec.errors import InputError, InternalError, PrunecError, TraceError
-from prunec.cli_base import Parser, console
+from prunec.cli_base import Parser, add_runtime_flags, calibration, console
+from prunec.cli_recover import recover_command
+from prunec.cli_report import print_summary
+from prunec.cli_tools import inspect_command, profile_command, sensitivity_command
+
+COMMANDS = {"inspect": inspect_command, "recover": recover_command, "profile": profile_command,
+            "sensitivity": sensitivity_command}   # `prunec NAME …`; anything else compiles
 
 
 def _ratio(text: str) -> float:
@@ -93,137 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def add_runtime_flags(p: argparse.ArgumentParser, default: str | None = "onnxruntime") -> None:
-    """--runtime/--batch/--threads: where latency is measured (compile and `prunec profile`)."""
-    p.add_argument("--runtime", default=default, help="time widths on this runtime: onnxruntime, executorch, "
-                   "torch (with --channels: widths snap to its latency steps; default for --target-latency: "
-                   "the --target's runtime)")
-    p.add_argument("--batch", type=int, default=1, help="batch size latency is measured at (default 1)")
-    p.add_argument("--threads", type=int, default=None, help="runtime threads (default: all CPUs)")
-
-
-def _profile(argv: Sequence[str]) -> int:
-    """`prunec profile MODEL --runtime R`: time each prunable group's layers at candidate widths."""
-    p = Parser(prog="prunec profile", description="Measure the latency of every conv/linear a prunable "
-                "group's width touches, at candidate widths, on a runtime; cache the table and print "
-                "each group's latency staircase.")
-    p.add_argument("model", metavar="MODEL")
-    add_runtime_flags(p)
-    p.add_argument("--points", type=int, default=16, help="widths timed per group (default 16)")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (default 5)")
-    p.add_argument("--reprofile", action="store_true", help="measure again, replacing the cached table")
-    p.add_argument("-o", "--output", help="also write the table (JSON) here")
-    for flag in ("--input-shape", "--weights"):
-        p.add_argument(flag)
-    p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--trust-pickle", action="store_true")
-    args = p.parse_args(argv)
-    import prunec
-    from prunec.atomic import atomic_path, check_writable
-    from prunec.latency import cache_dir, describe_staircase, profile
-    from prunec.load import load_model
-    from prunec.runtimes import get_runtime
-    get_runtime(args.runtime)
-    if args.batch < 1 or (args.threads is not None and args.threads < 1) or args.points < 2 or args.rounds < 1:
-        raise InputError("--batch, --threads and --rounds must be ≥ 1 and --points ≥ 2", "e.g. --batch 1 --points 16")
-    if args.output:
-        check_writable(args.output)
-    loaded = load_model(args.model, args.input_shape, args.weights, args.trust_pickle, args.seq_len)
-    coupling = prunec.analyze(loaded.model, loaded.example_inputs, loaded.example_kwargs)
-    table = profile(loaded.model, coupling.program, coupling, args.runtime, args.batch, args.threads,
-                    args.points, args.rounds, cache=cache_dir(), reprofile=args.reprofile)
-    print(f"{loaded.name} on {args.runtime} (batch {args.batch}, {table.meta['key_fields']['threads']} threads): "
-          f"dense {table.dense_ms:.4g} ms; {len(table.ops)} ops timed")
-    print("\n".join(describe_staircase(table)))
-    if args.output:
-        with atomic_path(args.output) as tmp:
-            Path(tmp).write_text(json.dumps(table.to_json(), indent=1))
-    print(f"table   {table.meta.get('cache')}")
-    return 0
-
-
-def _inspect(argv: Sequence[str]) -> int:
-    p = Parser(prog="prunec inspect", description="List the prunable groups of MODEL and why others are frozen.")
-    p.add_argument("model", metavar="MODEL")
-    p.add_argument("--input-shape")
-    p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--trust-pickle", action="store_true")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args = p.parse_args(argv)
-    import prunec
-    from prunec.load import load_model
-    loaded = load_model(args.model, args.input_shape, trust_pickle=args.trust_pickle, seq_len=args.seq_len)
-    coupling = prunec.analyze(loaded.model, loaded.example_inputs, loaded.example_kwargs)
-    from prunec.diagnose import describe_inspect, inspect_summary
-    summary = inspect_summary(coupling)
-    groups = [{"name": g.name, "kind": g.kind, "units": g.size,
-               "unit_size": int(next(iter(g.members.values())).shape[1]),
-               "tensors": [f"{f}@{d}" for f, d in g.members], "approximate": g.approximate}
-              for g in coupling.groups]
-    if args.json:
-        print(json.dumps({"summary": summary, "groups": groups, "frozen": coupling.frozen}, indent=1))
-        return 0
-    print(describe_inspect(summary))
-    table = Table(title=f"{loaded.name}: {len(groups)} prunable groups")
-    for col in ("group", "kind", "units", "tensors"):
-        table.add_column(col)
-    for g in groups:
-        table.add_row(g["name"], g["kind"], f"{g['units']}×{g['unit_size']}", str(len(g["tensors"])))
-    Console().print(table)
-    frozen = Table(title=f"{len(coupling.frozen)} frozen tensor dims (first 30)")
-    frozen.add_column("tensor dim")
-    frozen.add_column("why")
-    for name, why in list(coupling.frozen.items())[:30]:
-        frozen.add_row(name, why)
-    Console().print(frozen)
-    return 0
-
-
-def _sensitivity(argv: Sequence[str]) -> int:
-    p = Parser(prog="prunec sensitivity", description="Prune each group alone at several ratios and "
-                "write the relative output error on --calib data (JSON, and a PNG plot next to it).")
-    p.add_argument("model", metavar="MODEL")
-    p.add_argument("--calib", help="calibration data (default: the example input)")
-    p.add_argument("--calib-samples", type=int, default=16)
-    p.add_argument("--method", default="l1")
-    p.add_argument("--by", default="group", choices=["group", "kind"])
-    p.add_argument("--ratios", default="0.1,0.3,0.5,0.7", help="comma-separated fractions to remove")
-    p.add_argument("-o", "--output", default="sensitivity.json", help="JSON path (the plot gets .png)")
-    for flag in ("--input-shape", "--weights"):
-        p.add_argument(flag)
-    p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--trust-pickle", action="store_true")
-    p.add_argument("--trust-remote-code", action="store_true")
-    args = p.parse_args(argv)
-    import prunec
-    from prunec.atomic import check_writable
-    from prunec.load import load_model
-    from prunec.compiler import criterion
-    from prunec.passes.sensitivity import Sensitivity
-    out = Path(args.output if Path(args.output).suffix == ".json" else args.output + ".json")
-    check_writable(out)
-    try:
-        ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
-    except ValueError:
-        raise InputError(f"--ratios {args.ratios} is not a list of numbers", "write e.g. --ratios 0.1,0.3,0.5") from None
-    if not ratios or any(not 0.0 < r < 1.0 for r in ratios):
-        raise InputError(f"--ratios {args.ratios} must be fractions in (0, 1)", "write e.g. --ratios 0.1,0.3,0.5")
-    loaded = load_model(args.model, args.input_shape, args.weights, args.trust_pickle, args.seq_len,
-                        trust_remote_code=args.trust_remote_code)
-    calib = _calib(args, loaded)
-    sens = Sensitivity(ratios, out=out, plot=out.with_suffix(".png"), by=args.by,
-                       method=criterion(args.method))
-    result = prunec.sensitivity(loaded.model, loaded.example_inputs, sens, calib=calib,
-                                example_kwargs=loaded.example_kwargs)
-    worst = sorted(result["units"].items(), key=lambda kv: -kv[1]["drop"][-1])[:5]
-    print(f"{len(result['units'])} {args.by}s, {result['metric']} at ratio {ratios[-1]}; most sensitive:")
-    for name, row in worst:
-        print(f"  {row['drop'][-1]:.3g}  {name}")
-    print(f"wrote   {out} and {out.with_suffix('.png')}")
-    return 0
-
-
 def _compile(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     from prunec.distributed import process_group
@@ -265,7 +138,7 @@ def _run_compile(args: argparse.Namespace) -> int:
     search = _search_pass(args)
     runtime = _runtime(args, search)
     torch.manual_seed(args.seed)
-    with console.status("loading", spinner="dots") if console.is_terminal else _null() as status:
+    with console.status("loading", spinner="dots") if console.is_terminal else nullcontext() as status:
         loaded = load_model(args.model, args.input_shape, args.weights, args.trust_pickle, args.seq_len,
                             trust_remote_code=args.trust_remote_code)
         if out is None:
@@ -273,7 +146,7 @@ def _run_compile(args: argparse.Namespace) -> int:
             suffix = "" if hf_input and args.target == "torch" else ARTIFACTS.get(args.target, (".pt2", False))[0]
             out, is_dir = output_path(stem + suffix, args.target, hf_input)
         plan = prunec.Plan.load(args.plan) if args.plan else None
-        calib = _calib(args, loaded)
+        calib = calibration(args, loaded)
         calib = shard(calib) if calib else calib   # torchrun: each rank calibrates on its share
         progress = (lambda stage: status.update(stage)) if status is not None else None
         passes = _passes(args, loaded, search)
@@ -324,7 +197,7 @@ def _run_compile(args: argparse.Namespace) -> int:
     if args.report:
         with atomic_path(args.report) as tmp:
             Path(tmp).write_text(json.dumps(result.report, indent=1, default=str))
-    _summary(result.report, out)
+    print_summary(result.report, out)
     return 0
 
 
@@ -405,7 +278,7 @@ def _passes(args: argparse.Namespace, loaded: Any, search: str | None) -> list |
     method = criterion(args.method, 0.5, args.round_to)
     if search == "max_drop":
         from prunec.passes.sensitivity import output_error
-        metric = output_error(loaded.model, [tuple(b) if not isinstance(b, dict) else b for b in _calib(args, loaded)])
+        metric = output_error(loaded.model, [tuple(b) if not isinstance(b, dict) else b for b in calibration(args, loaded)])
         return [TargetSearch(target_macs=None, max_drop=args.max_drop, metric=lambda m: -metric(m),
                              method=method, round_to=args.round_to, kinds=kinds)]
     return [TargetSearch(target_macs=args.target_macs, target_params=args.target_params, method=method,
@@ -423,116 +296,11 @@ def _methods(args: argparse.Namespace) -> tuple[str, str]:
     return "l1", layer
 
 
-def _calib(args: argparse.Namespace, loaded: Any) -> list | None:
-    """Calibration batches for --calib: positional inputs, or keyword inputs (hf:) tokenised by the
-    model's own tokenizer."""
-    if not args.calib:
-        return None
-    if args.calib_samples < 1:
-        raise InputError(f"--calib-samples {args.calib_samples} must be ≥ 1", "e.g. --calib-samples 64")
-    from prunec.calib import load_calib, load_text_calib
-    if loaded.example_kwargs:
-        return load_text_calib(args.calib, loaded.example_kwargs, loaded.extra.get("tokenizer"),
-                               args.calib_samples, args.seed)
-    return load_calib(args.calib, loaded.example_inputs, args.calib_samples, args.seed)
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
-def _summary(report: dict[str, Any], out: Path) -> None:
-    from prunec.cli_recover import recover_line
-    v = report.get("verify") or {}
-    pct = lambda a, b: f"{100 * a / b:.1f}%" if b else "n/a"
-    from prunec.diagnose import describe_shortfall
-    shortfall = report.get("shortfall")
-    lines = [
-        *([f"warning {describe_shortfall(shortfall)}"] if shortfall else []),
-        f"params  {report['params_before']:,} → {report['params_after']:,} "
-        f"({pct(report['params_after'], report['params_before'])})",
-        f"MACs    {report['macs_before']:,} → {report['macs_after']:,} "
-        f"({pct(report['macs_after'], report['macs_before'])})",
-        *_verify_lines(v),
-        f"groups  {sum(1 for g in report['groups'] if g['kept'] < g['size'])} pruned of "
-        f"{len(report['groups'])}; {len(report['frozen'])} tensor dims frozen",
-        f"module  {'synced (your class, attributes updated)' if report['module_synced'] else report['module_note']}",
-        f"time    {report['time_s']['total']:.2f}s ({', '.join(f'{k} {v:.2f}' for k, v in report['time_s'].items() if k != 'total')})",
-        *_latency_lines(report.get("latency")),
-        *(f"note    {note}" for note in report.get("notes", [])),
-        *_artifact_lines(report.get("artifact") or {}),
-        *([recover_line(report["recover"])] if report.get("recover") else []),
-        f"wrote   {out}",
-    ]
-    print("\n".join(lines))
-
-
-def _latency_lines(lat: dict[str, Any] | None) -> list[str]:
-    """Predicted vs measured latency of the result on the runtime (dense timed in the same run)."""
-    if not lat:
-        return []
-    where = f"{lat['runtime']}, batch {lat['batch']}, {lat['threads']} threads"
-    pred = f"predicted {lat['predicted_ms']:.4g} ms ({lat['predicted_ratio']:.2f} of dense)"
-    if lat.get("measured_ms") is None:
-        return [f"latency {pred}; not measured: {lat.get('reason')} ({where})"]
-    aim = f"; target {lat['target_ms']:.4g} ms" if lat.get("target_ms") else ""
-    return [f"latency {pred}, measured {lat['measured_ms']:.4g} ms vs dense {lat['dense_ms']:.4g} ms "
-            f"({lat['measured_ratio']:.2f}){aim} ({where}; load {lat.get('load')})"]
-
-
-def _verify_lines(v: dict[str, Any]) -> list[str]:
-    """The exact part's check (must pass), then the approximate groups' error (reported only)."""
-    if not v:
-        return ["verify  skipped (--no-verify)"]
-    sizes = "/".join(str(b) for b in v.get("batch_sizes") or []) or "?"
-    lines = [f"verify  {'PASSED' if v.get('passed') else 'FAILED'} (exact part, batch {sizes}): "
-             f"max abs err {v['max_abs_err']:.3g}, rel err {v['rel_err']:.3g} ≤ {v['tolerance']:g}"]
-    approx = v.get("approximate")
-    if approx:
-        groups = ", ".join(approx["groups"][:3]) + (" …" if len(approx["groups"]) > 3 else "")
-        lines.append(f"approx  {len(approx['groups'])} approximate group(s) ({groups}): max abs err "
-                     f"{approx['max_abs_err']:.3g}, rel err {approx['rel_err']:.3g} (reported, not checked)")
-    refit = v.get("refit")
-    if refit:
-        lines.append(f"refit   output error vs original {refit['rel_err_before']:.4g} → {refit['rel_err_after']:.4g}"
-                     f" ({'applied' if refit['applied'] else 'not applied: worse than no refit'})")
-    lines += [f"verify  note: {n}" for n in v.get("notes") or []]
-    return lines
-
-
-def _artifact_lines(artifact: dict[str, Any]) -> list[str]:
-    """What the backend checked with its runtime, and what it could not do."""
-    lines = []
-    if "runtime" in artifact and "max_abs_err" in artifact:
-        lines.append(f"runtime {artifact['runtime']}: max abs err vs torch {artifact['max_abs_err']:.3g}")
-    if "engine" in artifact and not artifact["engine"]:
-        lines.append(f"engine  not built: {artifact.get('reason', 'unknown reason')}")
-    if "prediction" in artifact:
-        lines.append(f"predict {artifact['prediction']}")
-    sparsity = artifact.get("sparsity")
-    if isinstance(sparsity, dict):
-        lines.append(f"2:4     {sparsity.get('method')}: {sparsity.get('layers_sparsified')} layers sparse, "
-                     f"{sparsity.get('layers_skipped')} skipped (too few or odd input channels)")
-    return lines
-
-
-# ---------------------------------------------------------------- recovery (prunec.recover)
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv and argv[0] == "inspect":
-            return _inspect(argv[1:])
-        if argv and argv[0] == "recover":
-            from prunec.cli_recover import recover_command
-            return recover_command(argv[1:])
-        if argv and argv[0] == "profile":
-            return _profile(argv[1:])
-        if argv and argv[0] == "sensitivity":
-            return _sensitivity(argv[1:])
+        if argv and argv[0] in COMMANDS:
+            return COMMANDS[argv[0]](argv[1:])
         return _compile(argv)
     except PrunecError as err:
         print(f"prunec: error: {err.one_line()}", file=sys.stderr)

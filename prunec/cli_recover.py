@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from prunec.cli_base import Parser, console
+from prunec.cli_base import Parser, console, load_batches
 from prunec.errors import InputError
 
 
@@ -29,19 +29,14 @@ def add_recover_flags(p: argparse.ArgumentParser, standalone: bool = False) -> N
 
 def _recovery(args: argparse.Namespace, loaded: Any, example_inputs: Any) -> tuple[Any, list]:
     """The Recovery settings and the --data batches (the --calib formats; hf: text via its tokenizer)."""
-    from prunec.calib import load_calib, load_text_calib
     from prunec.recover import Recovery
     if args.recover_steps < 1:
         raise InputError(f"--recover-steps {args.recover_steps} must be ≥ 1", "e.g. --recover-steps 300")
     if not args.data:
         raise InputError("recovery needs data", "pass --data PATH (image folder, .npy/.npz/.pt, .txt/.jsonl)")
 
-    def batches(path: str, n: int, seed: int) -> list:
-        if loaded.example_kwargs:
-            return load_text_calib(path, loaded.example_kwargs, loaded.extra.get("tokenizer"), n, seed)
-        return load_calib(path, example_inputs, n, seed)
-    data = batches(args.data, args.recover_samples, args.seed)
-    eval_data = batches(args.eval_data, 64, args.seed + 1) if args.eval_data else None
+    data = load_batches(args.data, loaded, args.recover_samples, args.seed, example_inputs)
+    eval_data = load_batches(args.eval_data, loaded, 64, args.seed + 1, example_inputs) if args.eval_data else None
     return Recovery(lr=args.recover_lr, lora=args.lora, seed=args.seed, eval_data=eval_data,
                     checkpoint_dir=args.checkpoint_dir, fsdp=args.fsdp, progress=console.is_terminal), data
 

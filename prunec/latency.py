@@ -8,7 +8,8 @@ end to end on the same runtime (the ops not timed are assumed to shrink in propo
 
 Standalone ops pay layout reorders and dispatch the fused model doesn't (and the model pays
 norms, activations and pooling the ops don't), so ``calibrate`` times the whole model with one group
-cut at a time and scales each group's predicted savings by what the model really saved.
+cut at a time and scales each group's predicted savings by what the model really saved, then with every
+group cut together at two depths, through which the summed savings are mapped.
 """
 from __future__ import annotations
 
@@ -176,9 +177,30 @@ class LatencyTable:
             return saved
         return saved * sum(self.factors.get(g, 1.0) for g in groups) / len(groups)
 
+    def raw_saved(self, widths: dict[str, int]) -> float:
+        """The ops' predicted savings (ms) at these widths, summed as if they added up."""
+        return sum(self.op_saved(op, widths) for op in self.ops)
+
+    def saving(self, raw: float) -> float:
+        """End-to-end ms saved when the ops' savings sum to ``raw`` ms: through the joint cuts ``calibrate``
+        measured (every group cut together to ~50 % and ~25 %; single cuts' savings don't add up, and deep
+        cuts save less than their sum on some runtimes), piecewise linear from 0 and monotone, each point
+        kept within [0.25, 2]× its prediction; past the deepest cut its last slope (at least a quarter of
+        its mean). Without joint cuts: ``raw``."""
+        pts = sorted((p["predicted_saved_ms"], p["measured_saved_ms"]) for p in self.calibration.get("joint", [])
+                     if p["predicted_saved_ms"] > 1e-9)
+        if not pts:
+            return raw
+        xs = np.array([0.0] + [x for x, _ in pts])
+        ys = np.maximum.accumulate(np.clip([0.0] + [y for _, y in pts], 0.25 * xs, 2.0 * xs))
+        if raw <= xs[-1]:
+            return float(np.interp(raw, xs, ys))
+        slope = max((ys[-1] - ys[-2]) / max(xs[-1] - xs[-2], 1e-9), 0.25 * ys[-1] / xs[-1])
+        return float(ys[-1] + slope * (raw - xs[-1]))
+
     def predict(self, widths: dict[str, int]) -> float:
         """Predicted end-to-end ms of the model with these group widths."""
-        return self.dense_ms - sum(self.op_saved(op, widths) for op in self.ops)
+        return self.dense_ms - self.saving(self.raw_saved(widths))
 
     def group_curve(self, group: str) -> dict[int, float]:
         """Predicted model ms at each timed width of ``group`` (the others whole)."""
@@ -329,19 +351,20 @@ def probe_width(table: LatencyTable, group: str, size: int, fraction: float = 0.
 
 def calibrate(table: LatencyTable, groups: dict[str, int], deploy: Callable[[dict[str, int]], nn.Module],
               dense: nn.Module, inputs: tuple[Any, ...], rounds: int = 7, chunk: int = 8,
-              progress: Progress | None = None, fraction: float = 0.25, joint: float = 0.5) -> None:
+              progress: Progress | None = None, fraction: float = 0.25, joint: tuple[float, ...] = (0.5, 0.25)
+              ) -> None:
     """Time the whole model with one group at a time cut to about ``fraction`` of its width
     (``deploy({group: width})`` builds it as compile would return it), interleaved with the dense model
     in chunks of ``chunk``, and set ``table.factors[g]`` = measured ms saved ÷ predicted ms saved
     (clipped to [0, 3]; 1 when the table predicts no saving). ``groups``: group → units. Savings of
-    single cuts don't add up to a joint cut's, so last every group is cut together to about ``joint``
-    of its width and all factors are scaled so that this cut is predicted as measured (the scale clipped
-    to [0.25, 2])."""
+    single cuts don't add up to a joint cut's, so last every group is cut together to about each of
+    ``joint`` of its width and what these cuts saved is recorded (``calibration["joint"]``): the table
+    maps its summed predictions through them (``LatencyTable.saving``)."""
     rt = get_runtime(table.meta["key_fields"]["runtime"])
     batch, threads = table.meta["key_fields"]["batch"], table.meta["key_fields"]["threads"]
     x = batched(tuple(inputs), batch)
     todo = [(g, w) for g, size in groups.items() if (w := probe_width(table, g, size, fraction)) is not None]
-    table.factors, factors, record = {}, {}, {}
+    table.factors, table.calibration, factors, record = {}, {}, {}, {}
     for i in range(0, len(todo), chunk):
         part = todo[i:i + chunk]
         if progress:
@@ -354,18 +377,19 @@ def calibrate(table: LatencyTable, groups: dict[str, int], deploy: Callable[[dic
             record[g] = {"width": w, "size": groups[g], "dense_ms": secs[0] * 1e3, "cut_ms": sec * 1e3,
                          "predicted_saved_ms": predicted, "factor": factors[g]}
     table.factors, table.calibration = factors, {"groups": record, "fraction": fraction, "rounds": rounds}
-    widths = {g: w for g, size in groups.items() if (w := probe_width(table, g, size, joint)) is not None}
-    if not widths:
+    cuts = [(f, {g: w for g, size in groups.items() if (w := probe_width(table, g, size, f)) is not None})
+            for f in joint]
+    cuts = [(f, widths) for f, widths in cuts if widths]
+    if not cuts:
         return
     if progress:
-        progress(f"calibrating all {len(widths)} groups cut together end to end")
-    secs = time_interleaved([rt.prepare(dense, x, threads), rt.prepare(deploy(widths), x, threads)], rounds,
-                            stat="min")
-    measured, predicted = (secs[0] - secs[1]) * 1e3, table.dense_ms - table.predict(widths)
-    scale = min(2.0, max(0.25, measured / predicted)) if predicted > 1e-9 else 1.0
-    table.factors = {g: f * scale for g, f in factors.items()}
-    table.calibration["joint"] = {"fraction": joint, "dense_ms": secs[0] * 1e3, "cut_ms": secs[1] * 1e3,
-                                  "predicted_saved_ms": predicted, "scale": scale}
+        progress(f"calibrating all groups cut together end to end ({', '.join(f'{f:.0%}' for f, _ in cuts)})")
+    secs = time_interleaved([rt.prepare(dense, x, threads)] + [rt.prepare(deploy(w), x, threads) for _, w in cuts],
+                            rounds, stat="min")
+    table.calibration["joint"] = [{"fraction": f, "dense_ms": secs[0] * 1e3, "cut_ms": sec * 1e3,
+                                   "predicted_saved_ms": table.raw_saved(widths),
+                                   "measured_saved_ms": (secs[0] - sec) * 1e3}
+                                  for (f, widths), sec in zip(cuts, secs[1:])]
 
 
 def _measure_ops(ops: list[Op], sizes: dict[str, int], rt: Runtime, batch: int, threads: int,

@@ -82,22 +82,29 @@ def test_calibration_factors_steer_the_allocator() -> None:
     assert again.factors == t.factors and again.predict({"a": 8, "b": 4}) == pytest.approx(t.predict({"a": 8, "b": 4}))
 
 
-def test_calibration_scales_factors_to_a_joint_cut(monkeypatch) -> None:
-    """Each group cut alone sets its factor; then every group cut together (to ~50 %) scales all factors so
-    that the joint cut is predicted as it measured (single cuts' savings do not add up)."""
+def test_calibration_maps_summed_savings_through_joint_cuts(monkeypatch) -> None:
+    """Each group cut alone sets its factor; then every group cut together to ~50 % and ~25 % is timed, and
+    the summed predictions are mapped through what these cuts measured (single cuts' savings don't add up,
+    deep cuts save less than their sum): both joint cuts predicted as measured, monotone, extrapolated."""
     import prunec.latency as lat
     t = fake_table(LINEAR, LINEAR)
     t.meta["key_fields"].update(runtime="torch", batch=1)
-    timings = iter([[0.010, 0.009, 0.009],   # s: dense, a cut alone, b cut alone (1 ms saved each)
-                    [0.010, 0.008]])          # dense, a and b cut together (2 ms saved)
+    timings = iter([[0.010, 0.009, 0.009],     # s: dense, a cut alone, b cut alone (1 ms saved each)
+                    [0.010, 0.008, 0.0075]])   # dense, both cut to 50 % (2 ms saved), both to 25 % (2.5 ms)
     monkeypatch.setattr(lat, "time_interleaved", lambda runs, rounds, stat: next(timings))
     made = []
     lat.calibrate(t, {"a": 16, "b": 16}, lambda ws: made.append(ws) or nn.Identity(), nn.Identity(),
                   (torch.randn(1, 4),))
-    assert made == [{"a": 4}, {"b": 4}, {"a": 8, "b": 8}]
-    assert t.calibration["groups"]["a"]["factor"] == pytest.approx(1 / 5)   # 5 ms predicted, 1 measured
-    assert t.predict({"a": 8, "b": 8}) == pytest.approx(10.0 - 2.0)        # the joint cut, as measured
-    assert t.factors["a"] == pytest.approx(0.2 * t.calibration["joint"]["scale"]) and t.factors["a"] == t.factors["b"]
+    assert made == [{"a": 4}, {"b": 4}, {"a": 8, "b": 8}, {"a": 4, "b": 4}]
+    assert t.factors["a"] == pytest.approx(1 / 5) == t.factors["b"]   # 5 ms predicted alone, 1 measured
+    assert t.predict({"a": 8, "b": 8}) == pytest.approx(10.0 - 2.0)   # the joint cuts, as measured
+    assert t.predict({"a": 4, "b": 4}) == pytest.approx(10.0 - 2.5)
+    deeper = [t.predict({"a": w, "b": w}) for w in (16, 12, 8, 6, 4, 2, 1)]
+    assert deeper == sorted(deeper, reverse=True) and deeper[-1] < 7.5    # monotone, extrapolated past 25 %
+    again = LatencyTable.from_json(json.loads(json.dumps(t.to_json())))
+    assert again.predict({"a": 2, "b": 6}) == pytest.approx(t.predict({"a": 2, "b": 6}))
+    widths, pred = allocate(t, {"a": np.ones(16), "b": np.ones(16)}, 7.75, {"a": 1, "b": 1})
+    assert pred <= 7.75 and pred == pytest.approx(t.predict(widths))   # the allocator meets the mapped prediction
 
 
 def test_sensitivity_curves_steer_the_allocator() -> None:
@@ -276,7 +283,8 @@ def test_target_latency_end_to_end_on_onnxruntime(tmp_path: Path, capsys: pytest
     cached = [json.loads(f.read_text()) for f in (tmp_path / "cache" / "latency").glob("*.json")]
     # each group was calibrated on the whole model once, and the factors went into the cached table
     assert cached and cached[0]["factors"] and set(cached[0]["factors"]) == set(cached[0]["calibration"]["groups"])
-    assert 0.25 <= cached[0]["calibration"]["joint"]["scale"] <= 2     # then scaled to the joint cut
+    joint = cached[0]["calibration"]["joint"]                           # then every group cut together, twice
+    assert [j["fraction"] for j in joint] == [0.5, 0.25] and all(j["predicted_saved_ms"] > 0 for j in joint)
     assert data["passes"]["latency_select"]["factors"]["groups"] == len(cached[0]["factors"])
     # and each group's cut was weighed by the output error it causes (measured on the example input)
     sens = data["passes"]["latency_select"]["sensitivity"]
