@@ -31,7 +31,7 @@ from prunec.errors import InputError, InternalError
 from prunec.runtimes import Runtime, get_runtime, time_interleaved
 from prunec.trace import Program
 
-MODEL_VERSION = 5   # bump when the measuring or the JSON layout changes: old caches stop matching
+MODEL_VERSION = 6   # bump when the measuring or the JSON layout changes: old caches stop matching
 aten = torch.ops.aten
 CONVS = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3}
 Progress = Callable[[str], None]
@@ -349,14 +349,27 @@ def probe_width(table: LatencyTable, group: str, size: int, fraction: float = 0.
     return min(steps, key=lambda w: abs(w - fraction * size)) if steps else None
 
 
+NOISE = 0.01  # the least timing noise assumed for one end-to-end measurement: a fraction of the dense ms
+
+
+def shrunk_factor(measured: float, predicted: float, noise: float) -> float:
+    """``measured ÷ predicted`` ms saved, shrunk toward 1 as the predicted saving falls toward the timing
+    ``noise`` (ms): the posterior mean of f for measured = f·predicted + N(0, noise²), f ~ N(1, 1); clipped to
+    [0, 3]. A group that saves less than the noise can't show its factor, and a knapsack would favour exactly
+    the groups whose savings were measured too high."""
+    den = noise ** 2 + predicted ** 2
+    return min(3.0, max(0.0, (noise ** 2 + measured * predicted) / den)) if den > 1e-18 else 1.0
+
+
 def calibrate(table: LatencyTable, groups: dict[str, int], deploy: Callable[[dict[str, int]], nn.Module],
               dense: nn.Module, inputs: tuple[Any, ...], rounds: int = 7, chunk: int = 8,
               progress: Progress | None = None, fraction: float = 0.25, joint: tuple[float, ...] = (0.5, 0.25)
               ) -> None:
     """Time the whole model with one group at a time cut to about ``fraction`` of its width
     (``deploy({group: width})`` builds it as compile would return it), interleaved with the dense model
-    in chunks of ``chunk``, and set ``table.factors[g]`` = measured ms saved ÷ predicted ms saved
-    (clipped to [0, 3]; 1 when the table predicts no saving). ``groups``: group → units. Savings of
+    in chunks of ``chunk``, and set ``table.factors[g]`` = measured ms saved ÷ predicted ms saved,
+    shrunk toward 1 by the timing noise (``shrunk_factor``; the noise is the spread of the dense model's
+    timings across chunks, at least ``NOISE`` of them). ``groups``: group → units. Savings of
     single cuts don't add up to a joint cut's, so last every group is cut together to about each of
     ``joint`` of its width and what these cuts saved is recorded (``calibration["joint"]``): the table
     maps its summed predictions through them (``LatencyTable.saving``)."""
@@ -364,7 +377,7 @@ def calibrate(table: LatencyTable, groups: dict[str, int], deploy: Callable[[dic
     batch, threads = table.meta["key_fields"]["batch"], table.meta["key_fields"]["threads"]
     x = batched(tuple(inputs), batch)
     todo = [(g, w) for g, size in groups.items() if (w := probe_width(table, g, size, fraction)) is not None]
-    table.factors, table.calibration, factors, record = {}, {}, {}, {}
+    table.factors, table.calibration, record = {}, {}, {}
     for i in range(0, len(todo), chunk):
         part = todo[i:i + chunk]
         if progress:
@@ -372,11 +385,14 @@ def calibrate(table: LatencyTable, groups: dict[str, int], deploy: Callable[[dic
         runs = [rt.prepare(dense, x, threads)] + [rt.prepare(deploy({g: w}), x, threads) for g, w in part]
         secs = time_interleaved(runs, rounds, stat="min")
         for (g, w), sec in zip(part, secs[1:]):
-            measured, predicted = (secs[0] - sec) * 1e3, table.dense_ms - table.predict({g: w})
-            factors[g] = min(3.0, max(0.0, measured / predicted)) if predicted > 1e-9 else 1.0
             record[g] = {"width": w, "size": groups[g], "dense_ms": secs[0] * 1e3, "cut_ms": sec * 1e3,
-                         "predicted_saved_ms": predicted, "factor": factors[g]}
-    table.factors, table.calibration = factors, {"groups": record, "fraction": fraction, "rounds": rounds}
+                         "predicted_saved_ms": table.dense_ms - table.predict({g: w})}
+    dense_ms = sorted({r["dense_ms"] for r in record.values()})
+    noise = max(float(np.std(dense_ms)), NOISE * dense_ms[0]) if dense_ms else 0.0
+    for r in record.values():
+        r["factor"] = shrunk_factor(r["dense_ms"] - r["cut_ms"], r["predicted_saved_ms"], noise)
+    table.factors = {g: r["factor"] for g, r in record.items()}
+    table.calibration = {"groups": record, "fraction": fraction, "rounds": rounds, "noise_ms": noise}
     cuts = [(f, {g: w for g, size in groups.items() if (w := probe_width(table, g, size, f)) is not None})
             for f in joint]
     cuts = [(f, widths) for f, widths in cuts if widths]
