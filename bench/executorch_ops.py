@@ -5,10 +5,10 @@
 
 Each model (torchvision MobileNetV3-Large, random weights; prunec --channels R --round-to N) is lowered with
 ``to_edge_transform_and_lower(XnnpackPartitioner)``, loaded by ``executorch.runtime`` with ETDump on, run
-``--iters`` times, and read back with ``executorch.devtools.Inspector`` (needs pandas: the bench extra): the median time of
-every XNNPACK op event (the delegate reports each of its ops), summed per op kind, and each depthwise conv
-with its channels, stride and kernel. Instrumented times: compare models with each other, not with the
-bench's end-to-end timings.
+``--iters`` times, and read back with ``executorch.devtools.Inspector`` (needs pandas: the bench extra):
+the median time of every XNNPACK op event (the delegate reports each of its ops), summed per op kind, and
+each depthwise conv with its channels, stride and kernel. Instrumented times: compare models with each
+other, not with the bench's end-to-end timings.
 """
 from __future__ import annotations
 
