@@ -180,7 +180,7 @@ def test_class_that_cannot_follow_keeps_groups_whole() -> None:
 
 def test_sync_note_for_empty_message_error() -> None:
     """An exception without a message while syncing becomes a note naming where it was raised."""
-    from prunec.compiler import _sync
+    from prunec.finish import sync_module as _sync
 
     class Broken(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -243,14 +243,14 @@ def test_boundary_tied_through_roi_align_glue() -> None:
 
 def test_tied_group_kept_whole_when_a_part_does_not_sync(monkeypatch: pytest.MonkeyPatch) -> None:
     """A part that can't be the user's class stays dense: the tied groups it holds are kept whole everywhere."""
-    import prunec.compiler as compiler
-    real = compiler._sync
+    import prunec.finish as finish
+    real = finish.sync_module
 
     def no_box(model: nn.Module, state: dict, program: nn.Module, *args: object, **kwargs: object) -> tuple:
         if isinstance(model, _SharedHead) and model.pred.out_channels == 4:  # the box head
             return program, False, "user module not synced: (test)"
         return real(model, state, program, *args, **kwargs)
-    monkeypatch.setattr(compiler, "_sync", no_box)
+    monkeypatch.setattr(finish, "sync_module", no_box)
     model, x = _tiny_detector(), torch.rand(1, 3, 32, 32)
     result = prunec.compile(model, (x,), channels=0.5, round_to=1)
     rows = {b["boundary"]: b for b in result.report["boundaries"]}

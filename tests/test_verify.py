@@ -110,8 +110,8 @@ def test_cli_internal_error_exits_3_with_a_repro_bundle(monkeypatch, tmp_path, c
 
 
 def test_empty_exception_message_does_not_break_sync() -> None:
-    """compiler._sync reports a failing eager module even when its error has no message."""
-    from prunec.compiler import _sync
+    """finish.sync_module reports a failing eager module even when its error has no message."""
+    from prunec.finish import sync_module as _sync
 
     class Fails(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
