@@ -2,7 +2,7 @@
 ``prunec.finish``)."""
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from torch import nn
 
@@ -12,7 +12,8 @@ from prunec.coupling import Coupling
 from prunec.cut import Cut
 from prunec.diagnose import check_finite, shortfall
 from prunec.errors import InputError, TraceError
-from prunec.finish import CompileResult, Timer, deployed, finish_compile, make_dynamic, original_program
+from prunec.finish import (CompileResult, Progress, Timer, deployed, finish_compile, make_dynamic,
+                           original_program)
 from prunec.module_sync import keep_whole
 from prunec.passes import (PASSES, ConfigHeads, LatencySelect, LayerDrop, LeastSquaresSelection, NativeConfig, Pass,
                            Refit, Select, State, run_passes)
@@ -23,7 +24,6 @@ from prunec.plan import Plan
 from prunec.rewrite import rewrite
 from prunec.trace import Program, eval_mode, trace
 
-Progress = Callable[[str], None]
 METHODS = ("l1", "l2", "bn")
 GQA_MODES = ("groups", "query")
 

@@ -423,8 +423,8 @@ def _measure_ops(ops: list[Op], sizes: dict[str, int], rt: Runtime, batch: int, 
         k = op.in_per_unit
         sides = {"both": (op.out_group, c_out)} if op.depthwise else \
             {s: (g, n) for s, g, n in (("in", op.in_group, c_in // k), ("out", op.out_group, c_out)) if g}
-        jobs = [(side, w) for side, (g, n) in sides.items() for w in candidate_widths(n, points, rt.multiple)]
-        jobs = [("full", c_out)] + [j for j in jobs if j[1] != sides[j[0]][1]]
+        grid = {side: [w for w in candidate_widths(n, points, rt.multiple) if w != n] for side, (g, n) in sides.items()}
+        jobs = [("full", c_out)] + [(side, w) for side, ws in grid.items() for w in ws]
         todo = [j for j in jobs if (op.signature(), *j) not in done]
         runs = []
         for side, w in todo:
@@ -439,9 +439,7 @@ def _measure_ops(ops: list[Op], sizes: dict[str, int], rt: Runtime, batch: int, 
         for job, sec in zip(todo, time_interleaved(runs, rounds, stat="min")):
             done[(op.signature(), *job)] = sec * 1e3
         full[op.name] = done[(op.signature(), "full", c_out)]
-        curves[op.name] = {side: {**{w: done[(op.signature(), side, w)]
-                                     for w in candidate_widths(n, points, rt.multiple) if w != n},
-                                  n: full[op.name]}
+        curves[op.name] = {side: {**{w: done[(op.signature(), side, w)] for w in grid[side]}, n: full[op.name]}
                            for side, (g, n) in sides.items()}
     return curves, full
 
