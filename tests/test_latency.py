@@ -40,6 +40,8 @@ STAIRS = {4: 0.4, 8: 0.4, 12: 1.2, 16: 1.0}
 
 def test_candidate_widths() -> None:
     assert candidate_widths(8) == list(range(1, 9))
+    assert candidate_widths(24) == [8, 16, 24] and candidate_widths(20) == [8, 16, 20]  # never off the grid
+    assert candidate_widths(40, multiple=16) == [16, 32, 40] and candidate_widths(12, multiple=16) == list(range(1, 13))
     assert candidate_widths(512, points=16) == list(range(32, 513, 32))
     assert all(w % 8 == 0 for w in candidate_widths(200)) and candidate_widths(200)[-1] == 200
 
