@@ -31,7 +31,7 @@ from prunec.errors import InputError, InternalError
 from prunec.runtimes import Runtime, get_runtime, time_interleaved
 from prunec.trace import Program
 
-MODEL_VERSION = 7   # bump when the measuring or the JSON layout changes: old caches stop matching
+MODEL_VERSION = 8   # bump when the measuring or the JSON layout changes: old caches stop matching
 aten = torch.ops.aten
 CONVS = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3}
 Progress = Callable[[str], None]
@@ -412,7 +412,8 @@ def calibrate(table: LatencyTable, groups: dict[str, int], deploy: Callable[[dic
 def _measure_ops(ops: list[Op], sizes: dict[str, int], rt: Runtime, batch: int, threads: int,
                  points: int, rounds: int, progress: Progress | None
                  ) -> tuple[dict[str, dict[str, dict[int, float]]], dict[str, float]]:
-    """Time each distinct (op signature, side, width) once, interleaved per op; ms."""
+    """Time each distinct (op signature, side, width) once, interleaved per op; ms (the op's own kernel time
+    where the runtime reports it: ``Runtime.prepare_op``)."""
     done: dict[tuple[str, str, int], float] = {}
     curves: dict[str, dict[str, dict[int, float]]] = {}
     full: dict[str, float] = {}
@@ -427,17 +428,20 @@ def _measure_ops(ops: list[Op], sizes: dict[str, int], rt: Runtime, batch: int, 
         grid = {side: [w for w in candidate_widths(n, points, rt.multiple) if w != n] for side, (g, n) in sides.items()}
         jobs = [("full", c_out)] + [(side, w) for side, ws in grid.items() for w in ws]
         todo = [j for j in jobs if (op.signature(), *j) not in done]
-        runs = []
+        runs, prepare = [], rt.prepare_op or rt.prepare
         for side, w in todo:
             ci = w * (k if side == "in" else 1) if side in ("in", "both") else c_in
             co = w if side in ("out", "both") else c_out
             try:
                 module, x = op.module(ci, co, batch)
-                runs.append(rt.prepare(module, (x,), threads))
+                runs.append(prepare(module, (x,), threads))
             except Exception as err:  # noqa: BLE001 - a variant we built wrongly is our bug
                 raise InternalError(f"could not build {op.name} at {side} width {w} on {rt.name}: "
                                     f"{type(err).__name__}: {str(err).strip()[:200]}", op=op.__dict__) from err
-        for job, sec in zip(todo, time_interleaved(runs, rounds, stat="min")):
+        secs = time_interleaved(runs, rounds, stat="min")
+        if rt.prepare_op:
+            secs = [run.kernel_s() for run in runs]
+        for job, sec in zip(todo, secs):
             done[(op.signature(), *job)] = sec * 1e3
         full[op.name] = done[(op.signature(), "full", c_out)]
         curves[op.name] = {side: {**{w: done[(op.signature(), side, w)] for w in grid[side]}, n: full[op.name]}

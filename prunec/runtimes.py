@@ -6,20 +6,26 @@ callables round by round (warm-up, order reversed every other round, medians).
 """
 from __future__ import annotations
 
+import bisect
 import importlib
 import importlib.util
 import io
+import json
+import os
 import platform
+import shutil
 import statistics
+import tempfile
 import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 
-from prunec.errors import InputError
+from prunec.errors import InputError, InternalError
 
 Run = Callable[[], Any]
 
@@ -34,6 +40,9 @@ class Runtime:
     prepare: Callable[[torch.nn.Module, tuple[torch.Tensor, ...], int], Run]
     note: str = ""
     multiple: int = 8   # the width grid the latency table times: the kernels' vector width in floats
+    # a preparer whose run also reports the op's own kernel seconds (``KernelRun``), without what a
+    # standalone model pays at its edges and the model inside does not (layout reorders); None: wall time
+    prepare_op: Callable[[torch.nn.Module, tuple[torch.Tensor, ...], int], Run] | None = None
 
     def version(self) -> str:
         mod = importlib.import_module(self.package)
@@ -63,15 +72,61 @@ def _onnx_bytes(module: torch.nn.Module, x: tuple[torch.Tensor, ...]) -> bytes:
 
 def _prepare_ort(module: torch.nn.Module, x: tuple[torch.Tensor, ...], threads: int) -> Run:
     import onnxruntime as ort
+    sess = ort.InferenceSession(_onnx_bytes(module, x), _ort_options(threads), providers=["CPUExecutionProvider"])
+    feed = {i.name: t.detach().numpy() for i, t in zip(sess.get_inputs(), x)}
+    return lambda: sess.run(None, feed)
+
+
+class KernelRun:
+    """An onnxruntime session run with its profiler on: ``kernel_s()`` is the fastest run's summed kernel
+    time of every node but the layout reorders (``ReorderInput``/``ReorderOutput``, which a standalone
+    conv pays at its edges: on MobileNetV3 at batch 8 they doubled the early layers' times, where the
+    convs of the model run in its blocked layout back to back)."""
+
+    SKIP = ("ReorderInput", "ReorderOutput")
+
+    def __init__(self, module: torch.nn.Module, x: tuple[torch.Tensor, ...], threads: int) -> None:
+        import onnxruntime as ort
+        self._dir = tempfile.mkdtemp(prefix="prunec-ort-")
+        so = _ort_options(threads)
+        so.enable_profiling, so.profile_file_prefix = True, os.path.join(self._dir, "op")
+        self._sess = ort.InferenceSession(_onnx_bytes(module, x), so, providers=["CPUExecutionProvider"])
+        self._feed = {i.name: t.detach().numpy() for i, t in zip(self._sess.get_inputs(), x)}
+
+    def __call__(self) -> Any:
+        return self._sess.run(None, self._feed)
+
+    def kernel_s(self) -> float:
+        """Ends profiling (call once, after the runs)."""
+        path = self._sess.end_profiling()
+        try:
+            events = json.loads(Path(path).read_text())
+        finally:
+            shutil.rmtree(self._dir, ignore_errors=True)
+        runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                      if e.get("cat") == "Session" and e.get("name") == "model_run")
+        per_run = [0.0] * len(runs)
+        starts = [a for a, _ in runs]
+        for e in events:
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") \
+                    and e.get("args", {}).get("op_name") not in self.SKIP:
+                i = bisect.bisect_right(starts, e["ts"]) - 1
+                if i >= 0:
+                    per_run[i] += e["dur"]
+        if not per_run:
+            raise InternalError("onnxruntime's profile recorded no run")
+        return min(per_run) / 1e6
+
+
+def _ort_options(threads: int) -> Any:
+    import onnxruntime as ort
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
-    sess = ort.InferenceSession(_onnx_bytes(module, x), so, providers=["CPUExecutionProvider"])
-    feed = {i.name: t.detach().numpy() for i, t in zip(sess.get_inputs(), x)}
-    return lambda: sess.run(None, feed)
+    return so
 
 
 def _prepare_torch(module: torch.nn.Module, x: tuple[torch.Tensor, ...], threads: int) -> Run:
@@ -113,7 +168,7 @@ def _threads(n: int) -> Iterator[None]:
 
 RUNTIMES: dict[str, Runtime] = {
     "onnxruntime": Runtime("onnxruntime", "onnxruntime", "onnx", _prepare_ort,
-                           "CPUExecutionProvider, ORT_ENABLE_ALL, sequential"),
+                           "CPUExecutionProvider, ORT_ENABLE_ALL, sequential", prepare_op=KernelRun),
     # XNNPACK's x86 f32 GEMM and depthwise kernels are 16 floats wide (8 on Arm): on an AVX2 host,
     # MobileNetV3 --channels 0.293 ran at 0.589 of dense with widths rounded to 16 (57.5 % MACs) and
     # 0.681 rounded to 8 (51.8 % MACs); docs/latency.md

@@ -243,6 +243,19 @@ def _cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
     return code, capsys.readouterr().err.strip()
 
 
+def test_onnxruntime_ops_are_timed_without_their_edge_reorders() -> None:
+    """A standalone blocked conv pays NCHW↔NCHWc reorders at its edges that the model it came from does not:
+    the latency table takes the kernels' own time from onnxruntime's profiler, reorders left out."""
+    pytest.importorskip("onnxruntime")
+    from prunec.runtimes import RUNTIMES, KernelRun, time_interleaved
+    conv, x = nn.Conv2d(32, 32, 3, padding=1, groups=32, bias=False), (torch.randn(2, 32, 56, 56),)
+    run = RUNTIMES["onnxruntime"].prepare_op(conv, x, 1)
+    assert isinstance(run, KernelRun)
+    wall = time_interleaved([run], rounds=3, stat="min")[0]
+    kernel = run.kernel_s()
+    assert 0 < kernel < wall
+
+
 def test_cli_bad_latency_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "m.pt2"
