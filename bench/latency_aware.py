@@ -42,6 +42,7 @@ import torch_pruning as tp  # noqa: E402
 from prunec.latency import measure, profile  # noqa: E402
 from prunec.compiler import criterion  # noqa: E402
 from prunec.passes import LatencySelect  # noqa: E402
+from prunec.runtimes import RUNTIMES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "latency_aware.json"
@@ -212,54 +213,9 @@ def run_model(name: str, args, log) -> list[dict]:
                                                "macs_ratio": mr}
             log(f"{name} TP @{target}: ratio {r:.3f} macs {mr:.3f}")
     for batch in args.batches:
-        t0 = time.time()
-        table = profile(base, coupling.program, coupling, args.runtime, batch, args.threads, args.points,
-                        args.rounds)
-        log(f"{name} b{batch}: table {len(table.ops)} ops, dense {table.dense_ms:.1f} ms ({time.time() - t0:.0f}s)")
         rows = {"dense": {"tool": "dense", "model": base, "macs_ratio": 1.0, "ratio": 0.0}, **common}
-        for target in ([] if args.skip_macs else args.targets):
-            r, m, mr = search(lambda c: latency_aware(base, c, table), dense_macs, target, args.iters)
-            rows[f"prunec latency-aware @{target}"] = {"tool": "prunec latency-aware", "target": target, "ratio": r,
-                                                       "model": m.model, "macs_ratio": mr,
-                                                       "predicted_ratio": m.report["passes"]["latency_select"][
-                                                           "predicted_ms"] / table.dense_ms}
-            log(f"{name} b{batch} latency-aware @{target}: ratio {r:.3f} macs {mr:.3f}")
-            g, m, mr = search(lambda goal: allocator(base, goal, table, batch), dense_macs, target, args.iters + 2, "goal")
-            info = m.report["passes"]["latency_select"]
-            rows[f"prunec allocator @{target}"] = {"tool": "prunec allocator", "target": target, "goal": g,
-                                                   "model": m.model, "macs_ratio": mr, "factors": info.get("factors"),
-                                                   "predicted_ratio": info["predicted_ms"] / table.dense_ms}
-            log(f"{name} b{batch} allocator @{target}: goal {g:.3f} macs {mr:.3f} factors {info.get('factors')}")
-        for goal in args.latency_targets:
-            # the standalone-op table alone; calibrated on the model; calibrated + sensitivity weights (default)
-            variants = (("target-latency standalone", False, False), ("target-latency calibrated", True, False),
-                        ("target-latency", True, True))
-            for tool, calibrated, sens in (v for v in variants if v[0] in args.target_variants):
-                t0 = time.time()
-                tbl = table if calibrated else dataclasses.replace(table, factors={}, calibration={})
-                res = prunec.compile(copy.deepcopy(base), X, calib=CALIB, passes=[score(), LatencySelect(
-                    args.runtime, target=goal, table=tbl, batch=batch, threads=args.threads, rounds=args.rounds, measure=False,
-                    calibrate=calibrated, sensitivity=sens)])
-                info = res.report["passes"]["latency_select"]
-                key = f"--target-latency {goal}" + {"target-latency": "", "target-latency standalone": " (standalone table)",
-                                                    "target-latency calibrated": " (calibrated, no sensitivity)"}[tool]
-                rows[key] = {
-                    "tool": tool, "target_latency": goal, "sensitivity": info.get("sensitivity"),
-                    "model": res.model, "macs_ratio": old.macs_of(res.model) / dense_macs,
-                    "predicted_ratio": info["predicted_ms"] / table.dense_ms, "factors": info.get("factors"),
-                    "compile_s": round(time.time() - t0, 1), "refine": info.get("refine"),
-                    "verify_passed": res.report["verify"]["passed"], **agreement(base, res.model, imgs)}
-                log(f"{name} b{batch} {key}: factors {info.get('factors')}, {rows[key]['compile_s']} s, "
-                    f"in-pass {[round(t['measured_ratio'], 3) for t in info.get('refine') or []]}")
-            tries = info.get("refine") or [{"measured_ratio": goal}]
-            got = min(tries, key=lambda t: abs(t["measured_ratio"] - goal))["measured_ratio"]  # the one kept
-            log(f"{name} b{batch} target {goal}: in-pass measured {[round(t['measured_ratio'], 3) for t in tries]}, "
-                f"kept {got:.3f}")
-            r, m, ratio = same_latency(base, got, batch, args.threads, args.rounds, args.iters, args.runtime)
-            rows[f"--channels @ same latency as {goal}"] = {
-                "tool": "channels same latency", "ratio": r, "model": m.model, "measured_in_search": ratio,
-                "macs_ratio": old.macs_of(m.model) / dense_macs, **agreement(base, m.model, imgs)}
-            log(f"{name} b{batch} channels {r:.3f} at same latency: {ratio:.3f}")
+        for timing in args.op_timing:
+            table_rows(name, base, coupling, batch, timing, imgs, dense_macs, rows, args, log)
         before = load()
         ms = time_rows(rows, batch, args.rounds, args.threads, tmp, args.runtime)
         after = load()
@@ -274,6 +230,68 @@ def run_model(name: str, args, log) -> list[dict]:
                 f"speedup {rec['speedup']:.2f} eff {rec['efficiency']:.2f}")
         OUT.write_text(json.dumps({"meta": vars(args) | {"partial": True}, "rows": out}, indent=1, default=str))
     return out
+
+
+def table_rows(name: str, base, coupling, batch: int, timing: str, imgs, dense_macs: int, rows: dict, args, log
+               ) -> None:
+    """The latency-table rows (latency-aware snap, allocator, --target-latency, plain --channels at the same
+    latency) into ``rows``, on a table whose ops are timed by ``timing``: "kernel" (the runtime's own op
+    time where it reports one, the default) or "wall" (each standalone op timed end to end, as before
+    2026-12-06; rows suffixed "(wall-timed ops)")."""
+    rt = RUNTIMES[args.runtime]
+    RUNTIMES[args.runtime] = rt if timing == "kernel" else dataclasses.replace(rt, prepare_op=None)
+    try:
+        t0 = time.time()
+        table = profile(base, coupling.program, coupling, args.runtime, batch, args.threads, args.points, args.rounds)
+    finally:
+        RUNTIMES[args.runtime] = rt
+    sfx = "" if timing == "kernel" or not rt.prepare_op else " (wall-timed ops)"
+    log(f"{name} b{batch}{sfx}: table {len(table.ops)} ops, dense {table.dense_ms:.1f} ms ({time.time() - t0:.0f}s)")
+    for target in ([] if args.skip_macs else args.targets):
+        r, m, mr = search(lambda c: latency_aware(base, c, table), dense_macs, target, args.iters)
+        rows[f"prunec latency-aware @{target}{sfx}"] = {"tool": "prunec latency-aware" + sfx, "target": target, "ratio": r,
+                                                   "model": m.model, "macs_ratio": mr,
+                                                   "predicted_ratio": m.report["passes"]["latency_select"][
+                                                       "predicted_ms"] / table.dense_ms}
+        log(f"{name} b{batch}{sfx} latency-aware @{target}: ratio {r:.3f} macs {mr:.3f}")
+        g, m, mr = search(lambda goal: allocator(base, goal, table, batch), dense_macs, target, args.iters + 2, "goal")
+        info = m.report["passes"]["latency_select"]
+        rows[f"prunec allocator @{target}{sfx}"] = {"tool": "prunec allocator" + sfx, "target": target, "goal": g,
+                                               "model": m.model, "macs_ratio": mr, "factors": info.get("factors"),
+                                               "predicted_ratio": info["predicted_ms"] / table.dense_ms}
+        log(f"{name} b{batch}{sfx} allocator @{target}: goal {g:.3f} macs {mr:.3f} factors {info.get('factors')}")
+    for goal in args.latency_targets:
+        # the standalone-op table alone; calibrated on the model; calibrated + sensitivity weights (default)
+        variants = (("target-latency standalone", False, False), ("target-latency calibrated", True, False),
+                    ("target-latency", True, True))
+        for tool, calibrated, sens in (v for v in variants if v[0] in args.target_variants):
+            t0 = time.time()
+            tbl = table if calibrated else dataclasses.replace(table, factors={}, calibration={})
+            res = prunec.compile(copy.deepcopy(base), X, calib=CALIB, passes=[score(), LatencySelect(
+                args.runtime, target=goal, table=tbl, batch=batch, threads=args.threads, rounds=args.rounds, measure=False,
+                calibrate=calibrated, sensitivity=sens)])
+            info = res.report["passes"]["latency_select"]
+            key = f"--target-latency {goal}" + {"target-latency": "", "target-latency standalone": " (standalone table)",
+                                                "target-latency calibrated": " (calibrated, no sensitivity)"}[tool] + sfx
+            rows[key] = {
+                "tool": tool + sfx, "target_latency": goal, "sensitivity": info.get("sensitivity"),
+                "model": res.model, "macs_ratio": old.macs_of(res.model) / dense_macs,
+                "predicted_ratio": info["predicted_ms"] / table.dense_ms, "factors": info.get("factors"),
+                "compile_s": round(time.time() - t0, 1), "refine": info.get("refine"),
+                "verify_passed": res.report["verify"]["passed"], **agreement(base, res.model, imgs)}
+            log(f"{name} b{batch} {key}: factors {info.get('factors')}, {rows[key]['compile_s']} s, "
+                f"in-pass {[round(t['measured_ratio'], 3) for t in info.get('refine') or []]}")
+        tries = info.get("refine") or [{"measured_ratio": goal}]
+        got = min(tries, key=lambda t: abs(t["measured_ratio"] - goal))["measured_ratio"]  # the one kept
+        log(f"{name} b{batch}{sfx} target {goal}: in-pass measured {[round(t['measured_ratio'], 3) for t in tries]}, "
+            f"kept {got:.3f}")
+        if sfx:
+            continue
+        r, m, ratio = same_latency(base, got, batch, args.threads, args.rounds, args.iters, args.runtime)
+        rows[f"--channels @ same latency as {goal}"] = {
+            "tool": "channels same latency", "ratio": r, "model": m.model, "measured_in_search": ratio,
+            "macs_ratio": old.macs_of(m.model) / dense_macs, **agreement(base, m.model, imgs)}
+        log(f"{name} b{batch} channels {r:.3f} at same latency: {ratio:.3f}")
 
 
 def plot(rows: list[dict], png: Path) -> None:
@@ -291,7 +309,8 @@ def plot(rows: list[dict], png: Path) -> None:
               "prunec allocator": ("X", "C6"), "prunec round_to 16": ("v", "C8"),
               "target-latency": ("*", "C1"), "target-latency standalone": ("P", "C5"),
               "target-latency calibrated": ("p", "C7"),
-              "channels same latency": ("D", "C4")}
+              "channels same latency": ("D", "C4"), "prunec allocator (wall-timed ops)": ("x", "C9"),
+              "target-latency (wall-timed ops)": ("+", "C9")}
     for ax, (model, batch, runtime) in zip(axes.flat, panels):
         ax.plot([0, 1], [0, 1], "k--", lw=1, label="latency ∝ MACs")
         for tool, (mk, col) in styles.items():
@@ -329,6 +348,8 @@ def main() -> None:
     ap.add_argument("--round-to", default="8", help="round_to of the uniform prunec rows (8 = 'prunec default')")
     ap.add_argument("--target-variants", default="standalone,calibrated,default",
                     help="--target-latency rows: standalone table, calibrated, default (calibrated + error curves)")
+    ap.add_argument("--op-timing", default="kernel",
+                    help="kernel,wall: the latency-table rows also on a table of wall-timed standalone ops")
     ap.add_argument("--method", default="l1", help="criterion of every prunec row (Torch-Pruning stays L1)")
     ap.add_argument("--calib-photos", action="store_true",
                     help="efficientnet_lite0: sensitivity weights measured on 32 photos of pictures the agreement "
@@ -347,6 +368,7 @@ def main() -> None:
     args.targets = [float(t) for t in args.targets.split(",")]
     args.latency_targets = [float(t) for t in args.latency_targets.split(",") if t]
     args.round_to = [int(r) for r in args.round_to.split(",")]
+    args.op_timing = args.op_timing.split(",")
     args.target_variants = {"target-latency " + v if v != "default" else "target-latency"
                             for v in args.target_variants.split(",")}
     torch.set_num_threads(args.threads)

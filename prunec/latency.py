@@ -265,7 +265,7 @@ def key_fields(program: Program, ops: list[Op], runtime: Runtime, batch: int, th
             "runtime": runtime.name, "runtime_version": runtime.version(), "torch": torch.__version__,
             "machine": f"{platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()}".strip(),
             "batch": batch, "threads": threads, "points": points, "multiple": runtime.multiple,
-            "version": MODEL_VERSION}
+            "op_timing": "kernel" if runtime.prepare_op else "wall", "version": MODEL_VERSION}
 
 
 def cache_key(fields: dict[str, Any]) -> str:
