@@ -243,14 +243,15 @@ def _cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
     return code, capsys.readouterr().err.strip()
 
 
-def test_onnxruntime_ops_are_timed_without_their_edge_reorders() -> None:
-    """A standalone blocked conv pays NCHW↔NCHWc reorders at its edges that the model it came from does not:
-    the latency table takes the kernels' own time from onnxruntime's profiler, reorders left out."""
-    pytest.importorskip("onnxruntime")
-    from prunec.runtimes import RUNTIMES, KernelRun, time_interleaved
+@pytest.mark.parametrize("runtime,package", [("onnxruntime", "onnxruntime"), ("executorch", "executorch.runtime")])
+def test_ops_are_timed_without_their_edge_layout_changes(runtime: str, package: str) -> None:
+    """A standalone conv pays layout changes at its edges that the model it came from does not (onnxruntime's
+    NCHW↔NCHWc reorders, XNNPACK's NCHW↔NHWC transposes): the latency table takes the kernels' own time from
+    the runtime's profiler (onnxruntime's, ETDump), those left out."""
+    pytest.importorskip(package)
+    from prunec.runtimes import RUNTIMES, time_interleaved
     conv, x = nn.Conv2d(32, 32, 3, padding=1, groups=32, bias=False), (torch.randn(2, 32, 56, 56),)
-    run = RUNTIMES["onnxruntime"].prepare_op(conv, x, 1)
-    assert isinstance(run, KernelRun)
+    run = RUNTIMES[runtime].prepare_op(conv, x, 1)
     wall = time_interleaved([run], rounds=3, stat="min")[0]
     kernel = run.kernel_s()
     assert 0 < kernel < wall
