@@ -40,8 +40,8 @@ class Runtime:
     prepare: Callable[[torch.nn.Module, tuple[torch.Tensor, ...], int], Run]
     note: str = ""
     multiple: int = 8   # the width grid the latency table times: the kernels' vector width in floats
-    # a preparer whose run also reports the op's own kernel seconds (``KernelRun``), without what a
-    # standalone model pays at its edges and the model inside does not (layout reorders); None: wall time
+    # a preparer whose run also reports the op's own kernel seconds (``OrtKernelRun``, ``EtKernelRun``), without
+    # what a standalone model pays at its edges and the model around it does not (layout changes); None: wall time
     prepare_op: Callable[[torch.nn.Module, tuple[torch.Tensor, ...], int], Run] | None = None
 
     def version(self) -> str:
@@ -77,7 +77,7 @@ def _prepare_ort(module: torch.nn.Module, x: tuple[torch.Tensor, ...], threads: 
     return lambda: sess.run(None, feed)
 
 
-class KernelRun:
+class OrtKernelRun:
     """An onnxruntime session run with its profiler on: ``kernel_s()`` is the fastest run's summed kernel
     time of every node but the layout reorders (``ReorderInput``/``ReorderOutput``, which a standalone
     conv pays at its edges: on MobileNetV3 at batch 8 they doubled the early layers' times, where the
@@ -207,7 +207,7 @@ def _threads(n: int) -> Iterator[None]:
 
 RUNTIMES: dict[str, Runtime] = {
     "onnxruntime": Runtime("onnxruntime", "onnxruntime", "onnx", _prepare_ort,
-                           "CPUExecutionProvider, ORT_ENABLE_ALL, sequential", prepare_op=KernelRun),
+                           "CPUExecutionProvider, ORT_ENABLE_ALL, sequential", prepare_op=OrtKernelRun),
     # XNNPACK's x86 f32 GEMM and depthwise kernels are 16 floats wide (8 on Arm): on an AVX2 host,
     # MobileNetV3 --channels 0.293 ran at 0.589 of dense with widths rounded to 16 (57.5 % MACs) and
     # 0.681 rounded to 8 (51.8 % MACs); docs/latency.md
