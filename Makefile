@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 $(BIN)/prunec: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,coreml]' 'ruamel.yaml>=0.18' 'tabulate>=0.9' 'flatbuffers>=24'
+	$(BIN)/pip install -q -e '.[test,coreml]' 'ruamel.yaml>=0.18' 'tabulate>=0.9' 'flatbuffers>=24' 'pandas>=2,<4'
 	# ExecuTorch's wheel declares no torch pin: --no-deps keeps torch 2.14.1 (see pyproject's executorch extra)
 	$(BIN)/pip install -q --no-deps executorch==1.5.1 torchao==0.18.0
 	# ultralytics declares opencv-python (libGL) and nvidia-ml-py: --no-deps; its headless deps are in the test extra

@@ -175,7 +175,11 @@ class EtKernelRun:
 
     def kernel_s(self) -> float:
         """Call once, after the runs."""
-        from executorch.devtools.etdump.serialize import deserialize_from_etdump_flatcc
+        try:
+            from executorch.devtools.etdump.serialize import deserialize_from_etdump_flatcc
+        except ImportError as err:  # executorch.devtools imports pandas, which executorch's wheel does not declare
+            raise InputError(f"ExecuTorch's ETDump reader could not be imported ({err})",
+                             "install it with: pip install 'prunec[executorch]'") from err
         tmp = tempfile.mkdtemp(prefix="prunec-et-")
         try:
             path = os.path.join(tmp, "run.etdp")
