@@ -44,7 +44,9 @@ def profile_command(argv: Sequence[str]) -> int:
                     args.points, args.rounds, cache=cache_dir(), reprofile=args.reprofile)
     print(f"{loaded.name} on {args.runtime} (batch {args.batch}, {table.meta['key_fields']['threads']} threads): "
           f"dense {table.dense_ms:.4g} ms; {len(table.ops)} ops timed at widths in multiples of "
-          f"{table.meta['key_fields']['multiple']} (every few widths for small groups)")
+          f"{table.meta['key_fields']['multiple']} (every few widths for groups no wider), "
+          + ("by their kernels' own time (layout changes at their edges left out)"
+             if table.meta["key_fields"].get("op_timing") == "kernel" else "end to end"))
     print("\n".join(describe_staircase(table)))
     if args.output:
         with atomic_path(args.output) as tmp:
