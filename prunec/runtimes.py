@@ -70,10 +70,24 @@ def _onnx_bytes(module: torch.nn.Module, x: tuple[torch.Tensor, ...]) -> bytes:
     return buf.getvalue()
 
 
-def _prepare_ort(module: torch.nn.Module, x: tuple[torch.Tensor, ...], threads: int) -> Run:
+def _ort_session(module: torch.nn.Module, x: tuple[torch.Tensor, ...], threads: int,
+                 profile_prefix: str | None = None) -> tuple[Any, dict[str, Any]]:
+    """An onnxruntime CPU session of the module (profiling into ``profile_prefix`` when given) and its feed."""
     import onnxruntime as ort
-    sess = ort.InferenceSession(_onnx_bytes(module, x), _ort_options(threads), providers=["CPUExecutionProvider"])
-    feed = {i.name: t.detach().numpy() for i, t in zip(sess.get_inputs(), x)}
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if profile_prefix:
+        so.enable_profiling, so.profile_file_prefix = True, profile_prefix
+    sess = ort.InferenceSession(_onnx_bytes(module, x), so, providers=["CPUExecutionProvider"])
+    return sess, {i.name: t.detach().numpy() for i, t in zip(sess.get_inputs(), x)}
+
+
+def _prepare_ort(module: torch.nn.Module, x: tuple[torch.Tensor, ...], threads: int) -> Run:
+    sess, feed = _ort_session(module, x, threads)
     return lambda: sess.run(None, feed)
 
 
@@ -86,12 +100,8 @@ class OrtKernelRun:
     SKIP = ("ReorderInput", "ReorderOutput")
 
     def __init__(self, module: torch.nn.Module, x: tuple[torch.Tensor, ...], threads: int) -> None:
-        import onnxruntime as ort
         self._dir = tempfile.mkdtemp(prefix="prunec-ort-")
-        so = _ort_options(threads)
-        so.enable_profiling, so.profile_file_prefix = True, os.path.join(self._dir, "op")
-        self._sess = ort.InferenceSession(_onnx_bytes(module, x), so, providers=["CPUExecutionProvider"])
-        self._feed = {i.name: t.detach().numpy() for i, t in zip(self._sess.get_inputs(), x)}
+        self._sess, self._feed = _ort_session(module, x, threads, os.path.join(self._dir, "op"))
 
     def __call__(self) -> Any:
         return self._sess.run(None, self._feed)
@@ -103,10 +113,8 @@ class OrtKernelRun:
             events = json.loads(Path(path).read_text())
         finally:
             shutil.rmtree(self._dir, ignore_errors=True)
-        runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
-                      if e.get("cat") == "Session" and e.get("name") == "model_run")
-        per_run = [0.0] * len(runs)
-        starts = [a for a, _ in runs]
+        starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+        per_run = [0.0] * len(starts)
         for e in events:
             if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") \
                     and e.get("args", {}).get("op_name") not in self.SKIP:
@@ -118,17 +126,6 @@ class OrtKernelRun:
         return min(per_run) / 1e6
 
 
-def _ort_options(threads: int) -> Any:
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    return so
-
-
 def _prepare_torch(module: torch.nn.Module, x: tuple[torch.Tensor, ...], threads: int) -> Run:
     module = module.eval()
 
@@ -138,24 +135,24 @@ def _prepare_torch(module: torch.nn.Module, x: tuple[torch.Tensor, ...], threads
     return run
 
 
-def _et_buffer(module: torch.nn.Module, x: tuple[torch.Tensor, ...]) -> bytes:
-    """The module as an ExecuTorch program, lowered to XNNPACK."""
+def _et_method(module: torch.nn.Module, x: tuple[torch.Tensor, ...], **load: Any) -> tuple[bytes, Any, Any]:
+    """(program buffer, loaded program, forward method) of the module lowered to XNNPACK. The method points
+    into the loaded program and its buffer: keep all three alive (without them the first execute after a
+    garbage collection segfaults)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
+    from executorch.runtime import Runtime as EtRuntime
     with torch.no_grad():
         ep = torch.export.export(module.eval(), x)
-    return to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch().buffer
+    buffer = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch().buffer
+    loaded = EtRuntime.get().load_program(buffer, **load)
+    return buffer, loaded, loaded.load_method("forward")
 
 
 def _prepare_executorch(module: torch.nn.Module, x: tuple[torch.Tensor, ...], threads: int) -> Run:
-    from executorch.runtime import Runtime as EtRuntime
-    buffer = _et_buffer(module, x)
-    loaded = EtRuntime.get().load_program(buffer)
-    method = loaded.load_method("forward")
+    buffer, loaded, method = _et_method(module, x)
     inputs = list(x)
-    # the method points into the loaded program and its buffer: the closure keeps both alive
-    # (without them the first execute after garbage collection segfaults)
-    return lambda: (buffer, loaded) and method.execute(inputs)
+    return lambda: (buffer, loaded) and method.execute(inputs)   # the closure keeps buffer and program alive
 
 
 class EtKernelRun:
@@ -164,10 +161,7 @@ class EtKernelRun:
     lowered model pays once: for a depthwise conv at 112², 0.40 ms of transposes around a 0.16 ms conv)."""
 
     def __init__(self, module: torch.nn.Module, x: tuple[torch.Tensor, ...], threads: int) -> None:
-        from executorch.runtime import Runtime as EtRuntime
-        self._buffer = _et_buffer(module, x)   # kept alive with the program (see _prepare_executorch)
-        self._loaded = EtRuntime.get().load_program(self._buffer, enable_etdump=True, debug_buffer_size=0)
-        self._method = self._loaded.load_method("forward")
+        self._buffer, self._loaded, self._method = _et_method(module, x, enable_etdump=True, debug_buffer_size=0)
         self._inputs = list(x)
 
     def __call__(self) -> Any:
