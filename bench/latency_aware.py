@@ -42,7 +42,6 @@ import torch_pruning as tp  # noqa: E402
 from prunec.latency import measure, profile  # noqa: E402
 from prunec.compiler import criterion  # noqa: E402
 from prunec.passes import LatencySelect  # noqa: E402
-from prunec.runtimes import RUNTIMES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "latency_aware.json"
@@ -238,14 +237,10 @@ def table_rows(name: str, base, coupling, batch: int, timing: str, imgs, dense_m
     latency) into ``rows``, on a table whose ops are timed by ``timing``: "kernel" (the runtime's own op
     time where it reports one, the default) or "wall" (each standalone op timed end to end, as before
     2026-12-06; rows suffixed "(wall-timed ops)")."""
-    rt = RUNTIMES[args.runtime]
-    RUNTIMES[args.runtime] = rt if timing == "kernel" else dataclasses.replace(rt, prepare_op=None)
-    try:
-        t0 = time.time()
-        table = profile(base, coupling.program, coupling, args.runtime, batch, args.threads, args.points, args.rounds)
-    finally:
-        RUNTIMES[args.runtime] = rt
-    sfx = "" if timing == "kernel" or not rt.prepare_op else " (wall-timed ops)"
+    t0 = time.time()
+    table = profile(base, coupling.program, coupling, args.runtime, batch, args.threads, args.points, args.rounds,
+                    op_timing=timing)
+    sfx = " (wall-timed ops)" if timing == "wall" else ""
     log(f"{name} b{batch}{sfx}: table {len(table.ops)} ops, dense {table.dense_ms:.1f} ms ({time.time() - t0:.0f}s)")
     for target in ([] if args.skip_macs else args.targets):
         r, m, mr = search(lambda c: latency_aware(base, c, table), dense_macs, target, args.iters)

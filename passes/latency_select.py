@@ -189,7 +189,8 @@ class LatencySelect(Pass):
                  ratios: dict[str, float] | None = None, batch: int = 1, threads: int | None = None,
                  kinds: tuple[str, ...] = ("channel", "mlp"), max_ratio: float = 0.9, points: int = 16,
                  rounds: int = 5, table: LatencyTable | None = None, cache: Any = True,
-                 refine: int = 3, measure: bool = True, calibrate: bool = True, sensitivity: bool = True) -> None:
+                 refine: int = 3, measure: bool = True, calibrate: bool = True, sensitivity: bool = True,
+                 op_timing: str = "kernel") -> None:
         self.ratios = {k: check_ratio(k, float(v)) for k, v in (ratios or {}).items() if v}
         if target is None and not self.ratios:
             raise InputError("latency-aware selection needs a latency target or ratios",
@@ -199,7 +200,7 @@ class LatencySelect(Pass):
         self.kinds = tuple(self.ratios) if self.ratios and target is None else kinds
         self.max_ratio, self.points, self.rounds = max_ratio, points, rounds
         self.table, self.cache, self.refine, self.measure = table, cache, refine, measure
-        self.calibrate, self.sensitivity = calibrate, sensitivity
+        self.calibrate, self.sensitivity, self.op_timing = calibrate, sensitivity, op_timing
 
     def _refine(self, state: State, table: LatencyTable, scores: dict[str, np.ndarray], floor: dict[str, int],
                 target_ms: float, widths: dict[str, int], pred: float, info: dict[str, Any],
@@ -263,7 +264,7 @@ class LatencySelect(Pass):
 
     def run(self, state: State) -> PassResult:
         table = self.table or profile(state.model, state.program, state.coupling, self.runtime, self.batch,
-                                      self.threads, self.points, self.rounds, self.cache)
+                                      self.threads, self.points, self.rounds, self.cache, op_timing=self.op_timing)
         timed = {g for op in table.ops for g in (op.in_group, op.out_group) if g}
         groups = [g for g in state.coupling.groups if g.kind in self.kinds and g.name in state.scores
                   and g.name not in state.plan.kept]

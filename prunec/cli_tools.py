@@ -20,6 +20,9 @@ def profile_command(argv: Sequence[str]) -> int:
     p.add_argument("model", metavar="MODEL")
     add_runtime_flags(p)
     p.add_argument("--points", type=int, default=16, help="widths timed per group (default 16)")
+    p.add_argument("--op-timing", choices=["kernel", "wall"], default="kernel",
+                   help="kernel (default): each op's own kernel time where the runtime reports it (onnxruntime, "
+                   "executorch), without the layout changes a standalone op pays at its edges; wall: end to end")
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (default 5)")
     p.add_argument("--reprofile", action="store_true", help="measure again, replacing the cached table")
     p.add_argument("-o", "--output", help="also write the table (JSON) here")
@@ -41,7 +44,7 @@ def profile_command(argv: Sequence[str]) -> int:
     loaded = load_model(args.model, args.input_shape, args.weights, args.trust_pickle, args.seq_len)
     coupling = prunec.analyze(loaded.model, loaded.example_inputs, loaded.example_kwargs)
     table = profile(loaded.model, coupling.program, coupling, args.runtime, args.batch, args.threads,
-                    args.points, args.rounds, cache=cache_dir(), reprofile=args.reprofile)
+                    args.points, args.rounds, cache=cache_dir(), reprofile=args.reprofile, op_timing=args.op_timing)
     print(f"{loaded.name} on {args.runtime} (batch {args.batch}, {table.meta['key_fields']['threads']} threads): "
           f"dense {table.dense_ms:.4g} ms; {len(table.ops)} ops timed at widths in multiples of "
           f"{table.meta['key_fields']['multiple']} (every few widths for groups no wider), "

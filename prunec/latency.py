@@ -255,7 +255,7 @@ def cache_dir() -> Path:
 
 
 def key_fields(program: Program, ops: list[Op], runtime: Runtime, batch: int, threads: int,
-               points: int) -> dict[str, Any]:
+               points: int, op_timing: str = "kernel") -> dict[str, Any]:
     """Everything a table depends on: the graph's ops and shapes, the runtime and its version, the
     host, batch, threads, the widths grid. Any change gives another cache key."""
     graph = [f"{n.op}:{n.target}:{shape_of(n)}" for n in program.graph.nodes]
@@ -265,7 +265,18 @@ def key_fields(program: Program, ops: list[Op], runtime: Runtime, batch: int, th
             "runtime": runtime.name, "runtime_version": runtime.version(), "torch": torch.__version__,
             "machine": f"{platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()}".strip(),
             "batch": batch, "threads": threads, "points": points, "multiple": runtime.multiple,
-            "op_timing": "kernel" if runtime.prepare_op else "wall", "version": MODEL_VERSION}
+            "op_timing": _op_timing(runtime, op_timing), "version": MODEL_VERSION}
+
+
+OP_TIMINGS = ("kernel", "wall")
+
+
+def _op_timing(runtime: Runtime, op_timing: str) -> str:
+    """How ``runtime``'s ops get timed when ``op_timing`` is asked for: "kernel" (their own kernels' time, where
+    the runtime reports it: ``Runtime.prepare_op``) or "wall" (each standalone op end to end)."""
+    if op_timing not in OP_TIMINGS:
+        raise InputError(f"op timing '{op_timing}' is unknown", f"use one of {', '.join(OP_TIMINGS)}")
+    return "kernel" if op_timing == "kernel" and runtime.prepare_op else "wall"
 
 
 def cache_key(fields: dict[str, Any]) -> str:
@@ -304,15 +315,17 @@ def batched(inputs: tuple[Any, ...], batch: int) -> tuple[Any, ...]:
 def profile(model: nn.Module, program: Program, coupling: Coupling, runtime: str = "onnxruntime",
             batch: int = 1, threads: int | None = None, points: int = 16, rounds: int = 5,
             cache: Path | None | bool = True, progress: Progress | None = None,
-            reprofile: bool = False) -> LatencyTable:
+            reprofile: bool = False, op_timing: str = "kernel") -> LatencyTable:
     """Time every op a prunable group's width touches at candidate widths on ``runtime``; cached
-    under ``cache_dir()/<key>.json`` (``cache=False``: neither read nor write; a Path: that folder)."""
+    under ``cache_dir()/<key>.json`` (``cache=False``: neither read nor write; a Path: that folder).
+    ``op_timing``: "kernel" (the ops' own kernel time where the runtime reports it, else as "wall") or "wall"
+    (each standalone op timed end to end, layout changes at its edges included)."""
     rt = get_runtime(runtime)
     if batch < 1:
         raise InputError(f"--batch {batch} must be ≥ 1", "e.g. --batch 1 or --batch 8")
     threads = threads or os.cpu_count() or 1
     ops = layer_ops(program, coupling)
-    fields = key_fields(program, ops, rt, batch, threads, points)
+    fields = key_fields(program, ops, rt, batch, threads, points, op_timing)
     folder = None if cache is False else (cache_dir() if cache is True or cache is None else Path(cache))
     path = folder / f"{cache_key(fields)}.json" if folder else None
     table = load_cached(path, fields) if path and not reprofile else None
@@ -320,7 +333,8 @@ def profile(model: nn.Module, program: Program, coupling: Coupling, runtime: str
         table.meta["cache"] = str(path)
         return table
     sizes = {g.name: g.size for g in coupling.groups}
-    curves, full = _measure_ops(ops, sizes, rt, batch, threads, points, rounds, progress)
+    curves, full = _measure_ops(ops, sizes, rt, batch, threads, points, rounds, progress,
+                                fields["op_timing"] == "kernel")
     if progress:
         progress("timing the dense model end to end")
     dense = measure(rt, {"dense": model}, program.example_inputs, batch, threads, rounds)["dense"]
@@ -410,10 +424,10 @@ def calibrate(table: LatencyTable, groups: dict[str, int], deploy: Callable[[dic
 
 
 def _measure_ops(ops: list[Op], sizes: dict[str, int], rt: Runtime, batch: int, threads: int,
-                 points: int, rounds: int, progress: Progress | None
+                 points: int, rounds: int, progress: Progress | None, kernel: bool
                  ) -> tuple[dict[str, dict[str, dict[int, float]]], dict[str, float]]:
-    """Time each distinct (op signature, side, width) once, interleaved per op; ms (the op's own kernel time
-    where the runtime reports it: ``Runtime.prepare_op``)."""
+    """Time each distinct (op signature, side, width) once, interleaved per op; ms (``kernel``: the op's own
+    kernel time, ``Runtime.prepare_op``; else end to end)."""
     done: dict[tuple[str, str, int], float] = {}
     curves: dict[str, dict[str, dict[int, float]]] = {}
     full: dict[str, float] = {}
@@ -428,7 +442,7 @@ def _measure_ops(ops: list[Op], sizes: dict[str, int], rt: Runtime, batch: int, 
         grid = {side: [w for w in candidate_widths(n, points, rt.multiple) if w != n] for side, (g, n) in sides.items()}
         jobs = [("full", c_out)] + [(side, w) for side, ws in grid.items() for w in ws]
         todo = [j for j in jobs if (op.signature(), *j) not in done]
-        runs, prepare = [], rt.prepare_op or rt.prepare
+        runs, prepare = [], rt.prepare_op if kernel else rt.prepare
         for side, w in todo:
             ci = w * (k if side == "in" else 1) if side in ("in", "both") else c_in
             co = w if side in ("out", "both") else c_out
@@ -439,7 +453,7 @@ def _measure_ops(ops: list[Op], sizes: dict[str, int], rt: Runtime, batch: int, 
                 raise InternalError(f"could not build {op.name} at {side} width {w} on {rt.name}: "
                                     f"{type(err).__name__}: {str(err).strip()[:200]}", op=op.__dict__) from err
         secs = time_interleaved(runs, rounds, stat="min")
-        if rt.prepare_op:
+        if kernel:
             secs = [run.kernel_s() for run in runs]
         for job, sec in zip(todo, secs):
             done[(op.signature(), *job)] = sec * 1e3

@@ -18,6 +18,7 @@ import statistics
 import tempfile
 import time
 import warnings
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +102,8 @@ class OrtKernelRun:
 
     def __init__(self, module: torch.nn.Module, x: tuple[torch.Tensor, ...], threads: int) -> None:
         self._dir = tempfile.mkdtemp(prefix="prunec-ort-")
+        # the profile folder goes with the run, read or not (a later variant's build may fail before kernel_s)
+        self._remove_dir = weakref.finalize(self, shutil.rmtree, self._dir, ignore_errors=True)
         self._sess, self._feed = _ort_session(module, x, threads, os.path.join(self._dir, "op"))
 
     def __call__(self) -> Any:
@@ -112,7 +115,7 @@ class OrtKernelRun:
         try:
             events = json.loads(Path(path).read_text())
         finally:
-            shutil.rmtree(self._dir, ignore_errors=True)
+            self._remove_dir()
         starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
         per_run = [0.0] * len(starts)
         for e in events:

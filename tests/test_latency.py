@@ -238,6 +238,52 @@ def test_width_grid_is_the_runtimes_vector_width(tmp_path: Path, monkeypatch: py
     assert RUNTIMES["executorch"].multiple in (8, 16) and RUNTIMES["onnxruntime"].multiple == 8
 
 
+def test_op_timing_is_chosen_and_keyed(tmp_path: Path) -> None:
+    """``op_timing="wall"`` times each standalone op end to end instead of by its kernels; the key records which
+    (a runtime without a kernel timer, torch, is wall-timed either way), and an unknown timing is bad input."""
+    pytest.importorskip("onnxruntime")
+    model, x = tiny(), (torch.randn(1, 3, 16, 16),)
+    coupling = prunec.analyze(model, x)
+    kw = dict(threads=1, points=4, rounds=1, cache=tmp_path)
+    kernel = profile(model, coupling.program, coupling, "onnxruntime", **kw)
+    wall = profile(model, coupling.program, coupling, "onnxruntime", op_timing="wall", **kw)
+    assert (kernel.meta["key_fields"]["op_timing"], wall.meta["key_fields"]["op_timing"]) == ("kernel", "wall")
+    assert kernel.meta["key"] != wall.meta["key"] and len(list(tmp_path.glob("*.json"))) == 2
+    assert profile(model, coupling.program, coupling, "torch", **kw).meta["key_fields"]["op_timing"] == "wall"
+    with pytest.raises(InputError, match="op timing 'cycles' is unknown"):
+        profile(model, coupling.program, coupling, "torch", op_timing="cycles", **kw)
+
+
+def test_cli_profile_prints_staircase_and_how_ops_were_timed(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setenv("PRUNEC_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "table.json"
+    for timing, says in (("kernel", "by their kernels' own time"), ("wall", "end to end")):
+        code = main(["profile", "zoo:convbn", "--runtime", "onnxruntime", "--threads", "1", "--points", "4",
+                     "--rounds", "1", "--op-timing", timing, "-o", str(out)])
+        stdout = capsys.readouterr().out
+        assert code == 0 and says in stdout.splitlines()[0] and "table   " in stdout
+        assert json.loads(out.read_text())["meta"]["key_fields"]["op_timing"] == timing
+    assert len(list((tmp_path / "cache" / "latency").glob("*.json"))) == 2
+
+
+def test_kernel_timer_leaves_no_folder_behind() -> None:
+    """onnxruntime's profile folder goes with its run, read or not (a later variant's build may fail first)."""
+    pytest.importorskip("onnxruntime")
+    import gc
+
+    from prunec.runtimes import OrtKernelRun
+    conv, x = nn.Conv2d(8, 8, 1), (torch.randn(1, 8, 4, 4),)
+    read, unread = OrtKernelRun(conv, x, 1), OrtKernelRun(conv, x, 1)
+    folders = [Path(read._dir), Path(unread._dir)]
+    read()
+    assert read.kernel_s() > 0 and not folders[0].exists() and folders[1].is_dir()
+    del unread
+    gc.collect()
+    assert not folders[1].exists()
+
+
 def _cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
     code = main(args)
     return code, capsys.readouterr().err.strip()
