@@ -27,8 +27,9 @@ class Services:
     macs: Callable[[torch.nn.Module], int]       # MACs of a module on the example inputs
     params: Callable[[torch.nn.Module], int]
     # the model as it will be deployed with a plan: the user's module class synced with the pruned
-    # tensors when it follows, else the pruned program; and the unpruned model alike (latency runs)
-    deployed: Callable[[Plan], tuple[torch.nn.Module, torch.nn.Module]] | None = None
+    # tensors when it follows, else the pruned program; and the unpruned model alike (latency runs); with
+    # refit updates (pruned shapes) written into the pruned one when given
+    deployed: Callable[..., tuple[torch.nn.Module, torch.nn.Module]] | None = None
 
 
 @dataclass

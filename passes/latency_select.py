@@ -22,6 +22,7 @@ from prunec.calib import Call, calls, first_samples, with_example_options
 from prunec.errors import InputError, InternalError
 from prunec.latency import LatencyTable, calibrate, measure, parse_target, probe_width, profile, save
 from prunec.passes.base import Pass, PassResult, State, register_pass
+from prunec.passes.refit import Refit
 from prunec.passes.select import check_ratio, keep_count
 from prunec.passes.sensitivity import output_error
 from prunec.plan import Plan
@@ -190,7 +191,7 @@ class LatencySelect(Pass):
                  kinds: tuple[str, ...] = ("channel", "mlp"), max_ratio: float = 0.9, points: int = 16,
                  rounds: int = 5, table: LatencyTable | None = None, cache: Any = True,
                  refine: int = 3, measure: bool = True, calibrate: bool = True, sensitivity: bool = True,
-                 op_timing: str = "kernel") -> None:
+                 op_timing: str = "kernel", refit: str | None = None) -> None:
         self.ratios = {k: check_ratio(k, float(v)) for k, v in (ratios or {}).items() if v}
         if target is None and not self.ratios:
             raise InputError("latency-aware selection needs a latency target or ratios",
@@ -201,6 +202,7 @@ class LatencySelect(Pass):
         self.max_ratio, self.points, self.rounds = max_ratio, points, rounds
         self.table, self.cache, self.refine, self.measure = table, cache, refine, measure
         self.calibrate, self.sensitivity, self.op_timing = calibrate, sensitivity, op_timing
+        self.refit = None if refit in (None, "none") else refit
 
     def _refine(self, state: State, table: LatencyTable, scores: dict[str, np.ndarray], floor: dict[str, int],
                 target_ms: float, widths: dict[str, int], pred: float, info: dict[str, Any],
@@ -233,13 +235,13 @@ class LatencySelect(Pass):
         return best[0], best[1]
 
     @staticmethod
-    def _cutter(state: State, deploy: Any) -> tuple[Any, Any]:
+    def _cutter(state: State, deploy: Any, fit: Any = None) -> tuple[Any, Any]:
         """(the unpruned model, ``cut(widths)`` → the model with those groups cut to those widths),
-        both as compile returns them."""
+        both as compile returns them; with ``fit`` (``Refit.fitter``) the cut one refit as well."""
         def cut(widths: dict[str, int]) -> Any:
             plan = Plan(meta={})
             _keep(plan, state.scores, widths)
-            return deploy(plan)[1]
+            return deploy(plan, fit(plan))[1] if fit else deploy(plan)[1]
         return deploy(Plan(meta={}))[0], cut
 
     def _calibrate(self, state: State, table: LatencyTable, scores: dict[str, np.ndarray], dense: Any,
@@ -257,7 +259,10 @@ class LatencySelect(Pass):
         program = state.program
         batches = [with_example_options(program, c) for c in first_samples(calls(state.calib or []), SAMPLES)] or \
             [(tuple(program.example_inputs), dict(program.example_kwargs))]
-        key = digest(state.model.state_dict(), batches, table.meta["key_fields"])
+        key = digest(state.model.state_dict(), batches, table.meta["key_fields"], self.refit,
+                     state.calib if self.refit else None)
+        if self.refit:   # each probe refit as the compile's Refit pass will refit the result
+            cut = self._cutter(state, state.services.deployed, Refit(self.refit).fitter(state, scores))[1]
         errors, costs = sensitivity(table, scores, cut, dense, batches, key=key)
         info["sensitivity"] = _summary({g: e[min(e)] for g, e in errors.items()})
         return costs

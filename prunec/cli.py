@@ -64,8 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default for models with a list of blocks: each block calibrated on the outputs of the "
                         "already sparsified blocks before it)")
     p.add_argument("--refit", choices=["none", "ls", "bias"], default=None,
-                   help="after selection, refit the Linear layers that read pruned units on --calib data: ls "
-                        "(least squares), bias (FLAP bias compensation); default: bias for --method flap, else none")
+                   help="after selection, refit the Linear and conv layers that read pruned units on --calib data: "
+                        "ls (least squares; k×k convs: bias compensation), bias (FLAP bias compensation, into the "
+                        "layer's bias or the BatchNorm after a bias-free conv); default: bias for --method flap, "
+                        "else none")
     p.add_argument("--coreml-target", default="iOS16", help="Core ML minimum deployment target (default iOS16)")
     p.add_argument("--int8", action="store_true", help="tensorrt: build an INT8 engine (default FP16)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset for onnx/tensorrt (≥ 17, default 18)")

@@ -61,7 +61,8 @@ def services(coupling: Coupling, model: nn.Module | None = None) -> Services:
                     original=lambda: original_program(coupling),
                     macs=lambda m: count_macs(m, program.example_inputs, program.example_kwargs),
                     params=count_params,
-                    deployed=(lambda plan: deployed(model, coupling, plan)) if model is not None else None)
+                    deployed=(lambda plan, updates=None: deployed(model, coupling, plan, updates))
+                    if model is not None else None)
 
 
 def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp: float = 0.0,
@@ -92,7 +93,7 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
     it, and the report's ``latency`` entry has the predicted and the measured latency. ``inplace``: the
     result shares the tensors pruning leaves whole with ``model`` instead of copying them (memory: one
     copy of the weights, not two); training or editing the result then edits ``model`` too. ``refit`` ('ls' or 'bias', see
-    ``prunec.passes.Refit``; needs ``calib``) refits the Linear layers that read pruned units after selection;
+    ``prunec.passes.Refit``; needs ``calib``) refits the Linear and conv layers that read pruned units after selection;
     default: 'bias' for ``method='flap'`` (FLAP's bias compensation), none otherwise; 'none' turns it off.
     ``sequential``: the refit calibrates each block of an LLM on the pruned, refit blocks before it.
     ``gqa`` (attention with fewer kv heads than query heads): 'groups' prunes whole kv groups (a kv head
@@ -138,7 +139,8 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
              if plan is None else {})  # what the user asked for (a replayed plan asks nothing)
     with timer.stage("plan"):
         if plan is None:
-            latency = _latency_pass(runtime, target_latency, ratios, batch, threads) if passes is None else None
+            refit = refit_mode(refit, method)
+            latency = _latency_pass(runtime, target_latency, ratios, batch, threads, refit) if passes is None else None
             pipeline = list(passes) if passes is not None else _default_pipeline(
                 method, ratios, round_to, global_rank, layers, layer_method,
                 hf_heads=hasattr(getattr(model, "config", None), "num_attention_heads"), latency=latency,
@@ -198,9 +200,15 @@ def finish_part(state: State, plan: Plan, check: bool = True) -> CompileResult:
     return result
 
 
+def refit_mode(refit: str | None, method: str) -> str:
+    """The refit a compile runs: the one asked for, else FLAP's bias compensation for ``--method flap``, else none."""
+    return refit or ("bias" if method == "flap" else "none")
+
+
 def _latency_pass(runtime: str | None, target: float | str | None, ratios: dict[str, float],
-                  batch: int, threads: int | None) -> Pass | None:
-    """The LatencySelect pass for ``runtime``/``target_latency`` (None without either)."""
+                  batch: int, threads: int | None, refit: str = "none") -> Pass | None:
+    """The LatencySelect pass for ``runtime``/``target_latency`` (None without either); its probes refit as
+    ``refit`` will."""
     if runtime is None and target is None:
         return None
     if ratios.get("head") or ratios.get("hidden"):
@@ -210,7 +218,7 @@ def _latency_pass(runtime: str | None, target: float | str | None, ratios: dict[
         raise InputError("a latency target and channel ratios both given",
                          "the target sets the widths: drop --channels/--mlp/--heads/--hidden")
     return LatencySelect(runtime or "onnxruntime", target, None if target is not None else ratios,
-                         batch=batch, threads=threads)
+                         batch=batch, threads=threads, refit=refit)
 
 
 def _default_pipeline(method: str, ratios: dict[str, float], round_to: int, global_rank: bool,
@@ -238,7 +246,7 @@ def _default_pipeline(method: str, ratios: dict[str, float], round_to: int, glob
         pipeline.append(NativeConfig(strict=native))
     if layers:
         pipeline.append(LayerDrop(check_ratio("layers", layers), by=layer_method))
-    refit = refit or ("bias" if method == "flap" else "none")
+    refit = refit_mode(refit, method)
     if refit != "none":
         if "refits" in crit.provides:
             raise InputError(f"--method {method} refits its consumers itself", "drop --refit")

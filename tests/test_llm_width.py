@@ -163,7 +163,7 @@ def test_cli_flap_with_least_squares_refit(tmp_path: Path) -> None:
     folder = make_hf_llama(tmp_path / "llama")
     out, report = tmp_path / "out", tmp_path / "r.json"
     assert main([f"hf:{folder}", "--mlp", "0.25", "--method", "flap", "--refit", "ls", "--round-to", "1",
-                 "--seq-len", "8", "--calib", str(folder / "calib.txt"), "--calib-samples", "6",
+                 "--seq-len", "8", "--calib", str(folder / "calib.txt"), "--calib-samples", "24",
                  "-o", str(out), "--report", str(report)]) == 0
     data = json.loads(report.read_text())
     assert data["verify"]["passed"] and data["verify"]["refit"]["applied"]
