@@ -9,7 +9,9 @@ expanded channels of the inverted-residual blocks (the groups of ``conv_pw``, re
 convs), keeping the residual streams, stem and head whole, to separate what compensation restores there
 from what cutting the residual streams loses.
 
-    python bench/refit_cnn.py [--ratios 0.05,0.1,0.3] [--methods l1,flap] [--scope all,expanded]
+    python bench/refit_cnn.py [--ratios 0.05,0.1,0.3] [--methods l1,flap,thinet] [--scope all,expanded]
+
+(``thinet``/``lasso`` select and refit by themselves: one row per ratio, refit "own", all groups.)
 """
 from __future__ import annotations
 
@@ -69,10 +71,16 @@ def main() -> None:
     for scope in args.scope.split(","):
         for ratio in map(float, args.ratios.split(",")):
             for method in args.methods.split(","):
-                for refit in args.refits.split(","):
-                    passes = [criterion(method), Select({"channel": ratio}, round_to=8)]   # the CLI's default
-                    passes += [ExpandedOnly()] if scope == "expanded" else []
-                    passes += [Refit(refit)] if refit != "none" else []
+                selecting = method in ("thinet", "lasso")   # they select and refit themselves: all groups, once
+                if selecting and scope != "all":
+                    continue
+                for refit in ["own"] if selecting else args.refits.split(","):
+                    if selecting:
+                        passes = [criterion(method, ratio, 8)]
+                    else:
+                        passes = [criterion(method), Select({"channel": ratio}, round_to=8)]   # the CLI's default
+                        passes += [ExpandedOnly()] if scope == "expanded" else []
+                        passes += [Refit(refit)] if refit != "none" else []
                     t0 = time.time()
                     r = prunec.compile(copy.deepcopy(base), test[:1], calib=calib, passes=passes)
                     secs = time.time() - t0
