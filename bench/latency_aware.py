@@ -40,19 +40,26 @@ import latency as old  # noqa: E402  (bench/latency.py: MACs counter, ONNX expor
 import prunec  # noqa: E402
 import torch_pruning as tp  # noqa: E402
 from prunec.latency import measure, profile  # noqa: E402
-from prunec.compiler import criterion  # noqa: E402
-from prunec.passes import LatencySelect  # noqa: E402
+from prunec.compiler import criterion, refit_mode  # noqa: E402
+from prunec.passes import LatencySelect, Refit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "latency_aware.json"
 X = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
 METHOD: str = "l1"  # --method: the criterion of every prunec row
 CALIB: list | None = None  # calibration batches of every prunec row (--calib-photos), else None
+REFIT: str | None = None  # --refit of every prunec row (None: the compile's default for --method)
 
 
 def score():
     """The --method criterion pass."""
     return criterion(METHOD)
+
+
+def refit() -> list:
+    """The --refit pass after a selection (none without one: as compile(method=METHOD, refit=REFIT))."""
+    mode = refit_mode(REFIT, METHOD)
+    return [] if mode == "none" else [Refit(mode)]
 
 
 def load() -> list[float]:
@@ -83,14 +90,16 @@ def tp_default(base, ratio: float):
 
 def latency_aware(base, ratio: float, table):
     return prunec.compile(copy.deepcopy(base), X, calib=CALIB, passes=[score(), LatencySelect(
-        table.meta["key_fields"]["runtime"], ratios={"channel": ratio, "mlp": ratio}, table=table, measure=False)])
+        table.meta["key_fields"]["runtime"], ratios={"channel": ratio, "mlp": ratio}, table=table, measure=False),
+        *refit()])
 
 
 def allocator(base, goal: float, table, batch: int):
     """``--target-latency goal`` as the CLI runs it (the knapsack on the calibrated table, measured and
     re-aimed), so the bisection on the goal matches MACs with measured, not predicted, latency."""
     return prunec.compile(copy.deepcopy(base), X, calib=CALIB, passes=[score(), LatencySelect(
-        table.meta["key_fields"]["runtime"], target=goal, table=table, batch=batch, measure=False)])
+        table.meta["key_fields"]["runtime"], target=goal, table=table, batch=batch, measure=False,
+        refit=refit_mode(REFIT, METHOD)), *refit()])
 
 
 def search(make, dense_macs: int, target: float, iters: int, knob: str = "ratio"):
@@ -123,7 +132,7 @@ def same_latency(base, want_ratio: float, batch: int, threads: int, rounds: int,
     """Plain --channels (round_to=8) bisected so its measured latency ratio ≈ ``want_ratio``."""
     lo, hi, best, mid = 0.0, 0.9, None, min(0.9, max(0.0, 1 - want_ratio ** 0.5))
     for _ in range(iters):
-        r = prunec.compile(copy.deepcopy(base), X, channels=mid, method=METHOD, calib=CALIB)
+        r = prunec.compile(copy.deepcopy(base), X, channels=mid, method=METHOD, calib=CALIB, refit=REFIT)
         ms = measure(runtime, {"dense": base, "p": r.model}, (X,), batch, threads, rounds)
         got = ms["p"] / ms["dense"]
         if best is None or abs(got - want_ratio) < abs(best[2] - want_ratio):
@@ -190,9 +199,9 @@ def build(name: str, calib_photos: bool = False) -> tuple[torch.nn.Module, torch
 
 
 def run_model(name: str, args, log) -> list[dict]:
-    global METHOD, CALIB
+    global METHOD, CALIB, REFIT
     base, imgs, weights, CALIB = build(name, args.calib_photos)
-    METHOD = args.method
+    METHOD, REFIT = args.method, args.refit
     dense_macs = old.macs_of(base)
     coupling = prunec.analyze(base, (X,))
     out = []
@@ -202,7 +211,7 @@ def run_model(name: str, args, log) -> list[dict]:
         for rt in args.round_to:
             tool = "prunec default" if rt == 8 else f"prunec round_to {rt}"
             r, m, mr = search(lambda c: prunec.compile(copy.deepcopy(base), X, channels=c, method=METHOD, round_to=rt,
-                                                       calib=CALIB), dense_macs, target, args.iters)
+                                                       calib=CALIB, refit=REFIT), dense_macs, target, args.iters)
             common[f"{tool} @{target}"] = {"tool": tool, "target": target, "ratio": r, "model": m.model,
                                            "macs_ratio": mr}
             log(f"{name} {tool} @{target}: ratio {r:.3f} macs {mr:.3f}")
@@ -264,7 +273,7 @@ def table_rows(name: str, base, coupling, batch: int, timing: str, imgs, dense_m
             tbl = table if calibrated else dataclasses.replace(table, factors={}, calibration={})
             res = prunec.compile(copy.deepcopy(base), X, calib=CALIB, passes=[score(), LatencySelect(
                 args.runtime, target=goal, table=tbl, batch=batch, threads=args.threads, rounds=args.rounds, measure=False,
-                calibrate=calibrated, sensitivity=sens)])
+                calibrate=calibrated, sensitivity=sens, refit=refit_mode(REFIT, METHOD)), *refit()])
             info = res.report["passes"]["latency_select"]
             key = f"--target-latency {goal}" + {"target-latency": "", "target-latency standalone": " (standalone table)",
                                                 "target-latency calibrated": " (calibrated, no sensitivity)"}[tool] + sfx
@@ -346,6 +355,9 @@ def main() -> None:
     ap.add_argument("--op-timing", default="kernel",
                     help="kernel,wall: the latency-table rows also on a table of wall-timed standalone ops")
     ap.add_argument("--method", default="l1", help="criterion of every prunec row (Torch-Pruning stays L1)")
+    ap.add_argument("--refit", default=None, choices=["none", "bias", "ls"],
+                    help="refit of every prunec row (default: the compile's, bias for --method flap, else none); "
+                         "latency targets' error probes are refit the same way")
     ap.add_argument("--calib-photos", action="store_true",
                     help="efficientnet_lite0: sensitivity weights measured on 32 photos of pictures the agreement "
                          "set does not contain (the agreement set is then the other 130)")
