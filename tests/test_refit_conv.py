@@ -162,3 +162,21 @@ def test_latency_target_probes_are_refit_like_the_result(tmp_path, monkeypatch) 
     errs = {k: v["passes"]["latency_select"]["sensitivity"] for k, v in runs.items()}
     assert errs["bias"]["groups"] == errs["none"]["groups"] == 1
     assert errs["bias"]["max"] < 0.7 * errs["none"]["max"], errs   # the probes' cuts were compensated
+
+
+def test_cli_refits_a_cnn_from_calibration_data(tmp_path) -> None:
+    """`prunec zoo:convbn --method flap --refit ls --calib x.npy`: the convs reading pruned channels are refit,
+    the report says so, and the artifact runs at another batch size."""
+    import json
+
+    import numpy as np
+
+    from prunec.cli import main
+    calib, out, report = tmp_path / "x.npy", tmp_path / "m.pt2", tmp_path / "r.json"
+    np.save(calib, np.random.default_rng(0).standard_normal((32, 1, 28, 28)).astype(np.float32))
+    assert main(["zoo:convbn", "--channels", "0.5", "--method", "flap", "--refit", "ls", "--calib", str(calib),
+                 "-o", str(out), "--report", str(report)]) == 0
+    data = json.loads(report.read_text())
+    assert data["verify"]["passed"] and data["verify"]["refit"]["applied"], data["verify"]
+    assert any(n.startswith("refit 'ls': ") and "k×k conv(s) by bias compensation" in n for n in data["notes"])
+    assert torch.export.load(out).module()(torch.randn(3, 1, 28, 28)).shape == (3, 10)
