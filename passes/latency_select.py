@@ -302,7 +302,8 @@ class LatencySelect(Pass):
             pred = table.predict(widths)
             info.update(mode="snap", ratios=self.ratios)
         _keep(state.plan, state.scores, widths)
-        info.update(predicted_ms=pred, widths={k: v for k, v in widths.items() if k in state.plan.kept})
+        info.update(predicted_ms=pred, widths={k: v for k, v in widths.items() if k in state.plan.kept},
+                    calibrated=bool(table.factors))   # else predicted by standalone ops alone
         state.results[self.name] = info
         state.plan.meta.update({"latency": {k: v for k, v in info.items() if k != "widths"}})
         return PassResult(state, True)

@@ -37,7 +37,9 @@ def latency_lines(lat: dict[str, Any] | None) -> list[str]:
     if not lat:
         return []
     where = f"{lat['runtime']}, batch {lat['batch']}, {lat['threads']} threads"
-    pred = f"predicted {lat['predicted_ms']:.4g} ms ({lat['predicted_ratio']:.2f} of dense)"
+    pred = f"predicted {lat['predicted_ms']:.4g} ms ({lat['predicted_ratio']:.2f} of dense)" + (
+        "" if lat.get("calibrated", True) else " by standalone ops (the table is not calibrated on the whole "
+        "model until a --target-latency compile calibrates it)")
     if lat.get("measured_ms") is None:
         return [f"latency {pred}; not measured: {lat.get('reason')} ({where})"]
     aim = f"; target {lat['target_ms']:.4g} ms" if lat.get("target_ms") else ""

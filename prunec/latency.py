@@ -511,7 +511,7 @@ def measured_report(info: dict[str, Any], dense: nn.Module, pruned: nn.Module, i
                     rounds: int = 5) -> dict[str, Any]:
     """The compile report's latency entry: what the selection predicted and what the runtime
     measured for the dense and the pruned model, timed interleaved in this run."""
-    out = {k: info.get(k) for k in ("runtime", "batch", "threads", "mode", "target_ms", "table")}
+    out = {k: info.get(k) for k in ("runtime", "batch", "threads", "mode", "target_ms", "table", "calibrated")}
     out["predicted_ms"] = info["predicted_ms"]
     out["predicted_ratio"] = info["predicted_ms"] / info["dense_ms"] if info["dense_ms"] else None
     try:

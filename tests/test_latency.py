@@ -377,3 +377,14 @@ def test_executorch_timer_outlives_garbage_collection() -> None:
     out = run()
     del junk
     assert tuple(out[0].shape) == (1, 10)
+
+
+def test_report_says_when_the_prediction_is_uncalibrated() -> None:
+    """`--channels R --runtime X` snaps widths on the table as profiled; until a target compile calibrates it on the
+    whole model, its prediction is standalone ops only, and the report line says so."""
+    from prunec.cli_report import latency_lines
+    lat = {"runtime": "onnxruntime", "batch": 1, "threads": 1, "predicted_ms": 3.7, "predicted_ratio": 0.37,
+           "measured_ms": 4.7, "dense_ms": 10.0, "measured_ratio": 0.47, "load": [0.5]}
+    (line,) = latency_lines({**lat, "calibrated": False})
+    assert "predicted 3.7 ms (0.37 of dense) by standalone ops (the table is not calibrated" in line
+    assert "standalone" not in latency_lines({**lat, "calibrated": True})[0]
