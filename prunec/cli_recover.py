@@ -21,6 +21,9 @@ def add_recover_flags(p: argparse.ArgumentParser, standalone: bool = False) -> N
     p.add_argument("--lora", type=int, default=None, metavar="R", help="train LoRA adapters of rank R, merged at the end")
     p.add_argument("--recover-lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
     p.add_argument("--recover-samples", type=int, default=512, help="samples drawn from --data (default 512)")
+    p.add_argument("--recover-batchnorm", choices=["train", "frozen"], default="train",
+                   help="train (default): BatchNorm uses batch statistics while training, re-estimated at the end; "
+                        "frozen: keep the model's running statistics (small batches of little data)")
     p.add_argument("--eval", dest="eval_data", help="held-out data (same formats): agreement/KD loss before and after")
     p.add_argument("--checkpoint-dir", help="save every 50 steps here and resume from it")
     p.add_argument("--fsdp", action="store_true",
@@ -38,6 +41,7 @@ def _recovery(args: argparse.Namespace, loaded: Any, example_inputs: Any) -> tup
     data = load_batches(args.data, loaded, args.recover_samples, args.seed, example_inputs)
     eval_data = load_batches(args.eval_data, loaded, 64, args.seed + 1, example_inputs) if args.eval_data else None
     return Recovery(lr=args.recover_lr, lora=args.lora, seed=args.seed, eval_data=eval_data,
+                    batchnorm=args.recover_batchnorm,
                     checkpoint_dir=args.checkpoint_dir, fsdp=args.fsdp, progress=console.is_terminal), data
 
 

@@ -160,6 +160,19 @@ def batchnorm_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
+def freeze_batchnorm(model: nn.Module) -> int:
+    """Put every BatchNorm of ``model`` (modules, or a program's batch_norm ops) back in eval mode after
+    ``model.train()``: it normalises by its running statistics and leaves them as they are. Returns how many."""
+    frozen = 0
+    for m in model.modules():
+        if isinstance(m, ProgramModule):
+            frozen += m.batchnorm_training(False)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+            frozen += 1
+    return frozen
+
+
 @torch.no_grad()
 def reestimate_batchnorm(model: nn.Module, steps: list[Step]) -> int:
     """Recompute BatchNorm running statistics as the plain average over ``steps`` (momentum

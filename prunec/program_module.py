@@ -58,15 +58,27 @@ class ProgramModule(nn.Module):
         behaviour (batch statistics, running stats updated in place; dropout on): the graph was
         exported in eval mode, so without this a recovering program would never see batch stats."""
         super().train(mode)
-        changed = False
+        self._set_training(TRAINING_ARG, mode)
+        return self
+
+    def batchnorm_training(self, mode: bool) -> int:
+        """Switch only the graph's BatchNorm ops (``train`` switches dropout too); returns how many there are."""
+        return self._set_training({op: i for op, i in TRAINING_ARG.items() if op is torch.ops.aten.batch_norm.default},
+                                  mode)
+
+    def _set_training(self, ops: dict[Any, int], mode: bool) -> int:
+        """Set the ``training`` argument of every node calling one of ``ops`` (op → argument position)."""
+        found, changed = 0, False
         for node in self.graph_module.graph.nodes:
-            where = TRAINING_ARG.get(node.target) if node.op == "call_function" else None
-            if where is not None and len(node.args) > where and node.args[where] != mode:
-                node.args = (*node.args[:where], mode, *node.args[where + 1:])
-                changed = True
+            where = ops.get(node.target) if node.op == "call_function" else None
+            if where is not None and len(node.args) > where:
+                found += 1
+                if node.args[where] != mode:
+                    node.args = (*node.args[:where], mode, *node.args[where + 1:])
+                    changed = True
         if changed:
             self.graph_module.recompile()
-        return self
+        return found
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         leaves = iter(pytree.tree_leaves((args, kwargs)))

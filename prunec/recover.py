@@ -26,8 +26,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from prunec.distill import (Features, Step, cycle, evaluate, kd_loss, logits_of, reestimate_batchnorm, shard,
-                            split_batch)
+from prunec.distill import (Features, Step, cycle, evaluate, freeze_batchnorm, kd_loss, logits_of,
+                            reestimate_batchnorm, shard, split_batch)
 from prunec.distributed import has_group, world
 from prunec.errors import InputError, RecoverError
 from prunec.lora import merge_lora, with_lora
@@ -65,6 +65,11 @@ class Recovery:
     labeled: bool | None = None     # None: detect (x, y) batches with integer class labels
     lora: int | None = None         # LoRA rank; adapters merged back at the end
     bn_batches: int = 16            # batches for BatchNorm re-estimation (0: off)
+    # "train": BatchNorm normalises by each batch while training and its running statistics are re-estimated
+    # at the end (bn_batches); "frozen": it keeps the running statistics it came with (eval mode throughout,
+    # nothing re-estimated): for small batches of little data, whose statistics would replace the model's
+    # (and a refit's compensation held in them; docs/recovery.md)
+    batchnorm: str = "train"
     checkpoint_dir: str | Path | None = None
     checkpoint_every: int = 50
     resume: bool = True
@@ -108,6 +113,8 @@ class Recovery:
             raise InputError(f"temperature {self.temperature} must be > 0", "e.g. temperature=2")
         if self.loss not in ("kl", "mse"):
             raise InputError(f"unknown distillation loss '{self.loss}'", "use 'kl' or 'mse'")
+        if self.batchnorm not in ("train", "frozen"):
+            raise InputError(f"unknown batchnorm mode '{self.batchnorm}'", "use 'train' or 'frozen'")
         if self.lora is not None and self.lora < 1:
             raise InputError(f"LoRA rank {self.lora} must be ≥ 1", "e.g. lora=8")
         if self.checkpoint_every < 1:
@@ -180,6 +187,7 @@ class _Loop:
         rewind = None
         batches = islice(cycle(self.data), self.step, None)  # a resumed run skips what it saw
         model.train()
+        frozen = freeze_batchnorm(model) if cfg.batchnorm == "frozen" else 0
         try:
             with _on_interrupt(self), _bar(cfg.progress, self.steps, self.rank) as report:
                 report(self.step, float("nan"))
@@ -206,14 +214,14 @@ class _Loop:
             self.student.load_state_dict(full_state(model))
             self.data_device = next(iter(self.student.parameters())).device
         bn_steps = [self._on_device(shard(split_batch(b, cfg.labeled), self.rank, self.world))
-                    for b in islice(cycle(self.data), cfg.bn_batches)] if cfg.bn_batches else []
+                    for b in islice(cycle(self.data), cfg.bn_batches)] if cfg.bn_batches and cfg.batchnorm == "train" else []
         bn_layers = reestimate_batchnorm(self.student, bn_steps)
         after = evaluate(model if cfg.fsdp else self.student, self.teacher, eval_steps, cfg.temperature,
                          cfg.loss) if eval_steps else None
         self.student.eval()  # pruned models come (and go back) in eval mode
         report = {"steps": self.steps, "loss": [round(x, 6) for x in self.history],
                   "time_s": round(time.perf_counter() - start, 3), "lr": cfg.lr, "lora": cfg.lora,
-                  "world_size": self.world, "fsdp": cfg.fsdp, "device": str(self.device), "resumed_from": resumed, "batchnorm_reestimated": bn_layers,
+                  "world_size": self.world, "fsdp": cfg.fsdp, "device": str(self.device), "resumed_from": resumed, "batchnorm_reestimated": bn_layers, "batchnorm_frozen": frozen,
                   "program_module": isinstance(self.student, ProgramModule),
                   "before": before, "after": after}
         return RecoverResult(self.student, report, rewind)

@@ -89,6 +89,26 @@ def test_program_module_train_mode_uses_batch_statistics() -> None:
     assert not torch.equal(mean, kept)
 
 
+@pytest.mark.parametrize("which", ["model", "program"])
+def test_frozen_batchnorm_keeps_the_running_statistics(which: str) -> None:
+    """``batchnorm="frozen"``: BatchNorm normalises by the statistics the model came with while the weights
+    train, and nothing re-estimates them ("train", the default, replaces them with the data's)."""
+    teacher = _teacher()
+    stats = {}
+    for mode in ("frozen", "train"):
+        student = getattr(_pruned(teacher), which)
+        kept = {k: v.clone() for k, v in student.state_dict().items() if "running" in k or k == "head.weight"}
+        x = [d * 3 + 2 for d in _data()]   # data whose statistics differ from the training set's
+        run = Recovery(lr=1e-2, batchnorm=mode).run(student, teacher, x, 10)
+        after = run.model.state_dict()
+        stats[mode] = all(torch.equal(kept[k], after[k]) for k in kept if "running" in k)
+        assert len(kept) == 5 and not run.model.training
+        assert not torch.equal(kept["head.weight"], after["head.weight"])      # the weights did train
+        assert (run.report["batchnorm_frozen"], bool(run.report["batchnorm_reestimated"])) == \
+            ((2, False) if mode == "frozen" else (0, True))
+    assert stats == {"frozen": True, "train": False}
+
+
 def test_labels_add_the_task_loss_and_accuracy() -> None:
     teacher = _teacher()
     gen = torch.Generator().manual_seed(3)
@@ -178,6 +198,7 @@ def _one_shot():
     ("labels out of range", [(torch.randn(4, 16), torch.full((4,), 7))], {}, "don't fit"),
     ("zero steps", [torch.randn(4, 16)], {"steps": 0}, "positive integer"),
     ("bad lr", [torch.randn(4, 16)], {"lr": -1.0}, "learning rate"),
+    ("bad batchnorm mode", [torch.randn(4, 16)], {"batchnorm": "fixed"}, "unknown batchnorm mode 'fixed'"),
     ("missing path", "/nonexistent/x.npy", {}, "does not exist"),
 ])
 def test_bad_input(case: str, data, options: dict, match: str) -> None:
