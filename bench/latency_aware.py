@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -237,6 +238,7 @@ def run_model(name: str, args, log) -> list[dict]:
             log(f"  {name} b{batch} {key:40s} MACs {row['macs_ratio']:.3f} {ms[key]:8.2f} ms "
                 f"speedup {rec['speedup']:.2f} eff {rec['efficiency']:.2f}")
         OUT.write_text(json.dumps({"meta": vars(args) | {"partial": True}, "rows": out}, indent=1, default=str))
+    shutil.rmtree(tmp, ignore_errors=True)   # the exported models of every row
     return out
 
 
