@@ -235,14 +235,14 @@ class LatencySelect(Pass):
         return best[0], best[1]
 
     @staticmethod
-    def _cutter(state: State, deploy: Any, fit: Any = None) -> tuple[Any, Any]:
-        """(the unpruned model, ``cut(widths)`` → the model with those groups cut to those widths),
-        both as compile returns them; with ``fit`` (``Refit.fitter``) the cut one refit as well."""
+    def _cutter(state: State, deploy: Any, fit: Any = None) -> Any:
+        """``cut(widths)`` → the model with those groups cut to those widths, as compile returns it; with ``fit``
+        (``Refit.fitter``) refit as well."""
         def cut(widths: dict[str, int]) -> Any:
             plan = Plan(meta={})
             _keep(plan, state.scores, widths)
             return deploy(plan, fit(plan))[1] if fit else deploy(plan)[1]
-        return deploy(Plan(meta={}))[0], cut
+        return cut
 
     def _calibrate(self, state: State, table: LatencyTable, scores: dict[str, np.ndarray], dense: Any,
                    cut: Any) -> None:
@@ -262,7 +262,7 @@ class LatencySelect(Pass):
         key = digest(state.model.state_dict(), batches, table.meta["key_fields"], self.refit,
                      state.calib if self.refit else None)
         if self.refit:   # each probe refit as the compile's Refit pass will refit the result
-            cut = self._cutter(state, state.services.deployed, Refit(self.refit).fitter(state, scores))[1]
+            cut = self._cutter(state, state.services.deployed, Refit(self.refit).fitter(state, scores))
         errors, costs = sensitivity(table, scores, cut, dense, batches, key=key)
         info["sensitivity"] = _summary({g: e[min(e)] for g, e in errors.items()})
         return costs
@@ -284,7 +284,9 @@ class LatencySelect(Pass):
             floor = {g: max(1, math.ceil(len(s) * (1 - self.max_ratio))) for g, s in scores.items()}
             deploy = state.services.deployed if state.services is not None else None
             calibrating = self.calibrate and not table.factors
-            cutter = self._cutter(state, deploy) if deploy and (calibrating or self.sensitivity) else None
+            # (the unpruned model as compile returns it, the cut)
+            cutter = (deploy(Plan(meta={}))[0], self._cutter(state, deploy)) \
+                if deploy and (calibrating or self.sensitivity) else None
             if calibrating and cutter:
                 self._calibrate(state, table, scores, *cutter)
             info["factors"] = _summary(table.factors)

@@ -163,14 +163,10 @@ def batchnorm_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]
 def freeze_batchnorm(model: nn.Module) -> int:
     """Put every BatchNorm of ``model`` (modules, or a program's batch_norm ops) back in eval mode after
     ``model.train()``: it normalises by its running statistics and leaves them as they are. Returns how many."""
-    frozen = 0
-    for m in model.modules():
-        if isinstance(m, ProgramModule):
-            frozen += m.batchnorm_training(False)
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
-            frozen += 1
-    return frozen
+    layers = batchnorm_modules(model)
+    for m in layers:
+        m.eval()
+    return len(layers) + sum(m.batchnorm_training(False) for m in model.modules() if isinstance(m, ProgramModule))
 
 
 @torch.no_grad()
