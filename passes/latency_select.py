@@ -10,15 +10,16 @@ table, and each group's cost curve is the output error its cut causes, measured 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
-from prunec.calib import Call, calls, first_samples, with_example_options
+from prunec.calib import Call, calls, first_samples, shared_rows, with_example_options
 from prunec.errors import InputError, InternalError
 from prunec.latency import LatencyTable, calibrate, measure, parse_target, probe_width, profile, save
 from prunec.passes.base import Pass, PassResult, State, register_pass
@@ -168,6 +169,24 @@ def sensitivity(table: LatencyTable, scores: dict[str, np.ndarray], cut: Any, de
     return errors, costs
 
 
+def folds(calib: list[Call], n: int) -> list[tuple[list[Call], list[Call]]]:
+    """Two (fit on, measure on) splits of the calibration calls, so that a refit probe is measured on samples its
+    refit never saw: the first ``n`` samples are halved (alternate calls, or the rows of a single call), and each
+    half is measured with a refit fitted on the other half and every call after those ``n`` samples. [] when the
+    first ``n`` samples can't be halved (one sample)."""
+    measured = first_samples(calib, n)
+    rest = calib[len(measured):]
+    if len(measured) >= 2:
+        halves = [measured[0::2], measured[1::2]]
+    else:
+        rows = shared_rows(measured[0]) if measured else None
+        if not rows or rows < 2:
+            return []
+        halves = [[tree_map(lambda t, a=a, b=b: t[a:b] if isinstance(t, torch.Tensor) else t, measured[0])]
+                  for a, b in ((0, rows // 2), (rows // 2, rows))]
+    return [(halves[1] + rest, halves[0]), (halves[0] + rest, halves[1])]
+
+
 def _keep(plan: Plan, scores: dict[str, np.ndarray], widths: dict[str, int]) -> None:
     """Keep the ``widths[g]`` highest-scoring units of each group ``g`` in ``plan``."""
     for name, w in widths.items():
@@ -255,17 +274,35 @@ class LatencySelect(Pass):
                info: dict[str, Any]) -> dict[str, np.ndarray]:
         """The allocator's per-group costs from ``sensitivity``, measured on the first ``SAMPLES``
         calibration samples (the example inputs without calibration data); the report summarises each
-        group's error at its narrowest probe."""
+        group's error at its narrowest probe. With a refit, each probe is refit as the result will be, on one
+        half of those samples, and measured on the other (``folds``): measured on the samples it was fit to, a
+        least-squares refit looks nearly free (EfficientNet-Lite0 cut to 0.9 of its latency, flap + ls: relative logit
+        error 0.06 on its calibration photos, 0.51 on other photos), and the allocator spent the cut where the
+        refit overfits."""
         program = state.program
-        batches = [with_example_options(program, c) for c in first_samples(calls(state.calib or []), SAMPLES)] or \
-            [(tuple(program.example_inputs), dict(program.example_kwargs))]
-        key = digest(state.model.state_dict(), batches, table.meta["key_fields"], self.refit,
+        key = digest(state.model.state_dict(), table.meta["key_fields"], self.refit,
                      state.calib if self.refit else None)
-        if self.refit:   # each probe refit as the compile's Refit pass will refit the result
-            cut = self._cutter(state, state.services.deployed, Refit(self.refit).fitter(state, scores))
-        errors, costs = sensitivity(table, scores, cut, dense, batches, key=key)
-        info["sensitivity"] = _summary({g: e[min(e)] for g, e in errors.items()})
-        return costs
+
+        def prepared(cs: list[Call]) -> list[Call]:
+            return [with_example_options(program, c) for c in cs]
+
+        split = folds(calls(state.calib or []), SAMPLES) if self.refit else []
+        if split:
+            runs = [(self._cutter(state, state.services.deployed,
+                                  Refit(self.refit).fitter(dataclasses.replace(state, calib=fit_on), scores)),
+                     prepared(measure_on)) for fit_on, measure_on in split]
+        else:   # no refit (or a single sample): each probe on the first SAMPLES samples, as is
+            if self.refit:
+                cut = self._cutter(state, state.services.deployed, Refit(self.refit).fitter(state, scores))
+            runs = [(cut, prepared(first_samples(calls(state.calib or []), SAMPLES))
+                     or [(tuple(program.example_inputs), dict(program.example_kwargs))])]
+        measured = [sensitivity(table, scores, c, dense, b, key=digest(key, b))[0] for c, b in runs]
+        weights = [sum(shared_rows(c) or 1 for c in b) for _, b in runs]   # samples measured
+        errors = {g: {w: sum(n * m[g][w] for n, m in zip(weights, measured)) / sum(weights) for w in measured[0][g]}
+                  for g in measured[0]}
+        summary = _summary({g: e[min(e)] for g, e in errors.items()})
+        info["sensitivity"] = summary and {**summary, "out_of_sample": bool(split)}
+        return {g: error_curve(scores[g], e) for g, e in errors.items()}
 
     def run(self, state: State) -> PassResult:
         table = self.table or profile(state.model, state.program, state.coupling, self.runtime, self.batch,

@@ -11,7 +11,7 @@ import prunec
 from prunec.cli import main
 from prunec.errors import InputError
 from prunec.latency import LatencyTable, Op, candidate_widths, load_cached, parse_target, profile
-from prunec.passes.latency_select import allocate, digest, error_curve, next_aim, sensitivity, snap
+from prunec.passes.latency_select import allocate, digest, error_curve, folds, next_aim, sensitivity, snap
 
 
 def tiny() -> nn.Module:
@@ -169,6 +169,51 @@ def test_sensitivity_samples_are_capped() -> None:
     assert [c[0][0].shape[0] for c in picked] == [12, 12, 8] and picked[2][1]["mask"].shape == (8, 5)
     assert torch.equal(picked[2][0][1], batches[2][0][1][:8])
     assert len(first_samples([((torch.randn(3), torch.randn(4)), {})] * 40, 32)) == 32
+
+
+def test_refit_probes_are_measured_on_samples_their_refit_never_saw() -> None:
+    """``folds``: the first 32 samples halved (alternate calls, or the rows of one call); each half is measured with
+    a refit fitted on the other half plus every later call; one sample can't be halved."""
+    calls = [((torch.full((8, 2), float(i)),), {}) for i in range(6)]          # 48 samples: 32 measured, 16 more
+    (fit_a, on_a), (fit_b, on_b) = folds(calls, 32)
+    ids = lambda cs: [int(c[0][0][0, 0]) for c in cs]   # noqa: E731
+    assert ids(on_a) == [0, 2] and ids(fit_a) == [1, 3, 4, 5]
+    assert ids(on_b) == [1, 3] and ids(fit_b) == [0, 2, 4, 5]
+    one = [((torch.arange(10.0)[:, None],), {"w": torch.ones(10, 3)})]
+    (fit_a, on_a), (fit_b, on_b) = folds(one, 32)
+    assert on_a[0][0][0].flatten().tolist() == [0, 1, 2, 3, 4] == fit_b[0][0][0].flatten().tolist()
+    assert on_b[0][1]["w"].shape == (5, 3) and fit_a[0][0][0].flatten().tolist() == [5, 6, 7, 8, 9]
+    assert folds([((torch.randn(1, 2),), {})], 32) == [] and folds([], 32) == []
+
+
+def test_latency_target_refit_probes_are_cross_fitted(monkeypatch, tmp_path) -> None:
+    """With a refit, no error probe is measured on a sample its refit was fitted to (a least-squares refit looks
+    free on its own samples), and the report says the errors are out of sample."""
+    from prunec.passes import Refit
+    from prunec.passes import latency_select
+    monkeypatch.setenv("PRUNEC_CACHE_DIR", str(tmp_path))
+    fitted, measured = [], []
+    fitter = Refit.fitter
+
+    def spy_fitter(self, state, groups):
+        fitted.append({id(t) for c in state.calib for t in c[0]})
+        return fitter(self, state, groups)
+
+    original = latency_select.sensitivity
+
+    def spy_sensitivity(table, scores, cut, dense, batches, *a, **k):
+        measured.append({id(t) for c in batches for t in c[0]})
+        return original(table, scores, cut, dense, batches, *a, **k)
+
+    monkeypatch.setattr(Refit, "fitter", spy_fitter)
+    monkeypatch.setattr(latency_select, "sensitivity", spy_sensitivity)
+    calib = [(torch.randn(4, 3, 16, 16),) for _ in range(4)]
+    r = prunec.compile(tiny(), torch.randn(1, 3, 16, 16), target_latency=0.95, runtime="torch", threads=1,
+                       method="flap", refit="ls", calib=calib)
+    assert r.report["verify"]["passed"]
+    assert len(fitted) == len(measured) == 2 and all(not (f & m) for f, m in zip(fitted, measured))
+    assert fitted[0] | measured[0] == {id(c[0]) for c in calib}
+    assert r.report["passes"]["latency_select"]["sensitivity"]["out_of_sample"] is True
 
 
 def test_error_curve_is_monotone_under_noisy_measurements() -> None:
