@@ -61,7 +61,8 @@ def verify_lines(v: dict[str, Any]) -> list[str]:
                      f"{approx['max_abs_err']:.3g}, rel err {approx['rel_err']:.3g} (reported, not checked)")
     refit = v.get("refit")
     if refit:
-        lines.append(f"refit   output error vs original {refit['rel_err_before']:.4g} → {refit['rel_err_after']:.4g}"
+        lines.append(f"refit   output error vs original, in sample (on calibration data it was fitted to) "
+                     f"{refit['rel_err_before']:.4g} → {refit['rel_err_after']:.4g}"
                      f" ({'applied' if refit['applied'] else 'not applied: worse than no refit'})")
     lines += [f"verify  note: {n}" for n in v.get("notes") or []]
     return lines

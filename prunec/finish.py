@@ -175,8 +175,8 @@ def _finish_checked(model: nn.Module, program: Program, coupling: Coupling, plan
                 batches = [c for c in batches if shape_key(c) == like] or [(inputs, kwargs)]
                 refit, prerefit = check_refit(pruned_program, original_program(coupling), state, updates, batches)
         notes = [*notes, (f"refit {refit['tensors']} tensors after the verified rewrite: output error vs the "
-                          f"original on {refit['batches']} calibration batch(es) {refit['rel_err_before']:.4g} → "
-                          f"{refit['rel_err_after']:.4g}") if refit["applied"] else
+                          f"original on {refit['batches']} of the calibration batch(es) it was fitted to "
+                          f"{refit['rel_err_before']:.4g} → {refit['rel_err_after']:.4g}") if refit["applied"] else
                  (f"refit not applied: it made the output error vs the original worse on the calibration "
                   f"data ({refit['rel_err_before']:.4g} → {refit['rel_err_after']:.4g})")]
         if verify_result is not None:
