@@ -31,7 +31,8 @@ import prunec  # noqa: E402
 from prunec.compiler import criterion, refit_mode  # noqa: E402
 from prunec.latency import profile  # noqa: E402
 from prunec.passes import LatencySelect, Refit, Select  # noqa: E402
-from real_images import efficientnet_lite0, photos  # noqa: E402
+from real_images import efficientnet_lite0  # noqa: E402
+from refit_cnn import split  # noqa: E402  (the same 32 calibration / 130 held-out photos)
 
 OUT = Path(__file__).resolve().parent / "results" / "latency_accuracy_effnet.json"
 
@@ -54,9 +55,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     base = efficientnet_lite0()
-    per = photos().view(26, 10, 3, 224, 224)
-    calib_imgs, test = per[0::2].flatten(0, 1)[::4][:32], per[1::2].flatten(0, 1)
-    calib = [(b,) for b in calib_imgs.split(8)]
+    calib, test = split()
+    calib_imgs = torch.cat([b for b, in calib])
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     coupling = prunec.analyze(base, (x,))
     table = profile(base, coupling.program, coupling, "onnxruntime", 1, 1, 8, 5, op_timing="kernel")
