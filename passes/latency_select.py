@@ -236,7 +236,7 @@ class LatencySelect(Pass):
             _keep(plan, state.scores, widths)
             dense, pruned = state.services.deployed(plan)  # as compile returns them: exported alike
             ms = measure(self.runtime, {"dense": dense, "pruned": pruned}, state.program.example_inputs,
-                         self.batch, table.meta["key_fields"]["threads"], self.rounds)
+                         self.batch, table.meta["key_fields"]["threads"], self.rounds, state.program.example_kwargs)
             ratio = ms["pruned"] / ms["dense"]
             if self.target[0] == "ms":  # an absolute target: aim at it under this run's load
                 goal = target_ms / ms["dense"]
@@ -267,7 +267,7 @@ class LatencySelect(Pass):
                    cut: Any) -> None:
         """Scale each group's predicted savings by the whole model's (see ``prunec.latency.calibrate``)."""
         calibrate(table, {g: len(s) for g, s in scores.items()}, cut, dense, state.program.example_inputs,
-                  rounds=max(self.rounds, 7))
+                  rounds=max(self.rounds, 7), kwargs=state.program.example_kwargs)
         save(table)
 
     def _costs(self, state: State, table: LatencyTable, scores: dict[str, np.ndarray], dense: Any, cut: Any,

@@ -164,7 +164,8 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
         from prunec.latency import measured_report
         with timer.stage("latency"):
             dense = model if r["module_synced"] else original_program(coupling)  # exported alike
-            r["latency"] = measured_report(state.results["latency_select"], dense, result.model, inputs)
+            r["latency"] = measured_report(state.results["latency_select"], dense, result.model, inputs,
+                                           kwargs=kwargs)
     r["shortfall"] = shortfall(coupling, asked, plan.n_dropped(), len(plan.meta.get("dropped_layers") or []),
                                r["macs_before"], r["macs_after"])
     if not static:

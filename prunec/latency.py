@@ -300,6 +300,32 @@ def load_cached(path: Path, fields: dict[str, Any]) -> LatencyTable | None:
     return table
 
 
+class Positional(nn.Module):
+    """``model`` with every tensor input positional (the example's positional inputs, then its tensor keyword inputs
+    in the example's order) and its other keyword options (``use_cache=False``) fixed: the runtimes feed
+    positional tensors only."""
+
+    def __init__(self, model: nn.Module, kwargs: dict[str, Any]) -> None:
+        super().__init__()
+        self.model = model
+        self.names = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+        self.options = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
+
+    def forward(self, *xs: Any) -> Any:
+        n = len(xs) - len(self.names)
+        return self.model(*xs[:n], **self.options, **dict(zip(self.names, xs[n:])))
+
+
+def positional(inputs: tuple[Any, ...], kwargs: dict[str, Any] | None
+               ) -> tuple[Callable[[nn.Module], nn.Module], tuple[Any, ...]]:
+    """(wrap, all inputs): ``wrap(model)`` runs ``model`` on the positional inputs followed by the tensor keyword
+    inputs (``Positional``); without keyword inputs the model as it is."""
+    if not kwargs:
+        return (lambda m: m), tuple(inputs)
+    return (lambda m: Positional(m, kwargs)), tuple(inputs) + tuple(v for v in kwargs.values()
+                                                                      if isinstance(v, torch.Tensor))
+
+
 def batched(inputs: tuple[Any, ...], batch: int) -> tuple[Any, ...]:
     """The example inputs with batch ``batch`` (row 0 repeated; other rows random)."""
     out = []
@@ -337,7 +363,8 @@ def profile(model: nn.Module, program: Program, coupling: Coupling, runtime: str
                                 fields["op_timing"] == "kernel")
     if progress:
         progress("timing the dense model end to end")
-    dense = measure(rt, {"dense": model}, program.example_inputs, batch, threads, rounds)["dense"]
+    dense = measure(rt, {"dense": model}, program.example_inputs, batch, threads, rounds,
+                    program.example_kwargs)["dense"]
     table = LatencyTable({"key_fields": fields, "key": cache_key(fields), "runtime_note": rt.note},
                          dense, ops, curves, full, sizes)
     if path:
@@ -378,8 +405,8 @@ def shrunk_factor(measured: float, predicted: float, noise: float) -> float:
 
 def calibrate(table: LatencyTable, groups: dict[str, int], deploy: Callable[[dict[str, int]], nn.Module],
               dense: nn.Module, inputs: tuple[Any, ...], rounds: int = 7, chunk: int = 8,
-              progress: Progress | None = None, fraction: float = 0.25, joint: tuple[float, ...] = (0.5, 0.25)
-              ) -> None:
+              progress: Progress | None = None, fraction: float = 0.25, joint: tuple[float, ...] = (0.5, 0.25),
+              kwargs: dict[str, Any] | None = None) -> None:
     """Time the whole model with one group at a time cut to about ``fraction`` of its width
     (``deploy({group: width})`` builds it as compile would return it), interleaved with the dense model
     in chunks of ``chunk``, and set ``table.factors[g]`` = measured ms saved ÷ predicted ms saved,
@@ -387,10 +414,15 @@ def calibrate(table: LatencyTable, groups: dict[str, int], deploy: Callable[[dic
     timings across chunks, at least ``NOISE`` of them). ``groups``: group → units. Savings of
     single cuts don't add up to a joint cut's, so last every group is cut together to about each of
     ``joint`` of its width and what these cuts saved is recorded (``calibration["joint"]``): the table
-    maps its summed predictions through them (``LatencyTable.saving``)."""
+    maps its summed predictions through them (``LatencyTable.saving``). ``kwargs``: the example's keyword inputs."""
     rt = get_runtime(table.meta["key_fields"]["runtime"])
     batch, threads = table.meta["key_fields"]["batch"], table.meta["key_fields"]["threads"]
-    x = batched(tuple(inputs), batch)
+    wrap, inputs = positional(inputs, kwargs)
+    x = batched(inputs, batch)
+    dense, cut = wrap(dense), deploy
+
+    def deploy(widths: dict[str, int]) -> nn.Module:
+        return wrap(cut(widths))
     todo = [(g, w) for g, size in groups.items() if (w := probe_width(table, g, size, fraction)) is not None]
     table.factors, table.calibration, record = {}, {}, {}
     for i in range(0, len(todo), chunk):
@@ -464,11 +496,13 @@ def _measure_ops(ops: list[Op], sizes: dict[str, int], rt: Runtime, batch: int, 
 
 
 def measure(rt: Runtime | str, models: dict[str, nn.Module], inputs: tuple[Any, ...], batch: int = 1,
-            threads: int | None = None, rounds: int = 5) -> dict[str, float]:
-    """Median end-to-end ms of each model on the runtime, timed interleaved."""
+            threads: int | None = None, rounds: int = 5, kwargs: dict[str, Any] | None = None) -> dict[str, float]:
+    """Median end-to-end ms of each model on the runtime, timed interleaved (``kwargs``: the example's keyword
+    inputs, see ``positional``)."""
     rt = get_runtime(rt) if isinstance(rt, str) else rt
-    x = batched(tuple(inputs), batch)
-    runs = [rt.prepare(m, x, threads or os.cpu_count() or 1) for m in models.values()]
+    wrap, inputs = positional(inputs, kwargs)
+    x = batched(inputs, batch)
+    runs = [rt.prepare(wrap(m), x, threads or os.cpu_count() or 1) for m in models.values()]
     return {name: sec * 1e3 for name, sec in zip(models, time_interleaved(runs, rounds))}
 
 
@@ -508,7 +542,7 @@ def describe_staircase(table: LatencyTable, limit: int = 12) -> list[str]:
 
 
 def measured_report(info: dict[str, Any], dense: nn.Module, pruned: nn.Module, inputs: tuple[Any, ...],
-                    rounds: int = 5) -> dict[str, Any]:
+                    rounds: int = 5, kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """The compile report's latency entry: what the selection predicted and what the runtime
     measured for the dense and the pruned model, timed interleaved in this run."""
     out = {k: info.get(k) for k in ("runtime", "batch", "threads", "mode", "target_ms", "table", "calibrated")}
@@ -516,7 +550,7 @@ def measured_report(info: dict[str, Any], dense: nn.Module, pruned: nn.Module, i
     out["predicted_ratio"] = info["predicted_ms"] / info["dense_ms"] if info["dense_ms"] else None
     try:
         ms = measure(info["runtime"], {"dense": dense, "pruned": pruned}, inputs, info["batch"],
-                     info["threads"], rounds)
+                     info["threads"], rounds, kwargs)
     except Exception as err:  # noqa: BLE001 - the pruned model is verified; only the timing failed
         out.update(measured_ms=None, reason=f"{type(err).__name__}: {str(err).strip()[:200]}")
         return out

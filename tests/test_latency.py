@@ -409,6 +409,32 @@ def test_target_latency_end_to_end_on_onnxruntime(tmp_path: Path, capsys: pytest
     assert sens["groups"] == len(cached[0]["factors"]) and 0 < sens["min"] <= sens["max"]
 
 
+class KeywordMLP(nn.Module):
+    """A model called with keyword inputs only, as HF models are (``input=…, scale=…, use_cache=False``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(256, 1024), nn.Linear(1024, 256)
+
+    def forward(self, *, hidden: torch.Tensor, scale: torch.Tensor, use_cache: bool = True) -> torch.Tensor:
+        assert not use_cache, "the runtimes must get the example's options too"
+        return self.down(torch.relu(self.up(hidden))) * scale
+
+
+def test_target_latency_with_keyword_inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runtimes are fed the example's keyword inputs (tensors positional, options fixed): the dense model,
+    the calibration cuts, the re-aims and the report's measurement all run (they called the model without them)."""
+    monkeypatch.setenv("PRUNEC_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    kwargs = {"hidden": torch.randn(64, 256), "scale": torch.rand(64, 1), "use_cache": False}
+    r = prunec.compile(KeywordMLP().eval(), (), example_kwargs=kwargs, target_latency=0.8, runtime="torch",
+                       threads=1)
+    lat = r.report["latency"]
+    assert r.report["verify"]["passed"] and r.report["macs_after"] < r.report["macs_before"]
+    assert lat["measured_ms"] > 0 and lat["dense_ms"] > 0 and lat["mode"] == "target"
+    assert r.report["passes"]["latency_select"]["factors"]["groups"] == 1
+
+
 def test_executorch_timer_outlives_garbage_collection() -> None:
     """The XNNPACK method points into its loaded program: the timer keeps it alive (it segfaulted
     on the first call after a collection when only the method was kept)."""
