@@ -254,13 +254,13 @@ class LatencySelect(Pass):
         return best[0], best[1]
 
     @staticmethod
-    def _cutter(state: State, deploy: Any, fit: Any = None) -> Any:
-        """``cut(widths)`` → the model with those groups cut to those widths, as compile returns it; with ``fit``
-        (``Refit.fitter``) refit as well."""
+    def _cutter(state: State, deploy: Any, fit: Any = None, sync: bool = True) -> Any:
+        """``cut(widths)`` → the model with those groups cut to those widths, as compile returns it (``sync=False``:
+        its program, the same function); with ``fit`` (``Refit.fitter``) refit as well."""
         def cut(widths: dict[str, int]) -> Any:
             plan = Plan(meta={})
             _keep(plan, state.scores, widths)
-            return deploy(plan, fit(plan))[1] if fit else deploy(plan)[1]
+            return deploy(plan, fit(plan) if fit else None, sync=sync)[1]
         return cut
 
     def _calibrate(self, state: State, table: LatencyTable, scores: dict[str, np.ndarray], dense: Any,
@@ -270,8 +270,8 @@ class LatencySelect(Pass):
                   rounds=max(self.rounds, 7), kwargs=state.program.example_kwargs)
         save(table)
 
-    def _costs(self, state: State, table: LatencyTable, scores: dict[str, np.ndarray], dense: Any, cut: Any,
-               info: dict[str, Any]) -> dict[str, np.ndarray]:
+    def _costs(self, state: State, table: LatencyTable, scores: dict[str, np.ndarray], info: dict[str, Any]
+               ) -> dict[str, np.ndarray]:
         """The allocator's per-group costs from ``sensitivity``, measured on the first ``SAMPLES``
         calibration samples (the example inputs without calibration data); the report summarises each
         group's error at its narrowest probe. With a refit, each probe is refit as the result will be, on one
@@ -279,7 +279,8 @@ class LatencySelect(Pass):
         least-squares refit looks nearly free (EfficientNet-Lite0 cut to 0.9 of its latency, flap + ls: relative logit
         error 0.06 on its calibration photos, 0.51 on other photos), and the allocator spent the cut where the
         refit overfits."""
-        program = state.program
+        program, deploy = state.program, state.services.deployed
+        dense = deploy(Plan(meta={}), sync=False)[0]   # programs: outputs only, nothing timed
         key = digest(state.model.state_dict(), table.meta["key_fields"], self.refit,
                      state.calib if self.refit else None)
 
@@ -288,14 +289,14 @@ class LatencySelect(Pass):
 
         split = folds(calls(state.calib or []), SAMPLES) if self.refit else []
         if split:
-            runs = [(self._cutter(state, state.services.deployed,
-                                  Refit(self.refit).fitter(dataclasses.replace(state, calib=fit_on), scores)),
+            runs = [(self._cutter(state, deploy, Refit(self.refit).fitter(dataclasses.replace(state, calib=fit_on),
+                                                                           scores), sync=False),
                      prepared(measure_on)) for fit_on, measure_on in split]
         else:   # no refit (or a single sample): each probe on the first SAMPLES samples, as is
-            if self.refit:
-                cut = self._cutter(state, state.services.deployed, Refit(self.refit).fitter(state, scores))
-            runs = [(cut, prepared(first_samples(calls(state.calib or []), SAMPLES))
-                     or [(tuple(program.example_inputs), dict(program.example_kwargs))])]
+            fit = Refit(self.refit).fitter(state, scores) if self.refit else None
+            batches = prepared(first_samples(calls(state.calib or []), SAMPLES)) or \
+                [(tuple(program.example_inputs), dict(program.example_kwargs))]
+            runs = [(self._cutter(state, deploy, fit, sync=False), batches)]
         measured = [sensitivity(table, scores, c, dense, b, key=digest(key, b))[0] for c, b in runs]
         weights = [sum(shared_rows(c) or 1 for c in b) for _, b in runs]   # samples measured
         errors = {g: {w: sum(n * m[g][w] for n, m in zip(weights, measured)) / sum(weights) for w in measured[0][g]}
@@ -320,14 +321,10 @@ class LatencySelect(Pass):
             scores = {g.name: state.scores[g.name] for g in groups if g.name in timed}
             floor = {g: max(1, math.ceil(len(s) * (1 - self.max_ratio))) for g, s in scores.items()}
             deploy = state.services.deployed if state.services is not None else None
-            calibrating = self.calibrate and not table.factors
-            # (the unpruned model as compile returns it, the cut)
-            cutter = (deploy(Plan(meta={}))[0], self._cutter(state, deploy)) \
-                if deploy and (calibrating or self.sensitivity) else None
-            if calibrating and cutter:
-                self._calibrate(state, table, scores, *cutter)
+            if deploy and self.calibrate and not table.factors:   # the unpruned model as compile returns it, the cut
+                self._calibrate(state, table, scores, deploy(Plan(meta={}))[0], self._cutter(state, deploy))
             info["factors"] = _summary(table.factors)
-            costs = self._costs(state, table, scores, *cutter, info) if self.sensitivity and cutter else {}
+            costs = self._costs(state, table, scores, info) if self.sensitivity and deploy else {}
             widths, pred = allocate(table, scores, target_ms, floor, costs)
             info.update(mode="target", target_ms=target_ms)
             if self.refine and deploy is not None:

@@ -61,7 +61,7 @@ def services(coupling: Coupling, model: nn.Module | None = None) -> Services:
                     original=lambda: original_program(coupling),
                     macs=lambda m: count_macs(m, program.example_inputs, program.example_kwargs),
                     params=count_params,
-                    deployed=(lambda plan, updates=None: deployed(model, coupling, plan, updates))
+                    deployed=(lambda plan, updates=None, sync=True: deployed(model, coupling, plan, updates, sync))
                     if model is not None else None)
 
 

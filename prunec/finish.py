@@ -92,16 +92,20 @@ class Timer:
         self.times[name] = round(self.times.get(name, 0.0) + time.perf_counter() - start, 4)
 
 
-def deployed(model: nn.Module, coupling: Coupling, plan: Plan, updates: dict[str, torch.Tensor] | None = None
-             ) -> tuple[nn.Module, nn.Module]:
+def deployed(model: nn.Module, coupling: Coupling, plan: Plan, updates: dict[str, torch.Tensor] | None = None,
+             sync: bool = True) -> tuple[nn.Module, nn.Module]:
     """(unpruned, pruned) as compile would return them: the user's class when it syncs, else programs; the pruned
-    one with refit ``updates`` (pruned shapes, e.g. ``Refit.fitter``'s) written in, unchecked."""
+    one with refit ``updates`` (pruned shapes, e.g. ``Refit.fitter``'s) written in, unchecked. ``sync=False``:
+    the programs, never the user's class (the same function, without the copy and the check that syncing
+    costs: for measuring outputs, not for timing)."""
     program = coupling.program
     cut = Cut.of(coupling, plan)
     pruned, state, _ = rewrite(cut)
     with torch.no_grad():
         for fqn, value in (updates or {}).items():
             state[fqn].copy_(value)
+    if not sync:
+        return original_program(coupling), pruned
     module, synced, _ = sync_module(model, state, pruned, program.example_inputs, program.example_kwargs, cut.blocks)
     return (model, module) if synced else (original_program(coupling), module)
 
