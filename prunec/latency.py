@@ -419,17 +419,17 @@ def calibrate(table: LatencyTable, groups: dict[str, int], deploy: Callable[[dic
     batch, threads = table.meta["key_fields"]["batch"], table.meta["key_fields"]["threads"]
     wrap, inputs = positional(inputs, kwargs)
     x = batched(inputs, batch)
-    dense, cut = wrap(dense), deploy
+    dense = wrap(dense)
 
-    def deploy(widths: dict[str, int]) -> nn.Module:
-        return wrap(cut(widths))
+    def cut(widths: dict[str, int]) -> nn.Module:
+        return wrap(deploy(widths))
     todo = [(g, w) for g, size in groups.items() if (w := probe_width(table, g, size, fraction)) is not None]
     table.factors, table.calibration, record = {}, {}, {}
     for i in range(0, len(todo), chunk):
         part = todo[i:i + chunk]
         if progress:
             progress(f"calibrating groups {i + 1}–{i + len(part)} of {len(todo)} end to end")
-        runs = [rt.prepare(dense, x, threads)] + [rt.prepare(deploy({g: w}), x, threads) for g, w in part]
+        runs = [rt.prepare(dense, x, threads)] + [rt.prepare(cut({g: w}), x, threads) for g, w in part]
         secs = time_interleaved(runs, rounds, stat="min")
         for (g, w), sec in zip(part, secs[1:]):
             record[g] = {"width": w, "size": groups[g], "dense_ms": secs[0] * 1e3, "cut_ms": sec * 1e3,
@@ -447,7 +447,7 @@ def calibrate(table: LatencyTable, groups: dict[str, int], deploy: Callable[[dic
         return
     if progress:
         progress(f"calibrating all groups cut together end to end ({', '.join(f'{f:.0%}' for f, _ in cuts)})")
-    secs = time_interleaved([rt.prepare(dense, x, threads)] + [rt.prepare(deploy(w), x, threads) for _, w in cuts],
+    secs = time_interleaved([rt.prepare(dense, x, threads)] + [rt.prepare(cut(w), x, threads) for _, w in cuts],
                             rounds, stat="min")
     table.calibration["joint"] = [{"fraction": f, "dense_ms": secs[0] * 1e3, "cut_ms": sec * 1e3,
                                    "predicted_saved_ms": table.raw_saved(widths),
