@@ -31,6 +31,7 @@ from prunec.trace import Program, trace
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 TEXT_EXTS = {".txt", ".jsonl", ".json"}
+TENSOR_EXTS = {".npy", ".npz", ".pt", ".pth"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 Batch = tuple[Any, ...]                      # one calibration batch as given: positional inputs or (dict,)
@@ -52,7 +53,7 @@ def load_calib(path: str | Path, example_inputs: Sequence[Any], n_samples: int =
     suffix = path.suffix.lower()
     if path.is_dir():
         samples = _images(path, example, n_samples, rng)
-    elif suffix in (".npy", ".npz", ".pt", ".pth"):
+    elif suffix in TENSOR_EXTS:
         samples = _tensors(path, example, n_samples, rng)
     elif suffix in TEXT_EXTS:
         samples = _text(path, example, n_samples, rng, tokenizer)
@@ -89,7 +90,8 @@ def _images(folder: Path, example: torch.Tensor, n: int, rng: np.random.Generato
     return torch.stack(out).to(example.dtype)
 
 
-def _tensors(path: Path, example: torch.Tensor, n: int, rng: np.random.Generator) -> torch.Tensor:
+def _read_tensor(path: Path) -> Any:
+    """The array or tensor saved in ``path`` (np.save / np.savez: the first array / torch.save, weights only)."""
     suffix = path.suffix.lower()
     try:
         if suffix == ".npy":
@@ -104,6 +106,11 @@ def _tensors(path: Path, example: torch.Tensor, n: int, rng: np.random.Generator
                          "save a plain array (np.save) or tensor (torch.save)") from err
     if isinstance(data, dict):
         data = next(iter(data.values()))
+    return data
+
+
+def _tensors(path: Path, example: torch.Tensor, n: int, rng: np.random.Generator) -> torch.Tensor:
+    data = _read_tensor(path)
     if not isinstance(data, torch.Tensor) or tuple(data.shape[1:]) != tuple(example.shape[1:]):
         got = tuple(data.shape) if isinstance(data, torch.Tensor) else type(data).__name__
         raise InputError(f"calibration tensors have shape {got}, the model wants N×"
@@ -141,24 +148,32 @@ def _text_files(path: Path) -> list[Path]:
 
 
 def load_text_calib(path: str | Path, example_kwargs: dict[str, Any], tokenizer: Any, n_samples: int = 64,
-                    seed: int = 0) -> list[dict[str, Any]]:
+                    seed: int = 0, vocab: int | None = None) -> list[dict[str, Any]]:
     """Keyword batches for a text model, shaped like ``example_kwargs`` (batch × sequence): the text is
-    tokenised as one stream and cut into windows, ``n_samples`` of which are drawn by seed."""
+    tokenised as one stream (token ids saved as an integer array are one already, each below ``vocab`` when
+    given) and cut into windows, ``n_samples`` of which are drawn by seed."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"calibration data {path} does not exist", "check --calib PATH")
     ids = example_kwargs.get("input_ids")
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
         raise InputError("text calibration needs a model whose example has input_ids", "use an hf: model")
-    if tokenizer is None:
-        raise InputError(f"text calibration data {path.name} needs the model's tokenizer, and the model "
-                         "folder has none", "save it next to the model with tokenizer.save_pretrained(DIR)")
-    texts = []
-    for file in _text_files(path):
-        lines = [ln for ln in file.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        texts += [_json_text(ln) for ln in lines] if file.suffix.lower() in (".jsonl", ".json") else lines
-    stream = tokenizer("\n\n".join(texts), return_tensors="pt", add_special_tokens=False)["input_ids"][0] \
-        if texts else torch.zeros(0, dtype=torch.long)
+    if path.suffix.lower() in TENSOR_EXTS:   # token ids already: no tokenizer needed
+        stream = _token_ids(path)
+        if vocab is not None and stream.numel() and int(stream.max()) >= vocab:
+            raise InputError(f"{path.name} holds token id {int(stream.max())}, the model's vocabulary has {vocab}",
+                             "save ids from this model's tokenizer")
+    else:
+        if tokenizer is None:
+            raise InputError(f"text calibration data {path.name} needs the model's tokenizer, and the model "
+                             "folder has none", "save it next to the model with tokenizer.save_pretrained(DIR), "
+                             "or pass token ids (np.save of an integer N×L array)")
+        texts = []
+        for file in _text_files(path):
+            lines = [ln for ln in file.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            texts += [_json_text(ln) for ln in lines] if file.suffix.lower() in (".jsonl", ".json") else lines
+        stream = tokenizer("\n\n".join(texts), return_tensors="pt", add_special_tokens=False)["input_ids"][0] \
+            if texts else torch.zeros(0, dtype=torch.long)
     batch, seq = ids.shape
     windows = len(stream) // seq
     if windows < 1:
@@ -175,6 +190,20 @@ def load_text_calib(path: str | Path, example_kwargs: dict[str, Any], tokenizer:
             item["attention_mask"] = torch.ones_like(chunk, dtype=example_kwargs["attention_mask"].dtype)
         out.append({**item, **extra})
     return out
+
+
+def _token_ids(path: Path) -> torch.Tensor:
+    """Token ids saved as an integer array or tensor (any shape; rows are read as one stream)."""
+    data = _read_tensor(path)
+    if not isinstance(data, torch.Tensor) or data.is_floating_point() or data.is_complex() or data.dtype == torch.bool:
+        got = str(data.dtype).replace("torch.", "") if isinstance(data, torch.Tensor) else type(data).__name__
+        raise InputError(f"{path.name} holds {got} values, not token ids",
+                         "save integer token ids (np.save of an N×L int array), or pass text (.txt/.jsonl)")
+    stream = data.reshape(-1).long()
+    if stream.numel() and int(stream.min()) < 0:
+        raise InputError(f"{path.name} holds negative token ids (min {int(stream.min())})",
+                         "save the tokenizer's ids, all ≥ 0")
+    return stream
 
 
 def _json_text(line: str) -> str:

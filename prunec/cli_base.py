@@ -32,7 +32,9 @@ def load_batches(path: str, loaded: Any, n: int, seed: int, example_inputs: Any 
     the loaded model's), or keyword inputs (hf:) tokenised by the model's own tokenizer."""
     from prunec.calib import load_calib, load_text_calib
     if loaded.example_kwargs:
-        return load_text_calib(path, loaded.example_kwargs, loaded.extra.get("tokenizer"), n, seed)
+        embed = getattr(loaded.model, "get_input_embeddings", lambda: None)()
+        return load_text_calib(path, loaded.example_kwargs, loaded.extra.get("tokenizer"), n, seed,
+                               getattr(embed, "num_embeddings", None))
     return load_calib(path, loaded.example_inputs if example_inputs is None else example_inputs, n, seed)
 
 

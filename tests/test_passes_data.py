@@ -201,6 +201,26 @@ def test_load_calib_tensors_images_text(tmp_path):
         load_calib(tmp_path / "x.npy", (torch.zeros(1, 3, 28, 28),))
 
 
+def test_text_models_calibrate_on_token_id_arrays(tmp_path):
+    """A text model's --calib may be token ids saved as an integer array (no tokenizer needed): rows are one
+    stream, cut into windows of the example's length; floats, negative ids and ids past the vocabulary are refused."""
+    from prunec.calib import load_text_calib
+    example = {"input_ids": torch.zeros(2, 8, dtype=torch.long), "use_cache": False}
+    np.save(tmp_path / "ids.npy", np.arange(40, dtype=np.int32).reshape(4, 10))
+    batches = load_text_calib(tmp_path / "ids.npy", example, None, n_samples=5, vocab=100)
+    assert [b["input_ids"].shape for b in batches] == [(2, 8), (2, 8), (1, 8)]
+    assert all(b["use_cache"] is False and b["input_ids"].dtype == torch.long for b in batches)
+    assert sorted(int(b["input_ids"][i, 0]) for b in batches for i in range(len(b["input_ids"]))) == [0, 8, 16, 24, 32]
+    for bad, match in ((np.ones((2, 8), np.float32), "float32 values, not token ids"),
+                       (-np.ones((2, 8), np.int64), "negative token ids"), (np.full((2, 8), 100), "token id 100")):
+        np.save(tmp_path / "bad.npy", bad)
+        with pytest.raises(InputError, match=match):
+            load_text_calib(tmp_path / "bad.npy", example, None, vocab=100)
+    (tmp_path / "t.txt").write_text("hello world\n")
+    with pytest.raises(InputError, match="needs the model's tokenizer"):
+        load_text_calib(tmp_path / "t.txt", example, None)
+
+
 def test_collect_streams_the_same_statistics_as_hooks(convbn):
     model, inputs, calib = convbn
     program = prunec.compile(model, inputs, channels=0.0).coupling.program
