@@ -59,7 +59,7 @@ def run_blockwise(args: argparse.Namespace, out: Path | None) -> int:
     folder = Path(args.model[3:])
     out = out or Path(f"{folder.name}.pruned")
     from prunec.blockwise import decoder_config
-    decoder_config(folder)  # refuses other models before any work
+    config = decoder_config(folder)  # refuses other models before any work
     calib = None
     if args.calib:
         import torch
@@ -67,7 +67,8 @@ def run_blockwise(args: argparse.Namespace, out: Path | None) -> int:
         from prunec.calib import load_text_calib
         ids = torch.zeros(1, args.seq_len or 32, dtype=torch.long)
         calib = [b["input_ids"] for b in load_text_calib(args.calib, {"input_ids": ids}, _tokenizer(folder),
-                                                         args.calib_samples, args.seed)]
+                                                         args.calib_samples, args.seed,
+                                                         getattr(config, "vocab_size", None))]
     progress = (lambda stage: console.print(stage)) if console.is_terminal else None
     report = compile_blockwise(folder, out, heads=args.heads, mlp=args.mlp, method=args.method,
                                round_to=args.round_to, seq_len=args.seq_len or 32, seed=args.seed, calib=calib,

@@ -108,7 +108,7 @@ def _bert(folder):
     return folder
 
 
-@pytest.mark.parametrize("case", ["bert", "hidden", "pt2", "no_safetensors"])
+@pytest.mark.parametrize("case", ["bert", "hidden", "pt2", "no_safetensors", "ids_past_vocab"])
 def test_blockwise_bad_input_is_one_line_exit_2(case, llama, tmp_path, capsys):
     folder, model = llama
     args = ["--heads", "0.5", "-o", str(tmp_path / "out"), "--blockwise"]
@@ -118,6 +118,10 @@ def test_blockwise_bad_input_is_one_line_exit_2(case, llama, tmp_path, capsys):
         args += ["--hidden", "0.25"]
     elif case == "pt2":
         args[3] = str(tmp_path / "out.pt2")
+    elif case == "ids_past_vocab":   # token ids as --calib, checked against the config's vocabulary
+        import numpy as np
+        np.save(tmp_path / "ids.npy", np.full((4, 32), 10 ** 6, np.int64))
+        args += ["--method", "flap", "--calib", str(tmp_path / "ids.npy")]
     else:
         bare = tmp_path / "bare"
         shutil.copytree(folder, bare)
