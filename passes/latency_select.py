@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_leaves
 
-from prunec.calib import Call, calls, first_samples, shared_rows, with_example_options
+from prunec.calib import Call, calls, first_samples, shared_rows, take_rows, with_example_options
 from prunec.errors import InputError, InternalError
 from prunec.latency import LatencyTable, calibrate, measure, parse_target, probe_width, profile, save
 from prunec.passes.base import Pass, PassResult, State, register_pass
@@ -182,8 +182,7 @@ def folds(calib: list[Call], n: int) -> list[tuple[list[Call], list[Call]]]:
         rows = shared_rows(measured[0]) if measured else None
         if not rows or rows < 2:
             return []
-        halves = [[tree_map(lambda t, a=a, b=b: t[a:b] if isinstance(t, torch.Tensor) else t, measured[0])]
-                  for a, b in ((0, rows // 2), (rows // 2, rows))]
+        halves = [[take_rows(measured[0], 0, rows // 2)], [take_rows(measured[0], rows // 2, rows)]]
     return [(halves[1] + rest, halves[0]), (halves[0] + rest, halves[1])]
 
 

@@ -159,10 +159,7 @@ def load_text_calib(path: str | Path, example_kwargs: dict[str, Any], tokenizer:
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
         raise InputError("text calibration needs a model whose example has input_ids", "use an hf: model")
     if path.suffix.lower() in TENSOR_EXTS:   # token ids already: no tokenizer needed
-        stream = _token_ids(path)
-        if vocab is not None and stream.numel() and int(stream.max()) >= vocab:
-            raise InputError(f"{path.name} holds token id {int(stream.max())}, the model's vocabulary has {vocab}",
-                             "save ids from this model's tokenizer")
+        stream = _token_ids(path, vocab)
     else:
         if tokenizer is None:
             raise InputError(f"text calibration data {path.name} needs the model's tokenizer, and the model "
@@ -192,8 +189,9 @@ def load_text_calib(path: str | Path, example_kwargs: dict[str, Any], tokenizer:
     return out
 
 
-def _token_ids(path: Path) -> torch.Tensor:
-    """Token ids saved as an integer array or tensor (any shape; rows are read as one stream)."""
+def _token_ids(path: Path, vocab: int | None = None) -> torch.Tensor:
+    """Token ids saved as an integer array or tensor (any shape; rows are read as one stream), each ≥ 0 and
+    below ``vocab`` when given."""
     data = _read_tensor(path)
     if not isinstance(data, torch.Tensor) or data.is_floating_point() or data.is_complex() or data.dtype == torch.bool:
         got = str(data.dtype).replace("torch.", "") if isinstance(data, torch.Tensor) else type(data).__name__
@@ -203,6 +201,9 @@ def _token_ids(path: Path) -> torch.Tensor:
     if stream.numel() and int(stream.min()) < 0:
         raise InputError(f"{path.name} holds negative token ids (min {int(stream.min())})",
                          "save the tokenizer's ids, all ≥ 0")
+    if vocab is not None and stream.numel() and int(stream.max()) >= vocab:
+        raise InputError(f"{path.name} holds token id {int(stream.max())}, the model's vocabulary has {vocab}",
+                         "save ids from this model's tokenizer")
     return stream
 
 
@@ -394,6 +395,11 @@ def shared_rows(call: Any) -> int | None:
     return int(leaves[0].shape[0])
 
 
+def take_rows(call: Any, start: int, stop: int) -> Any:
+    """``call`` with every tensor input cut to rows ``start:stop`` along dim 0 (other inputs as they are)."""
+    return pytree.tree_map(lambda t: t[start:stop] if isinstance(t, torch.Tensor) else t, call)
+
+
 def first_samples(batches: Iterable[Call], n: int) -> list[Call]:
     """The leading calls holding ``n`` samples in all (the rows along dim 0 that every tensor input
     shares; a call without such a dim counts as one sample), the last call cut to the rows still wanted."""
@@ -403,7 +409,7 @@ def first_samples(batches: Iterable[Call], n: int) -> list[Call]:
             break
         rows = shared_rows(call) or 1
         if rows > n:
-            call = pytree.tree_map(lambda t: t[:n] if isinstance(t, torch.Tensor) else t, call)
+            call = take_rows(call, 0, n)
         out.append(call)
         n -= min(rows, n)
     return out
