@@ -186,17 +186,21 @@ class LatencyTable:
         """End-to-end ms saved when the ops' savings sum to ``raw`` ms: through the joint cuts ``calibrate``
         measured (every group cut together to ~50 % and ~25 %; single cuts' savings don't add up, and deep
         cuts save less than their sum on some runtimes), piecewise linear from 0 and monotone, each point
-        kept within [0.25, 2]× its prediction; past the deepest cut its last slope (at least a quarter of
-        its mean). Without joint cuts: ``raw``."""
-        pts = sorted((p["predicted_saved_ms"], p["measured_saved_ms"]) for p in self.calibration.get("joint", [])
-                     if p["predicted_saved_ms"] > 1e-9)
+        kept within [0.25, 2]× its prediction; past the deepest cut its last slope, within [¼ of its mean,
+        1] (no unmeasured cut saves more than its ops' sum). Joint cuts at one predicted saving (a coarse
+        grid snaps both to the same widths) count once, at their mean. Without joint cuts: ``raw``."""
+        pts: dict[float, list[float]] = {}
+        for p in self.calibration.get("joint", []):
+            if p["predicted_saved_ms"] > 1e-9:
+                pts.setdefault(round(p["predicted_saved_ms"], 9), []).append(p["measured_saved_ms"])
         if not pts:
             return raw
-        xs = np.array([0.0] + [x for x, _ in pts])
-        ys = np.maximum.accumulate(np.clip([0.0] + [y for _, y in pts], 0.25 * xs, 2.0 * xs))
+        xs = np.array([0.0] + sorted(pts))
+        measured = [0.0] + [float(np.mean(pts[x])) for x in sorted(pts)]
+        ys = np.maximum.accumulate(np.clip(measured, 0.25 * xs, 2.0 * xs))
         if raw <= xs[-1]:
             return float(np.interp(raw, xs, ys))
-        slope = max((ys[-1] - ys[-2]) / max(xs[-1] - xs[-2], 1e-9), 0.25 * ys[-1] / xs[-1])
+        slope = min(max((ys[-1] - ys[-2]) / (xs[-1] - xs[-2]), 0.25 * ys[-1] / xs[-1]), 1.0)
         return float(ys[-1] + slope * (raw - xs[-1]))
 
     def predict(self, widths: dict[str, int]) -> float:

@@ -109,6 +109,18 @@ def test_calibration_maps_summed_savings_through_joint_cuts(monkeypatch) -> None
     assert pred <= 7.75 and pred == pytest.approx(t.predict(widths))   # the allocator meets the mapped prediction
 
 
+def test_joint_cuts_at_one_predicted_saving_count_once() -> None:
+    """A coarse width grid snaps the ~50 % and ~25 % joint cuts to the same widths: the two measurements of one
+    predicted saving are averaged, never joined by a vertical segment whose slope sent predictions to -2e6 ms
+    (MobileNetV3-Small on eager torch, 2 widths per group)."""
+    t = fake_table(LINEAR, LINEAR)
+    t.calibration = {"joint": [{"predicted_saved_ms": 1.0, "measured_saved_ms": 1.2},
+                               {"predicted_saved_ms": 1.0, "measured_saved_ms": 1.4}]}
+    assert t.saving(1.0) == pytest.approx(1.3) and t.saving(0.5) == pytest.approx(0.65)
+    assert t.saving(3.0) == pytest.approx(3.3)           # past it: its mean slope, 1.3, capped at 1
+    assert t.predict({"a": 1, "b": 1}) > 0
+
+
 def test_calibration_factors_shrink_toward_one_within_the_noise() -> None:
     """A saving the table predicts well above the timing noise keeps its measured factor; one predicted near
     zero can't show a factor, whatever it measured (the clip value 3 used to go to exactly such groups)."""
