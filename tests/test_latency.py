@@ -228,6 +228,21 @@ def test_latency_target_refit_probes_are_cross_fitted(monkeypatch, tmp_path) -> 
     assert r.report["passes"]["latency_select"]["sensitivity"]["out_of_sample"] is True
 
 
+def test_a_missed_latency_target_is_said(monkeypatch, tmp_path) -> None:
+    """When no allocation measures within ±10 % of the goal, the closest is kept and a note says so."""
+    from prunec.passes import latency_select
+    monkeypatch.setenv("PRUNEC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(latency_select, "measure", lambda rt, models, *a, **k: {"dense": 10.0, "pruned": 9.5})
+    r = prunec.compile(tiny(), torch.randn(1, 3, 16, 16), target_latency=0.8, runtime="torch", threads=1)
+    tries = r.report["passes"]["latency_select"]["refine"]
+    assert len(tries) >= 2 and {t["measured_ratio"] for t in tries} == {0.95}
+    assert [n for n in r.report["notes"] if n.startswith("latency_select: target missed: measured 0.95 of dense "
+                                                        f"for a goal of 0.80 after {len(tries)} allocation(s)")]
+    monkeypatch.setattr(latency_select, "measure", lambda rt, models, *a, **k: {"dense": 10.0, "pruned": 8.3})
+    r = prunec.compile(tiny(), torch.randn(1, 3, 16, 16), target_latency=0.8, runtime="torch", threads=1)
+    assert not [n for n in r.report["notes"] if "target missed" in n]
+
+
 def test_error_curve_is_monotone_under_noisy_measurements() -> None:
     """A narrower probe that measured a smaller error (noise, or a lucky cut) costs as much as the wider one."""
     curve = error_curve(np.ones(16), {12: 0.5, 8: 0.3, 4: 0.6})
