@@ -248,7 +248,7 @@ def _search_pass(args: argparse.Namespace) -> Any:
     return asked[0]
 
 
-RUNTIME_OF_TARGET = {"onnx": "onnxruntime", "executorch": "executorch", "torch": "torch"}
+RUNTIME_OF_TARGET = {"onnx": "onnxruntime", "executorch": "executorch", "torch": "torch", "tensorrt": "tensorrt"}
 
 
 def _runtime(args: argparse.Namespace, search: str | None) -> str | None:

@@ -21,8 +21,8 @@ class Parser(argparse.ArgumentParser):
 def add_runtime_flags(p: argparse.ArgumentParser, default: str | None = "onnxruntime") -> None:
     """--runtime/--batch/--threads: where latency is measured (compile and `prunec profile`)."""
     p.add_argument("--runtime", default=default, help="time widths on this runtime: onnxruntime, executorch, "
-                   "torch (with --channels: widths snap to its latency steps; default for --target-latency: "
-                   "the --target's runtime)")
+                   "torch, tensorrt (needs a CUDA GPU) (with --channels: widths snap to its latency steps; default "
+                   "for --target-latency: the --target's runtime)")
     p.add_argument("--batch", type=int, default=1, help="batch size latency is measured at (default 1)")
     p.add_argument("--threads", type=int, default=None, help="runtime threads (default: all CPUs)")
 

@@ -87,7 +87,7 @@ def compile(model: nn.Module, example_inputs: Any, *, channels: float = 0.0, mlp
     format) names other dynamic dims, e.g. the ones a loaded ``.pt2`` recorded. If the whole model
     can't be traced and ``parts`` is on, the submodules that trace are pruned instead (a ``PartsResult``).
     ``schedule`` (a ``prunec.schedule.Gradual``) prunes step by step, distilling with ``recover``
-    options between steps. ``runtime`` (onnxruntime, executorch, torch) picks widths from a latency
+    options between steps. ``runtime`` (onnxruntime, executorch, torch, tensorrt) picks widths from a latency
     table measured on that runtime at ``batch``/``threads`` (``passes.LatencySelect``); with
     ``target_latency`` (a fraction of the dense latency, or e.g. "12ms") a knapsack over groups meets
     it, and the report's ``latency`` entry has the predicted and the measured latency. ``inplace``: the

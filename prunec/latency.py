@@ -267,7 +267,8 @@ def key_fields(program: Program, ops: list[Op], runtime: Runtime, batch: int, th
             "ops": hashlib.sha256("\n".join(o.signature() + str((o.in_group, o.out_group))
                                             for o in ops).encode()).hexdigest()[:16],
             "runtime": runtime.name, "runtime_version": runtime.version(), "torch": torch.__version__,
-            "machine": f"{platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()}".strip(),
+            "machine": f"{platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()} "
+                       f"{runtime.device()}".strip(),
             "batch": batch, "threads": threads, "points": points, "multiple": runtime.multiple,
             "op_timing": _op_timing(runtime, op_timing), "version": MODEL_VERSION}
 

@@ -1,4 +1,4 @@
-"""Runtimes to time modules on: a small table of timers (onnxruntime, executorch, torch).
+"""Runtimes to time modules on: a small table of timers (onnxruntime, executorch, torch, tensorrt).
 
 ``RUNTIMES[name].prepare(module, x, threads)`` turns an ``nn.Module`` and its input into a
 zero-argument callable that runs it once on that runtime; ``time_interleaved`` times several such
@@ -7,6 +7,7 @@ callables round by round (warm-up, order reversed every other round, medians).
 from __future__ import annotations
 
 import bisect
+import copy
 import importlib
 import importlib.util
 import io
@@ -44,6 +45,11 @@ class Runtime:
     # a preparer whose run also reports the op's own kernel seconds (``OrtKernelRun``, ``EtKernelRun``), without
     # what a standalone model pays at its edges and the model around it does not (layout changes); None: wall time
     prepare_op: Callable[[torch.nn.Module, tuple[torch.Tensor, ...], int], Run] | None = None
+    needs_cuda: bool = False   # runs on a CUDA GPU: refused without one; the GPU's name keys its latency tables
+
+    def device(self) -> str:
+        """What the runtime runs on beyond the host's CPU (the GPU's name), "" for CPU runtimes."""
+        return _cuda_device() if self.needs_cuda else ""
 
     def version(self) -> str:
         mod = importlib.import_module(self.package)
@@ -193,6 +199,68 @@ class EtKernelRun:
         return min(per_run) / 1e9
 
 
+_TRT_TIMING_CACHE: list[Any] = []   # one TensorRT timing cache per process: tactics timed once per layer shape
+
+
+def _trt_engine(module: torch.nn.Module, x: tuple[torch.Tensor, ...]) -> Any:
+    """A TensorRT engine of the module's ONNX (static shapes), strongly typed: its precision is the ONNX's
+    (TensorRT 11 has no FP16 builder flag; a strongly typed network builds the same on 10 and 11)."""
+    import tensorrt as trt
+    logger = trt.Logger(trt.Logger.ERROR)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(_onnx_bytes(module, x)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise InputError(f"TensorRT's ONNX parser refused the model ({errors})",
+                         "this model does not run on TensorRT as exported: time it on --runtime onnxruntime")
+    config = builder.create_builder_config()
+    if not _TRT_TIMING_CACHE:
+        _TRT_TIMING_CACHE.append(config.create_timing_cache(b""))
+    config.set_timing_cache(_TRT_TIMING_CACHE[0], False)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise InternalError("TensorRT built no engine for a model its parser accepted")
+    return trt.Runtime(logger).deserialize_cuda_engine(plan)
+
+
+def _prepare_tensorrt(module: torch.nn.Module, x: tuple[torch.Tensor, ...], threads: int) -> Run:
+    """One synchronous run of the module's FP16 TensorRT engine on the first CUDA GPU (weights and floating
+    inputs in FP16, as ``--target tensorrt`` builds by default), buffers kept on the GPU; ``threads`` does not
+    apply."""
+    import tensorrt as trt
+    dtypes = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32,
+              trt.int64: torch.int64, trt.int8: torch.int8, trt.bool: torch.bool}
+    half = copy.deepcopy(module).eval().to("cuda", torch.float16)
+    xs = tuple(t.detach().to("cuda", torch.float16 if t.is_floating_point() else t.dtype) for t in x)
+    engine = _trt_engine(half, xs)
+    del half
+    context = engine.create_execution_context()
+    feeds = iter(xs)
+    tensors = []   # the buffers the context points at: kept alive by the closure
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        dtype = dtypes[engine.get_tensor_dtype(name)]
+        if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+            t = next(feeds).to(dtype).contiguous()
+        else:
+            t = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtype, device="cuda")
+        context.set_tensor_address(name, t.data_ptr())
+        tensors.append(t)
+    stream = torch.cuda.Stream()
+
+    def run() -> Any:
+        if not context.execute_async_v3(stream.cuda_stream):
+            raise InternalError("TensorRT's execute_async_v3 failed")
+        stream.synchronize()
+        return engine, tensors
+    return run
+
+
+def _cuda_device() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA GPU"
+
+
 @contextmanager
 def _threads(n: int) -> Iterator[None]:
     old = torch.get_num_threads()
@@ -217,20 +285,24 @@ RUNTIMES: dict[str, Runtime] = {
                           16 if platform.machine().lower() in ("x86_64", "amd64", "i686", "x86") else 8,
                           prepare_op=EtKernelRun),
     "torch": Runtime("torch", "torch", "", _prepare_torch, "eager PyTorch CPU, torch.no_grad"),
+    # FP16 engines, as --target tensorrt builds by default; widths in multiples of 8 (FP16 tensor-core tiles)
+    "tensorrt": Runtime("tensorrt", "tensorrt", "tensorrt", _prepare_tensorrt,
+                        "FP16 engine of the ONNX export, first CUDA GPU, synchronous runs", needs_cuda=True),
 }
 
 
 def get_runtime(name: str) -> Runtime:
     """The runtime called ``name``; an InputError if unknown or not installed."""
-    if name == "tensorrt":
-        raise InputError("latency profiling on tensorrt is not implemented",
-                         f"profile on one of {sorted(RUNTIMES)}")
     if name not in RUNTIMES:
         raise InputError(f"unknown runtime '{name}'", f"use one of {sorted(RUNTIMES)}")
     rt = RUNTIMES[name]
     if importlib.util.find_spec(rt.package) is None:
         raise InputError(f"runtime '{name}' is not installed (no package '{rt.package}')",
-                         f"install it with: pip install 'prunec[{rt.extra}]'")
+                         f"install it with: pip install 'prunec[{rt.extra}]'"
+                         + (" on a host with an NVIDIA GPU, or time on --runtime onnxruntime" if rt.needs_cuda else ""))
+    if rt.needs_cuda and not torch.cuda.is_available():
+        raise InputError(f"runtime '{name}' needs a CUDA GPU and torch sees none",
+                         "run on a host with an NVIDIA GPU and CUDA-enabled torch, or time on --runtime onnxruntime")
     return rt
 
 

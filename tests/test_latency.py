@@ -380,7 +380,7 @@ def test_cli_bad_latency_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest
     out = tmp_path / "m.pt2"
     code, err = _cli(["zoo:convbn", "--target-latency", "0.5", "--runtime", "tvm", "-o", str(out)], capsys)
     assert code == 2 and err == ("prunec: error: unknown runtime 'tvm'. Use one of "
-                                 "['executorch', 'onnxruntime', 'torch'].")
+                                 "['executorch', 'onnxruntime', 'tensorrt', 'torch'].")
     code, err = _cli(["zoo:convbn", "--target-latency", "soon", "-o", str(out)], capsys)
     assert code == 2 and "is not a fraction or a time" in err and len(err.splitlines()) == 1
     code, err = _cli(["zoo:convbn", "--target-latency", "0.5", "--channels", "0.3", "-o", str(out)], capsys)
@@ -393,6 +393,42 @@ def test_cli_bad_latency_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest
     assert code == 2 and err == ("prunec: error: runtime 'executorch' is not installed (no package 'executorch'). "
                                  "Install it with: pip install 'prunec[executorch]'.")
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_tensorrt_runtime_is_refused_without_its_package_or_a_gpu(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """--target tensorrt times on TensorRT (not on this CPU's onnxruntime): without the package, or with it and
+    no CUDA GPU, one line that says which, and nothing written; a table's key names the GPU it was timed on."""
+    import prunec.runtimes
+    from prunec.latency import key_fields, layer_ops
+    from prunec.runtimes import RUNTIMES
+    out = tmp_path / "m_trt"
+    real_find_spec = prunec.runtimes.importlib.util.find_spec
+    monkeypatch.setattr(prunec.runtimes.importlib.util, "find_spec",
+                        lambda name: None if name == "tensorrt" else real_find_spec(name))
+    code, err = _cli(["zoo:convbn", "--target", "tensorrt", "--target-latency", "0.5", "-o", str(out)], capsys)
+    assert code == 2 and err == ("prunec: error: runtime 'tensorrt' is not installed (no package 'tensorrt'). "
+                                 "Install it with: pip install 'prunec[tensorrt]' on a host with an NVIDIA GPU, or "
+                                 "time on --runtime onnxruntime.")
+    monkeypatch.setattr(prunec.runtimes.importlib.util, "find_spec",
+                        lambda name: object() if name == "tensorrt" else real_find_spec(name))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, err = _cli(["profile", "zoo:convbn", "--runtime", "tensorrt"], capsys)
+    assert code == 2 and err == ("prunec: error: runtime 'tensorrt' needs a CUDA GPU and torch sees none. Run on a "
+                                 "host with an NVIDIA GPU and CUDA-enabled torch, or time on --runtime onnxruntime.")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()   # torch.export asks find_spec too
+    model, x = tiny(), (torch.randn(1, 3, 16, 16),)
+    coupling = prunec.analyze(model, x)
+    ops = layer_ops(coupling.program, coupling)
+    keys = {}
+    monkeypatch.setattr(type(RUNTIMES["tensorrt"]), "version", lambda self: "10.13")   # not installed here
+    for gpu in ("NVIDIA H100 80GB HBM3", "NVIDIA L4"):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, gpu=gpu: gpu)
+        keys[gpu] = key_fields(coupling.program, ops, RUNTIMES["tensorrt"], 1, 1, 8)["machine"]
+    assert keys["NVIDIA L4"].endswith("NVIDIA L4") and len(set(keys.values())) == 2
+    assert RUNTIMES["onnxruntime"].device() == ""
 
 
 def test_cli_unreachable_target_names_the_best(tmp_path: Path, capsys: pytest.CaptureFixture,
