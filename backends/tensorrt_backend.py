@@ -1,5 +1,8 @@
-"""--target tensorrt: a directory with model.onnx, build_engine.py and trtexec.txt.
+"""--target tensorrt: a directory with model.onnx, model_fp16.onnx, build_engine.py and trtexec.txt.
 
+FP16 engines are built strongly typed from model_fp16.onnx (weights FP16, inputs and outputs FP32; converted by
+onnxconverter-common and run in onnxruntime here): TensorRT 11 has no FP16 builder flag, and a strongly typed
+network builds the same on TensorRT 10. ``--int8`` keeps TensorRT 10's implicit INT8 (model.onnx, builder flags).
 An engine (model.engine) is built only where ``import tensorrt`` works and a CUDA GPU is present;
 otherwise the report says ``"engine": null`` and why. SPARSE_WEIGHTS is set when 2:4 was applied.
 """
@@ -13,14 +16,17 @@ from typing import Any
 
 from prunec.atomic import atomic_path
 from prunec.backends import register_backend
-from prunec.backends.onnx_backend import DEFAULT_OPSET, export_onnx
+from prunec.backends.onnx_backend import DEFAULT_OPSET, _compare, export_onnx
+from prunec.errors import MissingDependency
 from prunec.backends.sparsity import apply_from_options
 
 MAX_BATCH = 32
 
-BUILD_ENGINE = '''"""Build a TensorRT engine from model.onnx (written by prunec). Usage:
-    python build_engine.py [--fp16/--no-fp16] [--int8] [--sparse] [--max-batch N]
-INT8 here passes no calibration data or ranges: layers without scales may stay FP16; for timing only."""
+BUILD_ENGINE = '''"""Build a TensorRT engine from the ONNX written by prunec. Usage:
+    python build_engine.py [--fp16/--no-fp16] [--int8] [--sparse] [--max-batch N] [--onnx PATH]
+FP16 (default): model_fp16.onnx, strongly typed (TensorRT 10 and 11); --no-fp16: model.onnx, FP32.
+--int8: model.onnx with TensorRT 10's INT8 and FP16 builder flags (TensorRT 11 builds INT8 only from Q/DQ
+nodes); no calibration data or ranges are passed: layers without scales may stay FP16; for timing only."""
 import argparse
 import json
 from pathlib import Path
@@ -32,16 +38,20 @@ DEFAULTS = json.loads({defaults!r})
 
 
 def build(onnx_path, engine_path, fp16, int8, sparse, max_batch):
+    if int8 and not hasattr(trt.BuilderFlag, "INT8"):
+        raise SystemExit(f"TensorRT {{trt.__version__}} builds INT8 only from Q/DQ nodes (explicit quantization, "
+                         "e.g. NVIDIA ModelOpt): --int8 here needs TensorRT 10; drop --int8 for FP16")
+    onnx_path = onnx_path or HERE / ("model_fp16.onnx" if fp16 and not int8 else "model.onnx")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    # strongly typed: the ONNX's own precision (the only mode in TensorRT 11); INT8 needs TensorRT 10's weak typing
+    network = builder.create_network(0 if int8 else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         raise SystemExit("\\n".join(str(parser.get_error(i)) for i in range(parser.num_errors)))
     config = builder.create_builder_config()
-    if fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
     if int8:
+        config.set_flag(trt.BuilderFlag.FP16)
         config.set_flag(trt.BuilderFlag.INT8)
     if sparse:
         config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
@@ -62,7 +72,7 @@ def build(onnx_path, engine_path, fp16, int8, sparse, max_batch):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("--onnx", default=str(HERE / "model.onnx"))
+    ap.add_argument("--onnx", default=None, help="default: model_fp16.onnx (FP16), else model.onnx")
     ap.add_argument("--engine", default=str(HERE / "model.engine"))
     ap.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=DEFAULTS["fp16"])
     ap.add_argument("--int8", action=argparse.BooleanOptionalAction, default=DEFAULTS["int8"])
@@ -84,6 +94,7 @@ def write_tensorrt(result: Any, out: str | Path, options: dict[str, Any] | None 
     with atomic_path(out) as tmp:
         tmp.mkdir()
         onnx_report = export_onnx(result, tmp / "model.onnx", options.get("opset") or DEFAULT_OPSET)
+        fp16_report = _fp16_onnx(result, tmp / "model.onnx", tmp / "model_fp16.onnx")
         shapes = [list(t.shape) for t in _inputs(result)]
         defaults = {"fp16": True, "int8": int8, "sparse": sparsity is not None,
                     "max_batch": MAX_BATCH, "shapes": shapes}
@@ -92,15 +103,37 @@ def write_tensorrt(result: Any, out: str | Path, options: dict[str, Any] | None 
         (tmp / "trtexec.txt").write_text(command + "\n")
         engine, reason = _maybe_build(tmp)
     report = {"target": "tensorrt", "artifact": str(out), "onnx": onnx_report,
-              "files": ["model.onnx", "build_engine.py", "trtexec.txt"] + (["model.engine"] if engine else []),
+              "files": ["model.onnx", "model_fp16.onnx", "build_engine.py", "trtexec.txt"]
+              + (["model.engine"] if engine else []), "fp16_onnx": fp16_report,
               "trtexec": command, "precision": "int8" if int8 else "fp16", "sparsity": sparsity,
               "engine": str(out / "model.engine") if engine else None, "engine_bytes": engine}
     if reason:
         report["reason"] = reason
     if int8:
         report["int8_note"] = ("no calibration data or dynamic ranges are passed to TensorRT: layers without INT8 "
-                              "scales may stay FP16; the engine is for timing, not accuracy")
+                              "scales may stay FP16; the engine is for timing, not accuracy; TensorRT 10 only "
+                              "(TensorRT 11 builds INT8 only from Q/DQ nodes)")
     return report
+
+
+def _fp16_onnx(result: Any, fp32: Path, out: Path) -> dict[str, Any]:
+    """model_fp16.onnx: ``fp32``'s float weights and activations in FP16, inputs and outputs FP32 (what a strongly
+    typed FP16 engine is built from), and its error against torch in onnxruntime (FP16's own error, reported;
+    ``checked: false`` where onnxruntime's CPU kernels lack an FP16 op)."""
+    import onnx
+    try:
+        from onnxconverter_common import float16
+    except ImportError as err:
+        raise MissingDependency("onnxconverter_common", "onnx") from err
+    onnx.save(float16.convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True), str(out))
+    args, kwargs = tuple(result.example_inputs), dict(result.example_kwargs)
+    try:
+        abs_err, rel_err = _compare(result, out, args, kwargs)
+    except Exception as err:  # noqa: BLE001 - onnxruntime CPU has no FP16 kernel for some ops; TensorRT does
+        return {"bytes": out.stat().st_size, "checked": False,
+                "reason": f"onnxruntime could not run it: {type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+    return {"bytes": out.stat().st_size, "checked": True, "runtime": "onnxruntime CPU", "max_abs_err": abs_err,
+            "rel_err": rel_err}
 
 
 def _inputs(result: Any) -> list[Any]:
@@ -111,14 +144,15 @@ def _inputs(result: Any) -> list[Any]:
 
 
 def _trtexec(out: Path, inputs: dict[str, list[Any]], shapes: list[list[int]], int8: bool, sparse: bool) -> str:
-    """The trtexec line equivalent to build_engine.py (shape ranges for each dynamic input)."""
-    parts = [f"trtexec --onnx={out / 'model.onnx'} --saveEngine={out / 'model.engine'} --fp16"]
+    """The trtexec line equivalent to build_engine.py (shape ranges for each dynamic input): FP16 strongly typed
+    from model_fp16.onnx (TensorRT 10 and 11), or INT8 with TensorRT 10's precision flags."""
+    precision = "--fp16 --int8" if int8 else "--stronglyTyped"
+    parts = [f"trtexec --onnx={out / ('model.onnx' if int8 else 'model_fp16.onnx')} "
+             f"--saveEngine={out / 'model.engine'} {precision}"]
     dynamic = [(n, s) for (n, dims), s in zip(inputs.items(), shapes) if any(isinstance(d, str) for d in dims)]
     if dynamic:
         fmt = lambda batch: ",".join(f"{n}:{'x'.join(map(str, [batch, *s[1:]]))}" for n, s in dynamic)  # noqa: E731
         parts.append(f"--minShapes={fmt(1)} --optShapes={fmt(dynamic[0][1][0])} --maxShapes={fmt(MAX_BATCH)}")
-    if int8:
-        parts.append("--int8")
     if sparse:
         parts.append("--sparsity=enable")
     return " ".join(parts)

@@ -73,6 +73,10 @@ def artifact_lines(artifact: dict[str, Any]) -> list[str]:
     lines = []
     if "runtime" in artifact and "max_abs_err" in artifact:
         lines.append(f"runtime {artifact['runtime']}: max abs err vs torch {artifact['max_abs_err']:.3g}")
+    fp16 = artifact.get("fp16_onnx")
+    if fp16:
+        lines.append(f"fp16    model_fp16.onnx in onnxruntime: rel err vs torch {fp16['rel_err']:.3g} (FP16's own)"
+                     if fp16.get("checked") else f"fp16    model_fp16.onnx not run here: {fp16.get('reason')}")
     if "engine" in artifact and not artifact["engine"]:
         lines.append(f"engine  not built: {artifact.get('reason', 'unknown reason')}")
     if "prediction" in artifact:

@@ -128,15 +128,96 @@ def test_tensorrt_writes_folder_and_no_engine_here(convbn, tmp_path: Path) -> No
     out = tmp_path / "trt"
     with _fresh(convbn) as result:
         rep = BACKENDS["tensorrt"](result, out, {"sparsity": "2:4", "sparsity_method": "wanda"})
-    assert sorted(p.name for p in out.iterdir()) == ["build_engine.py", "model.onnx", "trtexec.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["build_engine.py", "model.onnx", "model_fp16.onnx",
+                                                     "trtexec.txt"]
     if not torch.cuda.is_available():
         assert rep["engine"] is None and "wrote ONNX + build_engine.py + trtexec command" in rep["reason"]
     line = (out / "trtexec.txt").read_text().strip()
     assert line == rep["trtexec"]
-    assert line.startswith(f"trtexec --onnx={out / 'model.onnx'} --saveEngine={out / 'model.engine'} --fp16")
+    # FP16 strongly typed from the FP16 ONNX: TensorRT 11 removed --fp16 and the FP16 builder flag
+    assert line.startswith(f"trtexec --onnx={out / 'model_fp16.onnx'} --saveEngine={out / 'model.engine'} "
+                           "--stronglyTyped")
     assert "--sparsity=enable" in line and "--minShapes=" in line
     compile(Path(out / "build_engine.py").read_text(), "build_engine.py", "exec")
     assert "SPARSE_WEIGHTS" in (out / "build_engine.py").read_text()
+    import onnx
+    half = onnx.load(str(out / "model_fp16.onnx"))
+    assert {i.type.tensor_type.elem_type for i in half.graph.input} == {onnx.TensorProto.FLOAT}   # FP32 inputs
+    assert onnx.TensorProto.FLOAT16 in {t.data_type for t in half.graph.initializer}
+    fp16 = rep["fp16_onnx"]
+    assert fp16["checked"] and 0 < fp16["rel_err"] < 1e-2   # run in onnxruntime: FP16's own error, not a bug's
+
+
+def test_tensorrt_build_script_builds_fp16_strongly_typed_on_tensorrt_10_and_11(convbn, tmp_path: Path,
+                                                                                  monkeypatch) -> None:
+    """build_engine.py against the API of TensorRT 10 (FP16/INT8 builder flags) and 11 (none): FP16 builds the
+    FP16 ONNX strongly typed on both; --int8 uses the flags on 10 and is refused on 11 with a reason.
+    (A recording stand-in for the tensorrt module: no TensorRT or GPU here; the real build runs on a GPU host.)"""
+    import runpy
+    import sys
+    import types
+    out = tmp_path / "trt"
+    with _fresh(convbn) as result:
+        BACKENDS["tensorrt"](result, out, {})
+    for version in ("10.13.0", "11.5.0"):
+        calls: list = []
+        trt = types.ModuleType("tensorrt")
+        trt.__version__ = version
+        flags = ["SPARSE_WEIGHTS"] + (["FP16", "INT8"] if version.startswith("10") else [])
+        trt.BuilderFlag = types.SimpleNamespace(**{f: f for f in flags})
+        trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=1)
+        trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+
+        class Network:
+            num_inputs = 0
+
+        class Parser:
+            num_errors = 0
+
+            def __init__(self, network, logger):
+                pass
+
+            def parse_from_file(self, path):
+                calls.append(("parse", Path(path).name))
+                return True
+
+        class Config:
+            def set_flag(self, flag):
+                calls.append(("flag", flag))
+
+            def add_optimization_profile(self, profile):
+                pass
+
+        class Builder:
+            def __init__(self, logger):
+                pass
+
+            def create_network(self, flags):
+                calls.append(("network", flags))
+                return Network()
+
+            def create_builder_config(self):
+                return Config()
+
+            def create_optimization_profile(self):
+                return None
+
+            def build_serialized_network(self, network, config):
+                return b"engine"
+
+        trt.Builder, trt.OnnxParser = Builder, Parser
+        monkeypatch.setitem(sys.modules, "tensorrt", trt)
+        for argv, expect in ((["--no-sparse"], [("network", 2), ("parse", "model_fp16.onnx")]),
+                             (["--int8"], [("network", 0), ("parse", "model.onnx"), ("flag", "FP16"),
+                                           ("flag", "INT8")])):
+            calls.clear()
+            monkeypatch.setattr(sys, "argv", ["build_engine.py", "--engine", str(tmp_path / "e.engine"), *argv])
+            if argv == ["--int8"] and version.startswith("11"):
+                with pytest.raises(SystemExit, match="builds INT8 only from Q/DQ nodes"):
+                    runpy.run_path(str(out / "build_engine.py"), run_name="__main__")
+                continue
+            runpy.run_path(str(out / "build_engine.py"), run_name="__main__")
+            assert calls == expect, (version, argv)
 
 
 def test_coreml_package_spec(convbn, tmp_path: Path) -> None:
