@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -39,6 +39,8 @@ class DynamicProgram:
     spec: Spec
     inputs: tuple[Any, ...]
     kwargs: dict[str, Any]
+    # the check at other batch sizes: {"batch_sizes", "rel_err", "against"} (for the report's verify entry)
+    checked: dict[str, Any] = field(default_factory=dict)
 
 
 def _tensor_dims(t: Any, text: bool) -> dict[int, Any] | None:
@@ -147,7 +149,9 @@ def replay(model: torch.nn.Module, plan: Plan, static: torch.nn.Module, inputs: 
         _, rel = compare(dynamic(*inputs, **kwargs), static(*inputs, **kwargs))
     if not rel <= TOL:
         raise ValueError(f"on the example the dynamic program differs from the static one (rel. err {rel:.3g})")
-    return DynamicProgram(dynamic, coupling, spec, wide_args, wide_kwargs)
+    return DynamicProgram(dynamic, coupling, spec, wide_args, wide_kwargs,
+                          {"batch_sizes": check.batch_sizes, "rel_err": check.rel_err,
+                           "against": "the reference with the removed units zeroed"})
 
 
 def _exportable(program: torch.nn.Module, n_args: int, names: list[str], consts: dict[str, Any]) -> torch.nn.Module:
@@ -223,4 +227,8 @@ def export_synced(module: torch.nn.Module, static: torch.nn.Module, inputs: tupl
     if not (rel_example <= TOL and rel_double <= TOL):
         raise ValueError(f"the pruned module traced with a symbolic batch differs from the verified program "
                          f"(rel. err {max(rel_example, rel_double):.3g})")
-    return DynamicProgram(dynamic, coupling, spec, wide_args, wide_kwargs)
+    sizes = sorted({int(t.shape[0]) for t in pytree.tree_leaves((args2, kwargs2))
+                    if isinstance(t, torch.Tensor) and t.dim()})
+    return DynamicProgram(dynamic, coupling, spec, wide_args, wide_kwargs,
+                          {"batch_sizes": sizes[-1:], "rel_err": rel_double,
+                           "against": "the verified static program, run half by half"})

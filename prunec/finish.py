@@ -133,7 +133,16 @@ def make_dynamic(result: CompileResult, model: nn.Module, spec: Any = None) -> N
         result.model = dyn.program
     result.program, result.dynamic = dyn.program, dyn
     result.report["dynamic"] = {"dynamic": True, "dims": describe_spec(dyn.spec, result.example_inputs,
-                                                                       result.example_kwargs)}
+                                                                       result.example_kwargs), **dyn.checked}
+    if verified and dyn.checked.get("batch_sizes"):   # the static trace could not run these: the dynamic one did
+        new = [b for b in dyn.checked["batch_sizes"] if b not in verified.get("batch_sizes", [])]
+        verified["batch_sizes"] = sorted({*verified.get("batch_sizes", []), *new})
+        verified["notes"] = [n for n in verified.get("notes", [])
+                             if not any(n.startswith(f"batch {b} not checked") for b in new)]
+        if new:
+            verified["rel_err"] = max(verified.get("rel_err", 0.0), dyn.checked["rel_err"])
+            verified["notes"].append(f"batch {'/'.join(map(str, new))} checked on the batch-dynamic program against "
+                                     f"{dyn.checked['against']}: rel err {dyn.checked['rel_err']:.3g}")
 
 
 def finish_compile(model: nn.Module, program: Program, coupling: Coupling, plan: Plan,

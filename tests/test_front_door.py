@@ -55,6 +55,33 @@ def test_api_result_and_program_take_any_batch() -> None:
     assert result.export().module()(batch).shape == (3, 10)
 
 
+def test_verify_entry_counts_the_batch_the_dynamic_program_checked() -> None:
+    """A static trace pinned to batch 1 (a class token expanded to the traced batch) can't be checked at batch 2;
+    the batch-dynamic program is, and the report's verify entry says so instead of "batch 2 not checked"."""
+    class ClassToken(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+            self.cls = torch.nn.Parameter(torch.randn(1, 1, 16))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.cat([self.cls.expand(x.shape[0], -1, -1), self.fc1(x)], 1)
+            return self.fc2(h.relu()).mean(1)
+
+    torch.manual_seed(0)
+    model, x = ClassToken().eval(), torch.randn(1, 5, 8)
+    pinned = prunec.compile(model, x, channels=0.5, round_to=1, static=True).report["verify"]
+    assert pinned["batch_sizes"] == [1] and pinned["notes"] == [
+        "batch 2 not checked: the traced program only runs at batch 1 (RuntimeError)"]
+    result = prunec.compile(model, x, channels=0.5, round_to=1)
+    verified, dynamic = result.report["verify"], result.report["dynamic"]
+    assert verified["passed"] and verified["batch_sizes"] == [1, 2] and dynamic["batch_sizes"] == [2]
+    assert len(verified["notes"]) == 1 and verified["notes"][0].startswith(
+        "batch 2 checked on the batch-dynamic program against the verified static program")
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(torch.cat([x, x])), torch.cat([result.model(x)] * 2))
+
+
 def test_unsynced_program_is_dynamic_too() -> None:
     class HardSplit(torch.nn.Module):  # a forward with hard-coded split sizes: the class can't follow
         def __init__(self) -> None:

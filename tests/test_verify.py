@@ -47,7 +47,7 @@ def test_second_batch_size_is_checked() -> None:
     model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 4, 3)).eval()
     result = prunec.compile(model, torch.randn(2, 3, 12, 12), channels=0.5, round_to=1)
     assert_verified(result)
-    assert result.report["verify"]["batch_sizes"] == [2, 3]
+    assert result.report["verify"]["batch_sizes"] == [2, 3, 4]   # 2 and 3 statically, 3 and 4 on the dynamic program
 
 
 def test_rewrite_that_bakes_the_batch_size_is_an_internal_error(monkeypatch) -> None:
