@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import sys
 import time
 from contextlib import nullcontext
@@ -300,6 +301,9 @@ def _methods(args: argparse.Namespace) -> tuple[str, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # torchao (imported by transformers and executorch when installed) registers enums with pytree, and torch
+    # logs a deprecation warning for each on stderr: noise about those libraries' internals, not about the model
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     try:
         if argv and argv[0] in COMMANDS:
             return COMMANDS[argv[0]](argv[1:])
