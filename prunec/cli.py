@@ -173,6 +173,8 @@ def _run_compile(args: argparse.Namespace) -> int:
                                     inplace=inplace)  # the original is no teacher: share what stays whole
         except TraceError as err:
             raise (refused(err, no_parts, out) if no_parts else err) from None
+        if loaded.extra.get("note"):
+            result.report["notes"].append(loaded.extra["note"])
         if isinstance(result, PartsResult):
             return write_parts(args, loaded, result, out, time.perf_counter() - started, status)
         check_whole_output(out, loaded.name)

@@ -247,9 +247,32 @@ def _pickle(path: Path, shape: tuple[int, ...] | None, trust_pickle: bool) -> Lo
         kind = "a state dict" if isinstance(obj, dict) else type(obj).__name__
         raise InputError(f"{path} holds {kind}, not a model",
                          "give the architecture as MODEL (e.g. torchvision:resnet50) and the file as --weights")
+    extra = {}
     if shape is None:
-        raise InputError(f"{path} does not record its input shape", "pass --input-shape, e.g. 1,3,224,224")
-    return Loaded(obj.eval(), (example_image(model=obj, shape=shape),), path.stem)
+        shape, source = declared_input_shape(obj)
+        if shape is None:
+            raise InputError(f"{path} does not record its input shape", "pass --input-shape, e.g. 1,3,224,224")
+        extra["note"] = f"input shape {','.join(map(str, shape))} from the model's {source} (--input-shape sets another)"
+    return Loaded(obj.eval(), (example_image(model=obj, shape=shape),), path.stem, extra=extra)
+
+
+def declared_input_shape(model: torch.nn.Module) -> tuple[tuple[int, ...] | None, str]:
+    """A batch-1 image shape the model declares, and where: timm's ``pretrained_cfg["input_size"]``, or a
+    Hugging Face vision config's ``num_channels`` and ``image_size``; (None, "") when it declares none."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if isinstance(cfg, dict) and len(cfg.get("input_size") or ()) == 3:
+        shape = (1, *(int(d) for d in cfg["input_size"]))
+        built = getattr(getattr(model, "patch_embed", None), "img_size", None)   # a ViT built at another size
+        if isinstance(built, (list, tuple)) and len(built) == 2 and tuple(built) != shape[2:]:
+            return (*shape[:2], int(built[0]), int(built[1])), "timm patch_embed.img_size"
+        return shape, "timm pretrained_cfg"
+    config = getattr(model, "config", None)
+    size, channels = getattr(config, "image_size", None), getattr(config, "num_channels", None)
+    if isinstance(channels, int) and isinstance(size, int):
+        size = (size, size)
+    if isinstance(channels, int) and isinstance(size, (list, tuple)) and len(size) == 2:
+        return (1, channels, int(size[0]), int(size[1])), "config (num_channels, image_size)"
+    return None, ""
 
 
 def _model_file(path: Path, shape: tuple[int, ...] | None, trust_pickle: bool) -> Loaded:

@@ -97,6 +97,23 @@ def test_trust_pickle_loads_module(files: dict[str, Path], tmp_path: Path) -> No
     assert code == 0 and out.exists()
 
 
+def test_pickled_timm_model_needs_no_input_shape(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The mission's command on a torch.save'd timm model: the input shape comes from the size it was built at
+    (patch_embed.img_size, here not its pretrained_cfg's 224), and the report says so; a pickled module that
+    declares none still asks for --input-shape."""
+    timm = pytest.importorskip("timm")
+    src, out = tmp_path / "model.pt", tmp_path / "m.pt2"
+    torch.save(timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=16, depth=1).eval(), src)
+    assert main([str(src), "--trust-pickle", "--heads", "0.34", "-o", str(out)]) == 0 and out.exists()
+    printed = capsys.readouterr().out
+    assert "note    input shape 1,3,32,32 from the model's timm patch_embed.img_size (--input-shape sets another)" \
+        in printed
+    bare = tmp_path / "bare.pt"
+    torch.save(torch.nn.Sequential(torch.nn.Linear(4, 8)), bare)
+    assert main([str(bare), "--trust-pickle", "-o", str(tmp_path / "b.pt2")]) == 2
+    assert "does not record its input shape" in capsys.readouterr().err
+
+
 def test_zoo_with_weights_file(files: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "w.pt2"
     assert main(["zoo:convbn", "--weights", str(files["state"]), "-o", str(out)]) == 0
