@@ -20,6 +20,7 @@ from prunec.errors import BackendError, InternalError, MissingDependency
 
 DEFAULT_OPSET = 18
 REL_TOL = 1e-3
+BIG_ONNX = 1_900_000_000   # bytes: past this, weights go to external data (protobuf's limit is 2 GB)
 
 
 @register_backend("onnx", ".onnx")
@@ -49,10 +50,10 @@ def export_onnx(result: Any, path: Path, opset: int = DEFAULT_OPSET) -> dict[str
     notes.append(_cleanup(path))
     onnx.checker.check_model(str(path))
     model = onnx.load(str(path), load_external_data=False)
-    abs_err, rel_err = _compare(result, path, args, kwargs)
+    abs_err, rel_err = compare_with_torch(result, path, args, kwargs)
     if dynamic:  # the flexible axes must really work: run another batch size in onnxruntime too
         args3, kwargs3 = pytree.tree_map(_other_batch, (args, kwargs))
-        abs3, rel3 = _compare(result, path, args3, kwargs3)
+        abs3, rel3 = compare_with_torch(result, path, args3, kwargs3)
         abs_err, rel_err = max(abs_err, abs3), max(rel_err, rel3)
     report = {"target": "onnx", "exporter": exporter, "opset": _opset(model),
               "inputs": _io_shapes(model.graph.input), "outputs": _io_shapes(model.graph.output),
@@ -152,12 +153,12 @@ def _cleanup(path: Path) -> str:
     graph = gs.import_onnx(onnx.load(str(path)))
     graph.fold_constants().cleanup().toposort()
     model = gs.export_onnx(graph)
-    big = model.ByteSize() > 1_900_000_000
+    big = model.ByteSize() > BIG_ONNX
     onnx.save(model, str(path), save_as_external_data=big)
     return ""
 
 
-def _compare(result: Any, path: Path, args: tuple, kwargs: dict) -> tuple[float, float]:
+def compare_with_torch(result: Any, path: Path, args: tuple, kwargs: dict) -> tuple[float, float]:
     import onnxruntime as ort
 
     from prunec.verify import compare

@@ -16,9 +16,9 @@ from typing import Any
 
 from prunec.atomic import atomic_path
 from prunec.backends import register_backend
-from prunec.backends.onnx_backend import DEFAULT_OPSET, _compare, export_onnx
-from prunec.errors import MissingDependency
+from prunec.backends.onnx_backend import BIG_ONNX, DEFAULT_OPSET, compare_with_torch, export_onnx
 from prunec.backends.sparsity import apply_from_options
+from prunec.errors import MissingDependency
 
 MAX_BATCH = 32
 
@@ -38,20 +38,25 @@ DEFAULTS = json.loads({defaults!r})
 
 
 def build(onnx_path, engine_path, fp16, int8, sparse, max_batch):
-    if int8 and not hasattr(trt.BuilderFlag, "INT8"):
-        raise SystemExit(f"TensorRT {{trt.__version__}} builds INT8 only from Q/DQ nodes (explicit quantization, "
-                         "e.g. NVIDIA ModelOpt): --int8 here needs TensorRT 10; drop --int8 for FP16")
-    onnx_path = onnx_path or HERE / ("model_fp16.onnx" if fp16 and not int8 else "model.onnx")
+    fp16_onnx = HERE / "model_fp16.onnx"
+    # TensorRT 10's precision flags (weak typing) for INT8, or FP16 without model_fp16.onnx; else strongly typed:
+    # the ONNX's own precision, the only mode in TensorRT 11
+    weak = int8 or (fp16 and not fp16_onnx.exists())
+    if weak and not hasattr(trt.BuilderFlag, "FP16"):
+        raise SystemExit(f"TensorRT {{trt.__version__}} has no precision flags: " + (
+            "INT8 needs Q/DQ nodes (explicit quantization, e.g. NVIDIA ModelOpt); drop --int8 for FP16" if int8
+            else "FP16 needs model_fp16.onnx, which prunec did not write (see its report)"))
+    onnx_path = onnx_path or (fp16_onnx if fp16 and not weak else HERE / "model.onnx")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    # strongly typed: the ONNX's own precision (the only mode in TensorRT 11); INT8 needs TensorRT 10's weak typing
-    network = builder.create_network(0 if int8 else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    network = builder.create_network(0 if weak else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         raise SystemExit("\\n".join(str(parser.get_error(i)) for i in range(parser.num_errors)))
     config = builder.create_builder_config()
-    if int8:
+    if weak and fp16:
         config.set_flag(trt.BuilderFlag.FP16)
+    if int8:
         config.set_flag(trt.BuilderFlag.INT8)
     if sparse:
         config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
@@ -99,12 +104,12 @@ def write_tensorrt(result: Any, out: str | Path, options: dict[str, Any] | None 
         defaults = {"fp16": True, "int8": int8, "sparse": sparsity is not None,
                     "max_batch": MAX_BATCH, "shapes": shapes}
         (tmp / "build_engine.py").write_text(BUILD_ENGINE.format(defaults=json.dumps(defaults)))
-        command = _trtexec(out, onnx_report["inputs"], shapes, int8, sparsity is not None)
+        command = _trtexec(out, onnx_report["inputs"], shapes, int8, sparsity is not None, fp16_report["written"])
         (tmp / "trtexec.txt").write_text(command + "\n")
         engine, reason = _maybe_build(tmp)
     report = {"target": "tensorrt", "artifact": str(out), "onnx": onnx_report,
-              "files": ["model.onnx", "model_fp16.onnx", "build_engine.py", "trtexec.txt"]
-              + (["model.engine"] if engine else []), "fp16_onnx": fp16_report,
+              "files": ["model.onnx"] + (["model_fp16.onnx"] if fp16_report["written"] else [])
+              + ["build_engine.py", "trtexec.txt"] + (["model.engine"] if engine else []), "fp16_onnx": fp16_report,
               "trtexec": command, "precision": "int8" if int8 else "fp16", "sparsity": sparsity,
               "engine": str(out / "model.engine") if engine else None, "engine_bytes": engine}
     if reason:
@@ -117,22 +122,30 @@ def write_tensorrt(result: Any, out: str | Path, options: dict[str, Any] | None 
 
 
 def _fp16_onnx(result: Any, fp32: Path, out: Path) -> dict[str, Any]:
-    """model_fp16.onnx: ``fp32``'s float weights and activations in FP16, inputs and outputs FP32 (what a strongly
-    typed FP16 engine is built from), and its error against torch in onnxruntime (FP16's own error, reported;
-    ``checked: false`` where onnxruntime's CPU kernels lack an FP16 op)."""
+    """model_fp16.onnx (FP16 weights and activations, FP32 inputs and outputs) for a strongly typed engine, and
+    its error against torch in onnxruntime; ``written: false`` with the reason where the conversion fails (the
+    FP16 engine then needs TensorRT 10's flag), ``checked: false`` where onnxruntime lacks an FP16 kernel."""
     import onnx
     try:
         from onnxconverter_common import float16
     except ImportError as err:
         raise MissingDependency("onnxconverter_common", "onnx") from err
-    onnx.save(float16.convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True), str(out))
+    try:
+        model = onnx.load(str(fp32))
+        big = model.ByteSize() > BIG_ONNX   # shape inference serialises the model: not past protobuf's 2 GB
+        half = float16.convert_float_to_float16(model, keep_io_types=True, max_finite_val=65504.0,
+                                                disable_shape_infer=big)
+        onnx.save(half, str(out), save_as_external_data=half.ByteSize() > BIG_ONNX)
+    except Exception as err:  # noqa: BLE001 - the FP32 folder stays usable on TensorRT 10
+        out.unlink(missing_ok=True)
+        return {"written": False, "reason": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
     args, kwargs = tuple(result.example_inputs), dict(result.example_kwargs)
     try:
-        abs_err, rel_err = _compare(result, out, args, kwargs)
+        abs_err, rel_err = compare_with_torch(result, out, args, kwargs)
     except Exception as err:  # noqa: BLE001 - onnxruntime CPU has no FP16 kernel for some ops; TensorRT does
-        return {"bytes": out.stat().st_size, "checked": False,
+        return {"written": True, "checked": False,
                 "reason": f"onnxruntime could not run it: {type(err).__name__}: {str(err).splitlines()[0][:200]}"}
-    return {"bytes": out.stat().st_size, "checked": True, "runtime": "onnxruntime CPU", "max_abs_err": abs_err,
+    return {"written": True, "checked": True, "runtime": "onnxruntime CPU", "max_abs_err": abs_err,
             "rel_err": rel_err}
 
 
@@ -143,11 +156,13 @@ def _inputs(result: Any) -> list[Any]:
             if isinstance(t, torch.Tensor)]
 
 
-def _trtexec(out: Path, inputs: dict[str, list[Any]], shapes: list[list[int]], int8: bool, sparse: bool) -> str:
+def _trtexec(out: Path, inputs: dict[str, list[Any]], shapes: list[list[int]], int8: bool, sparse: bool,
+             fp16_onnx: bool) -> str:
     """The trtexec line equivalent to build_engine.py (shape ranges for each dynamic input): FP16 strongly typed
-    from model_fp16.onnx (TensorRT 10 and 11), or INT8 with TensorRT 10's precision flags."""
-    precision = "--fp16 --int8" if int8 else "--stronglyTyped"
-    parts = [f"trtexec --onnx={out / ('model.onnx' if int8 else 'model_fp16.onnx')} "
+    from model_fp16.onnx (TensorRT 10 and 11), else TensorRT 10's precision flags on model.onnx."""
+    strong = fp16_onnx and not int8
+    precision = "--stronglyTyped" if strong else "--fp16" + (" --int8" if int8 else "")
+    parts = [f"trtexec --onnx={out / ('model_fp16.onnx' if strong else 'model.onnx')} "
              f"--saveEngine={out / 'model.engine'} {precision}"]
     dynamic = [(n, s) for (n, dims), s in zip(inputs.items(), shapes) if any(isinstance(d, str) for d in dims)]
     if dynamic:

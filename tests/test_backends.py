@@ -207,17 +207,49 @@ def test_tensorrt_build_script_builds_fp16_strongly_typed_on_tensorrt_10_and_11(
 
         trt.Builder, trt.OnnxParser = Builder, Parser
         monkeypatch.setitem(sys.modules, "tensorrt", trt)
+        weak_fp16 = [("network", 0), ("parse", "model.onnx"), ("flag", "FP16")]
         for argv, expect in ((["--no-sparse"], [("network", 2), ("parse", "model_fp16.onnx")]),
-                             (["--int8"], [("network", 0), ("parse", "model.onnx"), ("flag", "FP16"),
-                                           ("flag", "INT8")])):
+                             (["--int8"], weak_fp16 + [("flag", "INT8")]),
+                             (["--no-fp16"], [("network", 2), ("parse", "model.onnx")]),
+                             (["--no-sparse", "no model_fp16.onnx"], weak_fp16)):
             calls.clear()
-            monkeypatch.setattr(sys, "argv", ["build_engine.py", "--engine", str(tmp_path / "e.engine"), *argv])
-            if argv == ["--int8"] and version.startswith("11"):
-                with pytest.raises(SystemExit, match="builds INT8 only from Q/DQ nodes"):
+            if "no model_fp16.onnx" in argv:   # the conversion failed at compile time (see the next test)
+                (out / "model_fp16.onnx").rename(tmp_path / "aside.onnx")
+            monkeypatch.setattr(sys, "argv", ["build_engine.py", "--engine", str(tmp_path / "e.engine"),
+                                              *[a for a in argv if a.startswith("--")]])
+            if expect[0] == ("network", 0) and version.startswith("11"):   # no precision flags on 11
+                with pytest.raises(SystemExit, match="INT8 needs Q/DQ nodes" if "--int8" in argv
+                                   else "FP16 needs model_fp16.onnx"):
                     runpy.run_path(str(out / "build_engine.py"), run_name="__main__")
-                continue
-            runpy.run_path(str(out / "build_engine.py"), run_name="__main__")
-            assert calls == expect, (version, argv)
+            else:
+                runpy.run_path(str(out / "build_engine.py"), run_name="__main__")
+                assert calls == expect, (version, argv)
+            if "no model_fp16.onnx" in argv:
+                (tmp_path / "aside.onnx").rename(out / "model_fp16.onnx")
+
+
+def test_tensorrt_folder_without_fp16_onnx_falls_back_to_the_fp16_flag(convbn, tmp_path: Path,
+                                                                      monkeypatch, capsys) -> None:
+    """If the FP16 conversion fails, the folder is still written (model.onnx, the --fp16 trtexec line for
+    TensorRT 10) and the report and the CLI line say why model_fp16.onnx is missing."""
+    from onnxconverter_common import float16
+
+    from prunec.cli_report import fp16_lines
+
+    def fail(*a, **k):
+        raise ValueError("a graph the converter can't type")
+    monkeypatch.setattr(float16, "convert_float_to_float16", fail)
+    out = tmp_path / "trt"
+    with _fresh(convbn) as result:
+        rep = BACKENDS["tensorrt"](result, out, {})
+    assert sorted(p.name for p in out.iterdir()) == ["build_engine.py", "model.onnx", "trtexec.txt"]
+    assert rep["fp16_onnx"] == {"written": False, "reason": "ValueError: a graph the converter can't type"}
+    assert rep["trtexec"].startswith(f"trtexec --onnx={out / 'model.onnx'} --saveEngine={out / 'model.engine'} "
+                                     "--fp16")
+    assert fp16_lines(rep["fp16_onnx"]) == ["fp16    model_fp16.onnx not written (ValueError: a graph the converter "
+                                            "can't type): FP16 engines need TensorRT 10's flag"]
+    assert "check accuracy before deploying" in fp16_lines({"written": True, "checked": True,
+                                                            "rel_err": float("nan")})[0]
 
 
 def test_coreml_package_spec(convbn, tmp_path: Path) -> None:
