@@ -116,6 +116,8 @@ def secant_next(tried: list[tuple[float, float]], want: float, ends: tuple[tuple
     a = max(below, key=lambda t: t[0] if k1 > k0 else -t[0], default=(k0, v0))
     b = min(above, key=lambda t: t[0] if k1 > k0 else -t[0], default=(k1, v1))
     if (b[0] - a[0]) * (k1 - k0) <= 0:   # timing noise: not monotone here; bisect the nearest two
+        if len(tried) < 2:   # the goal lies past the knob's end
+            return None
         a, b = sorted(sorted(tried, key=lambda t: abs(t[1] - want))[:2], key=lambda t: t[0] * (1 if k1 > k0 else -1))
     nxt = a[0] + (b[0] - a[0]) * (want - a[1]) / (b[1] - a[1] if abs(b[1] - a[1]) > 1e-9 else 1e-9)
     lo, hi = sorted((a[0] + 0.1 * (b[0] - a[0]), b[0] - 0.1 * (b[0] - a[0])))
@@ -137,7 +139,9 @@ def search(make, dense_macs: int, target: float, iters: int, knob: str = "ratio"
             if knob != "goal":
                 raise
             ends = ((mid, 0.0), ends[1])
-            mid = (mid + ends[1][0]) / 2
+            mid = secant_next(tried, target, ends) if tried else (mid + ends[1][0]) / 2
+            if mid is None:
+                break
             continue
         m = model.model if hasattr(model, "model") else model
         mr = old.macs_of(m) / dense_macs

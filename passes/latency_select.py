@@ -240,8 +240,8 @@ class LatencySelect(Pass):
             if self.target[0] == "ms":  # an absolute target: aim at it under this run's load
                 goal = target_ms / ms["dense"]
             tries.append({"predicted_ms": pred, "aim_ms": aim, "measured_ratio": ratio, "goal": goal})
-            if best is None or abs(ratio - goal) < abs(best[2] - goal):
-                best = (widths, pred, ratio)
+            if best is None or abs(ratio - goal) < abs(best[2] - best[3]):
+                best = (widths, pred, ratio, goal)
             if abs(ratio / goal - 1) <= 0.05 or len(tries) > self.refine:
                 break
             aim = next_aim(tries, target_ms, table.dense_ms)
@@ -250,11 +250,11 @@ class LatencySelect(Pass):
             except InputError:
                 break  # the re-aimed target is beyond reach: keep the closest allocation
         info["refine"] = tries
-        if abs(best[2] / goal - 1) > 0.10:   # the issue's ±10 %: say so, the result is still the closest one
+        if abs(best[2] / best[3] - 1) > 0.10:   # the issue's ±10 %: say so, the result is still the closest one
             state.notes.append(f"latency_select: target missed: measured {best[2]:.2f} of dense for a goal of "
-                               f"{goal:.2f} after {len(tries)} allocation(s); the closest is kept (timing noise, or a "
-                               f"table that predicts this model poorly: the report's latency_select.refine lists "
-                               f"each try)")
+                               f"{best[3]:.2f} after {len(tries)} allocation(s); the closest is kept (timing "
+                               f"noise, or a table that predicts this model poorly: the report's "
+                               f"latency_select.refine lists each try)")
         return best[0], best[1]
 
     @staticmethod

@@ -174,7 +174,7 @@ def _run_compile(args: argparse.Namespace) -> int:
         except TraceError as err:
             raise (refused(err, no_parts, out) if no_parts else err) from None
         if loaded.extra.get("note"):
-            result.report["notes"].append(loaded.extra["note"])
+            result.report.setdefault("notes", []).append(loaded.extra["note"])
         if isinstance(result, PartsResult):
             return write_parts(args, loaded, result, out, time.perf_counter() - started, status)
         check_whole_output(out, loaded.name)

@@ -195,11 +195,17 @@ def describe_spec(spec: Spec, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -
     return {n: sorted(s) for n, s in zip(names, spec) if isinstance(s, dict) and s}
 
 
-def _twice(static: torch.nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any], spec: Spec) -> tuple[Any, Any]:
-    """Inputs at twice the example batch, and the static program's output on them, half by half."""
+def _twice(static: torch.nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any], spec: Spec
+           ) -> tuple[Any, Any, int | None]:
+    """Inputs at twice the example batch, the static program's output on them, half by half, and that batch
+    (None when no input has a dynamic batch)."""
+    doubled: list[int] = []
+
     def double(t: Any, dims: Any) -> Any:
-        return torch.cat([t, t.flip(0) + 0.5 * torch.randn_like(t) if t.is_floating_point() else t.flip(0)])\
-            if isinstance(t, torch.Tensor) and isinstance(dims, dict) and 0 in dims else t
+        if not (isinstance(t, torch.Tensor) and isinstance(dims, dict) and 0 in dims):
+            return t
+        doubled.append(2 * t.shape[0])
+        return torch.cat([t, t.flip(0) + 0.5 * torch.randn_like(t) if t.is_floating_point() else t.flip(0)])
     args2, kwargs2 = _map_dims(inputs, kwargs, spec, double)
     halves = []
     for part in (0, 1):
@@ -210,7 +216,7 @@ def _twice(static: torch.nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, A
     flat0, tree = pytree.tree_flatten(halves[0])
     flat1, _ = pytree.tree_flatten(halves[1])
     joined = [torch.cat([x, y]) if isinstance(x, torch.Tensor) and x.dim() else x for x, y in zip(flat0, flat1)]
-    return (args2, kwargs2), pytree.tree_unflatten(joined, tree)
+    return (args2, kwargs2), pytree.tree_unflatten(joined, tree), (doubled[0] if doubled else None)
 
 
 def export_synced(module: torch.nn.Module, static: torch.nn.Module, inputs: tuple[Any, ...],
@@ -220,15 +226,13 @@ def export_synced(module: torch.nn.Module, static: torch.nn.Module, inputs: tupl
     spec, wide_args, wide_kwargs, program, coupling = _symbolic_trace(module, inputs, kwargs, spec,
                                                                       "the pruned module")
     dynamic = ProgramModule(program, copy_graph(program.graph)[0], program.state())
-    (args2, kwargs2), want = _twice(static, inputs, kwargs, spec)
+    (args2, kwargs2), want, batch2 = _twice(static, inputs, kwargs, spec)
     with torch.no_grad():
         _, rel_example = compare(dynamic(*inputs, **kwargs), static(*inputs, **kwargs))
         _, rel_double = compare(dynamic(*args2, **kwargs2), want)
     if not (rel_example <= TOL and rel_double <= TOL):
         raise ValueError(f"the pruned module traced with a symbolic batch differs from the verified program "
                          f"(rel. err {max(rel_example, rel_double):.3g})")
-    sizes = sorted({int(t.shape[0]) for t in pytree.tree_leaves((args2, kwargs2))
-                    if isinstance(t, torch.Tensor) and t.dim()})
-    return DynamicProgram(dynamic, coupling, spec, wide_args, wide_kwargs,
-                          {"batch_sizes": sizes[-1:], "rel_err": rel_double,
-                           "against": "the verified static program, run half by half"})
+    checked = {} if batch2 is None else {"batch_sizes": [batch2], "rel_err": rel_double,
+                                         "against": "the verified static program, run half by half"}
+    return DynamicProgram(dynamic, coupling, spec, wide_args, wide_kwargs, checked)

@@ -134,7 +134,7 @@ def make_dynamic(result: CompileResult, model: nn.Module, spec: Any = None) -> N
     result.program, result.dynamic = dyn.program, dyn
     result.report["dynamic"] = {"dynamic": True, "dims": describe_spec(dyn.spec, result.example_inputs,
                                                                        result.example_kwargs), **dyn.checked}
-    if verified and dyn.checked.get("batch_sizes"):   # the static trace could not run these: the dynamic one did
+    if verified and dyn.checked.get("batch_sizes"):   # the dynamic program's own check counts as verification
         new = [b for b in dyn.checked["batch_sizes"] if b not in verified.get("batch_sizes", [])]
         verified["batch_sizes"] = sorted({*verified.get("batch_sizes", []), *new})
         verified["notes"] = [n for n in verified.get("notes", [])

@@ -187,8 +187,8 @@ class LatencyTable:
         measured (every group cut together to ~50 % and ~25 %; single cuts' savings don't add up, and deep
         cuts save less than their sum on some runtimes), piecewise linear from 0 and monotone, each point
         kept within [0.25, 2]× its prediction; past the deepest cut its last slope, within [¼ of its mean,
-        1] (no unmeasured cut saves more than its ops' sum). Joint cuts at one predicted saving (a coarse
-        grid snaps both to the same widths) count once, at their mean. Without joint cuts: ``raw``."""
+        1] (each predicted ms past the measured cuts saves at most 1 ms). Joint cuts at one predicted saving
+        (a coarse grid snaps both to the same widths) count once, at their mean. Without joint cuts: ``raw``."""
         pts: dict[float, list[float]] = {}
         for p in self.calibration.get("joint", []):
             if p["predicted_saved_ms"] > 1e-9:

@@ -252,7 +252,8 @@ def _pickle(path: Path, shape: tuple[int, ...] | None, trust_pickle: bool) -> Lo
         shape, source = declared_input_shape(obj)
         if shape is None:
             raise InputError(f"{path} does not record its input shape", "pass --input-shape, e.g. 1,3,224,224")
-        extra["note"] = f"input shape {','.join(map(str, shape))} from the model's {source} (--input-shape sets another)"
+        extra["note"] = (f"input shape {','.join(map(str, shape))} from the model's {source} "
+                         "(--input-shape sets another)")
     return Loaded(obj.eval(), (example_image(model=obj, shape=shape),), path.stem, extra=extra)
 
 

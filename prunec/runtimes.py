@@ -229,8 +229,8 @@ def _prepare_tensorrt(module: torch.nn.Module, x: tuple[torch.Tensor, ...], thre
     inputs in FP16, as ``--target tensorrt`` builds by default), buffers kept on the GPU; ``threads`` does not
     apply."""
     import tensorrt as trt
-    dtypes = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32,
-              trt.int64: torch.int64, trt.int8: torch.int8, trt.bool: torch.bool}
+    dtypes = {getattr(trt, name): getattr(torch, name) for name in
+              ("float32", "float16", "bfloat16", "int32", "int64", "int8", "uint8", "bool") if hasattr(trt, name)}
     half = copy.deepcopy(module).eval().to("cuda", torch.float16)
     xs = tuple(t.detach().to("cuda", torch.float16 if t.is_floating_point() else t.dtype) for t in x)
     engine = _trt_engine(half, xs)

@@ -305,3 +305,18 @@ def test_data_driven_criterion_scores_each_part_on_what_it_reads() -> None:
     assert torch.equal(result.model.box.tower.bias, alone.model.tower.bias)
     by_l1 = prunec.compile(model, (x,), channels=0.5, round_to=1)
     assert not torch.equal(by_l1.model.box.tower.bias, alone.model.tower.bias)  # the data chose other units
+
+
+def test_pickled_detector_with_a_declared_shape_is_pruned_in_parts(tmp_path) -> None:
+    """A pickled model that declares its input shape and traces only in parts: the shape note goes into the parts
+    report (it crashed with KeyError: 'notes')."""
+    import json
+
+    from prunec.cli import main
+    model = _tiny_faster_rcnn()
+    model.pretrained_cfg = {"input_size": (3, 64, 64)}
+    src, out, report = tmp_path / "frcnn.pt", tmp_path / "p.pt", tmp_path / "r.json"
+    torch.save(model, src)
+    assert main([str(src), "--trust-pickle", "--channels", "0.3", "-o", str(out), "--report", str(report)]) == 0
+    assert "input shape 1,3,64,64 from the model's timm pretrained_cfg (--input-shape sets another)" in \
+        json.loads(report.read_text())["notes"]
