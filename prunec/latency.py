@@ -269,7 +269,8 @@ def key_fields(program: Program, ops: list[Op], runtime: Runtime, batch: int, th
             "runtime": runtime.name, "runtime_version": runtime.version(), "torch": torch.__version__,
             "machine": f"{platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()} "
                        f"{runtime.device()}".strip(),
-            "batch": batch, "threads": threads, "points": points, "multiple": runtime.multiple,
+            "batch": batch, "threads": 1 if runtime.needs_cuda else threads, "points": points,
+            "multiple": runtime.multiple,
             "op_timing": _op_timing(runtime, op_timing), "version": MODEL_VERSION}
 
 

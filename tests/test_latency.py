@@ -428,6 +428,9 @@ def test_tensorrt_runtime_is_refused_without_its_package_or_a_gpu(tmp_path: Path
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, gpu=gpu: gpu)
         keys[gpu] = key_fields(coupling.program, ops, RUNTIMES["tensorrt"], 1, 1, 8)["machine"]
     assert keys["NVIDIA L4"].endswith("NVIDIA L4") and len(set(keys.values())) == 2
+    # CPU threads don't apply to a GPU runtime: one table whatever --threads says
+    assert key_fields(coupling.program, ops, RUNTIMES["tensorrt"], 1, 16, 8) == \
+        key_fields(coupling.program, ops, RUNTIMES["tensorrt"], 1, 2, 8)
     assert RUNTIMES["onnxruntime"].device() == ""
 
 
