@@ -23,7 +23,7 @@ from prunec.plan import Plan
 from prunec.program_module import ProgramModule, copy_graph
 from prunec.rewrite import rewrite
 from prunec.trace import Program, eval_mode
-from prunec.verify import check_refit, compare, verify
+from prunec.verify import add_dynamic_check, check_refit, compare, verify
 
 Progress = Callable[[str], None]
 REFIT_CHECK_BATCHES = 8  # calibration batches the refit-vs-no-refit check runs
@@ -134,15 +134,8 @@ def make_dynamic(result: CompileResult, model: nn.Module, spec: Any = None) -> N
     result.program, result.dynamic = dyn.program, dyn
     result.report["dynamic"] = {"dynamic": True, "dims": describe_spec(dyn.spec, result.example_inputs,
                                                                        result.example_kwargs), **dyn.checked}
-    if verified and dyn.checked.get("batch_sizes"):   # the dynamic program's own check counts as verification
-        new = [b for b in dyn.checked["batch_sizes"] if b not in verified.get("batch_sizes", [])]
-        verified["batch_sizes"] = sorted({*verified.get("batch_sizes", []), *new})
-        verified["notes"] = [n for n in verified.get("notes", [])
-                             if not any(n.startswith(f"batch {b} not checked") for b in new)]
-        if new:
-            verified["rel_err"] = max(verified.get("rel_err", 0.0), dyn.checked["rel_err"])
-            verified["notes"].append(f"batch {'/'.join(map(str, new))} checked on the batch-dynamic program against "
-                                     f"{dyn.checked['against']}: rel err {dyn.checked['rel_err']:.3g}")
+    if verified:
+        add_dynamic_check(verified, dyn.checked)
 
 
 def finish_compile(model: nn.Module, program: Program, coupling: Coupling, plan: Plan,

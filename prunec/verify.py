@@ -200,6 +200,23 @@ def _other_batch_check(cut: Cut, pruned: torch.nn.Module, reference: torch.nn.Mo
     return out, notes
 
 
+def add_dynamic_check(verified: dict[str, Any], checked: dict[str, Any]) -> None:
+    """Count the batch-dynamic program's check at other batch sizes (``DynamicProgram.checked``) in the report's
+    verify entry: its sizes join ``batch_sizes``, its error the maximum, and where the static trace could not run a
+    size ("batch N not checked"), a note says what it was checked against instead."""
+    new = [b for b in checked.get("batch_sizes", []) if b not in verified.get("batch_sizes", [])]
+    if not new:
+        return
+    verified["batch_sizes"] = sorted({*verified.get("batch_sizes", []), *new})
+    verified["rel_err"] = max(verified.get("rel_err", 0.0), checked["rel_err"])
+    notes = verified.get("notes", [])
+    kept = [n for n in notes if not any(n.startswith(f"batch {b} not checked") for b in new)]
+    if len(kept) < len(notes):
+        kept.append(f"batch {'/'.join(map(str, new))} checked on the batch-dynamic program against "
+                    f"{checked['against']}: rel err {checked['rel_err']:.3g}")
+    verified["notes"] = kept
+
+
 def check_refit(pruned: torch.nn.Module, original: torch.nn.Module, state: dict[str, torch.Tensor],
                 updates: dict[str, torch.Tensor], batches: list[Call]
                 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
