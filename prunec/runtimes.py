@@ -65,16 +65,26 @@ def _dist_version(package: str) -> str:
 
 
 def _onnx_bytes(module: torch.nn.Module, x: tuple[torch.Tensor, ...]) -> bytes:
-    """The module as ONNX (TorchScript exporter, then dynamo), static shapes."""
+    """The module as ONNX (TorchScript exporter, then dynamo), static shapes; input i is named ``input_i`` (an
+    input the exporter drops leaves the others' names: ``_feed`` binds by name)."""
     buf = io.BytesIO()
+    names = [f"input_{i}" for i in range(len(x))]
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
-            torch.onnx.export(module.eval(), x, buf, dynamo=False, opset_version=17)
+            torch.onnx.export(module.eval(), x, buf, dynamo=False, opset_version=17, input_names=names)
         except Exception:  # noqa: BLE001 - the dynamo exporter handles what TorchScript can't
             buf = io.BytesIO()
-            torch.onnx.export(module.eval(), x, buf, dynamo=True, opset_version=18, verbose=False)
+            torch.onnx.export(module.eval(), x, buf, dynamo=True, opset_version=18, verbose=False,
+                              input_names=names)
     return buf.getvalue()
+
+
+def _feed(name: str, x: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The input ``_onnx_bytes`` named ``name``."""
+    if not name.startswith("input_") or not name[6:].isdigit() or int(name[6:]) >= len(x):
+        raise InternalError(f"an ONNX input named '{name}' is not one of the {len(x)} inputs exported")
+    return x[int(name[6:])]
 
 
 def _ort_session(module: torch.nn.Module, x: tuple[torch.Tensor, ...], threads: int,
@@ -90,7 +100,7 @@ def _ort_session(module: torch.nn.Module, x: tuple[torch.Tensor, ...], threads: 
     if profile_prefix:
         so.enable_profiling, so.profile_file_prefix = True, profile_prefix
     sess = ort.InferenceSession(_onnx_bytes(module, x), so, providers=["CPUExecutionProvider"])
-    return sess, {i.name: t.detach().numpy() for i, t in zip(sess.get_inputs(), x)}
+    return sess, {i.name: _feed(i.name, x).detach().numpy() for i in sess.get_inputs()}
 
 
 def _prepare_ort(module: torch.nn.Module, x: tuple[torch.Tensor, ...], threads: int) -> Run:
@@ -236,13 +246,12 @@ def _prepare_tensorrt(module: torch.nn.Module, x: tuple[torch.Tensor, ...], thre
     engine = _trt_engine(half, xs)
     del half
     context = engine.create_execution_context()
-    feeds = iter(xs)
     tensors = []   # the buffers the context points at: kept alive by the closure
     for i in range(engine.num_io_tensors):
         name = engine.get_tensor_name(i)
         dtype = dtypes[engine.get_tensor_dtype(name)]
         if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
-            t = next(feeds).to(dtype).contiguous()
+            t = _feed(name, xs).to(dtype).contiguous()
         else:
             t = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtype, device="cuda")
         context.set_tensor_address(name, t.data_ptr())

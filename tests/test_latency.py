@@ -525,3 +525,20 @@ def test_report_says_when_the_prediction_is_uncalibrated() -> None:
     (line,) = latency_lines({**lat, "calibrated": False})
     assert "predicted 3.7 ms (0.37 of dense) by standalone ops (the table is not calibrated" in line
     assert "standalone" not in latency_lines({**lat, "calibrated": True})[0]
+
+
+def test_runtime_feeds_inputs_by_name_when_the_exporter_drops_one() -> None:
+    """A model that ignores one of its inputs exports without it; the timers bind the rest by name (positional
+    binding fed the ignored 2-D input to the conv: onnxruntime refused its rank)."""
+    from prunec.latency import measure
+
+    class IgnoresFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return self.conv(b)
+
+    ms = measure("onnxruntime", {"m": IgnoresFirst().eval()}, (torch.randn(1, 5), torch.randn(1, 3, 16, 16)), 1, 1, 1)
+    assert ms["m"] > 0
