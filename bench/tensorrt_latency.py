@@ -7,6 +7,8 @@
 2. A latency table profiled on TensorRT (engines per op and width; seconds and the dense time printed).
 3. ``--target-latency``: predicted and measured ratio, verifier, and uniform ``--channels`` at the same MACs
    timed in the same run (speedup ÷ MACs cut for both).
+4. The ``--target tensorrt`` folder of that result: its engine built here by build_engine.py (strongly typed
+   from model_fp16.onnx), or the reason it was not.
 Without ``import tensorrt`` or a CUDA GPU it prints why and exits 0. Random weights: latency only.
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import latency as old  # noqa: E402  (bench/latency.py: the MACs counter)
 
 import prunec  # noqa: E402
+from prunec.backends import BACKENDS  # noqa: E402
 from prunec.compiler import criterion  # noqa: E402
 from prunec.errors import InputError  # noqa: E402
 from prunec.latency import measure, profile  # noqa: E402
@@ -86,6 +89,9 @@ def main() -> None:
                          "efficiency": macs * ms["dense"] / ms["target"],
                          "uniform": {"macs": uni_macs, "ratio": ms["uniform"] / ms["dense"],
                                      "efficiency": uni_macs * ms["dense"] / ms["uniform"]}}
+        folder = Path(cache) / "trt"
+        artifact = BACKENDS["tensorrt"](res, folder, {})
+        out["folder"] = {k: artifact.get(k) for k in ("engine_bytes", "reason", "fp16_onnx", "trtexec")}
     print(json.dumps(out, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
