@@ -158,6 +158,18 @@ def _cleanup(path: Path) -> str:
     return ""
 
 
+def to_fp16(model: Any) -> Any:
+    """``model`` (an ONNX ModelProto) with FP16 weights and activations and FP32 inputs and outputs, what a strongly
+    typed TensorRT FP16 engine is built from (onnxconverter-common; FP16's full range, not its 1e4 default; no
+    shape inference past protobuf's 2 GB, which it would serialise the model for)."""
+    try:
+        from onnxconverter_common import float16
+    except ImportError as err:
+        raise MissingDependency("onnxconverter_common", "onnx") from err
+    return float16.convert_float_to_float16(model, keep_io_types=True, max_finite_val=65504.0,
+                                            disable_shape_infer=model.ByteSize() > BIG_ONNX)
+
+
 def compare_with_torch(result: Any, path: Path, args: tuple, kwargs: dict) -> tuple[float, float]:
     import onnxruntime as ort
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from prunec.atomic import atomic_path
 from prunec.backends import register_backend
-from prunec.backends.onnx_backend import BIG_ONNX, DEFAULT_OPSET, compare_with_torch, export_onnx
+from prunec.backends.onnx_backend import BIG_ONNX, DEFAULT_OPSET, compare_with_torch, export_onnx, to_fp16
 from prunec.backends.sparsity import apply_from_options
 from prunec.errors import MissingDependency
 
@@ -127,15 +127,10 @@ def _fp16_onnx(result: Any, fp32: Path, out: Path) -> dict[str, Any]:
     FP16 engine then needs TensorRT 10's flag), ``checked: false`` where onnxruntime lacks an FP16 kernel."""
     import onnx
     try:
-        from onnxconverter_common import float16
-    except ImportError as err:
-        raise MissingDependency("onnxconverter_common", "onnx") from err
-    try:
-        model = onnx.load(str(fp32))
-        big = model.ByteSize() > BIG_ONNX   # shape inference serialises the model: not past protobuf's 2 GB
-        half = float16.convert_float_to_float16(model, keep_io_types=True, max_finite_val=65504.0,
-                                                disable_shape_infer=big)
+        half = to_fp16(onnx.load(str(fp32)))
         onnx.save(half, str(out), save_as_external_data=half.ByteSize() > BIG_ONNX)
+    except MissingDependency:
+        raise
     except Exception as err:  # noqa: BLE001 - the FP32 folder stays usable on TensorRT 10
         out.unlink(missing_ok=True)
         return {"written": False, "reason": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}

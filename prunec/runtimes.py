@@ -7,7 +7,6 @@ callables round by round (warm-up, order reversed every other round, medians).
 from __future__ import annotations
 
 import bisect
-import copy
 import importlib
 import importlib.util
 import io
@@ -213,14 +212,18 @@ _TRT_TIMING_CACHE: list[Any] = []   # one TensorRT timing cache per process: tac
 
 
 def _trt_engine(module: torch.nn.Module, x: tuple[torch.Tensor, ...]) -> Any:
-    """A TensorRT engine of the module's ONNX (static shapes), strongly typed: its precision is the ONNX's
-    (TensorRT 11 has no FP16 builder flag; a strongly typed network builds the same on 10 and 11)."""
+    """A TensorRT FP16 engine of the module's ONNX (static shapes) converted as ``--target tensorrt`` converts its
+    model_fp16.onnx (FP32 inputs and outputs), strongly typed: TensorRT 11 has no FP16 builder flag, and a
+    strongly typed network builds the same on 10 and 11."""
+    import onnx
     import tensorrt as trt
+
+    from prunec.backends.onnx_backend import to_fp16
     logger = trt.Logger(trt.Logger.ERROR)
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse(_onnx_bytes(module, x)):
+    if not parser.parse(to_fp16(onnx.load_from_string(_onnx_bytes(module, x))).SerializeToString()):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise InputError(f"TensorRT's ONNX parser refused the model ({errors})",
                          "this model does not run on TensorRT as exported: time it on --runtime onnxruntime")
@@ -235,16 +238,13 @@ def _trt_engine(module: torch.nn.Module, x: tuple[torch.Tensor, ...]) -> Any:
 
 
 def _prepare_tensorrt(module: torch.nn.Module, x: tuple[torch.Tensor, ...], threads: int) -> Run:
-    """One synchronous run of the module's FP16 TensorRT engine on the first CUDA GPU (weights and floating
-    inputs in FP16, as ``--target tensorrt`` builds by default), buffers kept on the GPU; ``threads`` does not
-    apply."""
+    """One synchronous run of the module's FP16 TensorRT engine (``_trt_engine``) on the first CUDA GPU, buffers
+    kept on the GPU; ``threads`` does not apply."""
     import tensorrt as trt
     dtypes = {getattr(trt, name): getattr(torch, name) for name in
               ("float32", "float16", "bfloat16", "int32", "int64", "int8", "uint8", "bool") if hasattr(trt, name)}
-    half = copy.deepcopy(module).eval().to("cuda", torch.float16)
-    xs = tuple(t.detach().to("cuda", torch.float16 if t.is_floating_point() else t.dtype) for t in x)
-    engine = _trt_engine(half, xs)
-    del half
+    engine = _trt_engine(module, x)
+    xs = tuple(t.detach().to("cuda") for t in x)
     context = engine.create_execution_context()
     tensors = []   # the buffers the context points at: kept alive by the closure
     for i in range(engine.num_io_tensors):
