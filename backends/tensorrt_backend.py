@@ -18,7 +18,7 @@ from prunec.atomic import atomic_path
 from prunec.backends import register_backend
 from prunec.backends.onnx_backend import BIG_ONNX, DEFAULT_OPSET, compare_with_torch, export_onnx, to_fp16
 from prunec.backends.sparsity import apply_from_options
-from prunec.errors import MissingDependency
+from prunec.errors import MissingDependency, first_line
 
 MAX_BATCH = 32
 
@@ -133,13 +133,13 @@ def _fp16_onnx(result: Any, fp32: Path, out: Path) -> dict[str, Any]:
         raise
     except Exception as err:  # noqa: BLE001 - the FP32 folder stays usable on TensorRT 10
         out.unlink(missing_ok=True)
-        return {"written": False, "reason": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+        return {"written": False, "reason": first_line(err)}
     args, kwargs = tuple(result.example_inputs), dict(result.example_kwargs)
     try:
         abs_err, rel_err = compare_with_torch(result, out, args, kwargs)
     except Exception as err:  # noqa: BLE001 - onnxruntime CPU has no FP16 kernel for some ops; TensorRT does
         return {"written": True, "checked": False,
-                "reason": f"onnxruntime could not run it: {type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+                "reason": f"onnxruntime could not run it: {first_line(err)}"}
     return {"written": True, "checked": True, "runtime": "onnxruntime CPU", "max_abs_err": abs_err,
             "rel_err": rel_err}
 

@@ -1,6 +1,17 @@
 """Errors: PrunecError is something the user can fix; InternalError is our bug."""
 from __future__ import annotations
 
+import traceback
+
+
+def first_line(err: BaseException) -> str:
+    """'Type: first line of the message', or where it was raised when the message is empty."""
+    lines = str(err).strip().splitlines()
+    if lines:
+        return f"{type(err).__name__}: {lines[0][:200]}"
+    tb = traceback.extract_tb(err.__traceback__)
+    return f"{type(err).__name__} at {tb[-1].filename}:{tb[-1].lineno} ({tb[-1].line})" if tb else type(err).__name__
+
 
 class PrunecError(Exception):
     """A problem the user can fix. ``hint`` says how."""

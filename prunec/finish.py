@@ -4,7 +4,6 @@ return them (``deployed``, for passes that time or measure candidates)."""
 from __future__ import annotations
 
 import time
-import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
@@ -17,7 +16,7 @@ from prunec.cost import count_macs, count_params
 from prunec.coupling import Coupling
 from prunec.cut import Cut
 from prunec.dynamic import DynamicProgram, describe_spec, export_program, export_synced, replay
-from prunec.errors import InternalError
+from prunec.errors import InternalError, first_line
 from prunec.module_sync import synced_copy
 from prunec.plan import Plan
 from prunec.program_module import ProgramModule, copy_graph
@@ -222,16 +221,8 @@ def sync_module(model: nn.Module, state: dict[str, torch.Tensor], program: Progr
         with torch.no_grad():
             _, rel = compare(module(*inputs, **kwargs), program(*inputs, **kwargs))
     except Exception as err:  # any failure means the eager module can't follow: use the program
-        return program, False, f"user module not synced: {_first_line(err)}"
+        return program, False, f"user module not synced: {first_line(err)}"
     if rel > 1e-5:
         return program, False, f"user module not synced: its output differs from the program (rel {rel:.2g})"
     return module, True, ""
 
-
-def _first_line(err: BaseException) -> str:
-    """'Type: first line of the message', or where it was raised when the message is empty."""
-    lines = str(err).strip().splitlines()
-    if lines:
-        return f"{type(err).__name__}: {lines[0][:200]}"
-    tb = traceback.extract_tb(err.__traceback__)
-    return f"{type(err).__name__} at {tb[-1].filename}:{tb[-1].lineno} ({tb[-1].line})" if tb else type(err).__name__
