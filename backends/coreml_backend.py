@@ -18,7 +18,7 @@ import torch.utils._pytree as pytree
 from prunec.atomic import atomic_path
 from prunec.backends import register_backend
 from prunec.backends.sparsity import parse_pattern
-from prunec.errors import BackendError, InternalError, MissingDependency
+from prunec.errors import BackendError, InternalError, MissingDependency, first_line
 
 WEIGHT_OPS = ("const", "constexpr_sparse_to_dense", "constexpr_lut_to_dense", "constexpr_affine_dequantize",
               "constexpr_blockwise_shift_scale", "constexpr_sparse_blockwise_shift_scale")
@@ -72,8 +72,7 @@ def _convert(ct: Any, ep: torch.export.ExportedProgram, target: Any) -> Any:
         return ct.convert(ep.run_decompositions(tbl), minimum_deployment_target=target, convert_to="mlprogram",
                           compute_precision=ct.precision.FLOAT16)
     except Exception as err:  # noqa: BLE001 - the converter raises many types; report the first line
-        raise BackendError(f"coremltools could not convert the model: {type(err).__name__}: "
-                           f"{str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}",
+        raise BackendError(f"coremltools could not convert the model: {first_line(err, 300)}",
                            "try --target onnx or executorch") from err
 
 

@@ -13,7 +13,7 @@ import torch.utils._pytree as pytree
 
 from prunec.atomic import atomic_path
 from prunec.backends import register_backend
-from prunec.errors import BackendError, MissingDependency
+from prunec.errors import BackendError, MissingDependency, first_line
 
 REL_TOL = 1e-3
 PAIRING = "executorch 1.5.1 with torch 2.14.1"
@@ -37,8 +37,7 @@ def write_executorch(result: Any, out: str | Path, options: dict[str, Any] | Non
         delegated, other = _count_delegation(edge.exported_program().graph)
         program = edge.to_executorch()
     except Exception as err:  # noqa: BLE001 - exir raises many types; name the pairing that works
-        raise BackendError(f"ExecuTorch lowering failed: {type(err).__name__}: "
-                           f"{str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}",
+        raise BackendError(f"ExecuTorch lowering failed: {first_line(err, 300)}",
                            f"tested pairing is {PAIRING}; try --target onnx") from err
     with atomic_path(out) as tmp:
         tmp.write_bytes(program.buffer)

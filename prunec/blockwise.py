@@ -27,7 +27,7 @@ from prunec.atomic import atomic_path
 from prunec.backends.torch_backend import TOKENIZER_FILES
 from prunec.coupling import Coupling
 from prunec.cut import Cut
-from prunec.errors import InputError, InternalError
+from prunec.errors import InputError, InternalError, first_line
 from prunec.plan import Plan
 from prunec.shards import Checkpoint, ShardWriter
 from prunec.trace import Program, trace
@@ -48,7 +48,7 @@ def decoder_config(folder: str | Path) -> Any:
     try:
         config = transformers.AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as err:
-        raise InputError(f"{folder / 'config.json'} is not a readable config ({str(err).splitlines()[0][:150]})",
+        raise InputError(f"{folder / 'config.json'} is not a readable config ({first_line(err, 150)})",
                          "write it with save_pretrained") from None
     kind = getattr(config, "model_type", "?")
     if kind not in SUPPORTED:

@@ -4,11 +4,12 @@ from __future__ import annotations
 import traceback
 
 
-def first_line(err: BaseException) -> str:
-    """'Type: first line of the message', or where it was raised when the message is empty."""
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """'Type: first line of the message' (at most ``limit`` characters of it), or where it was raised when
+    the message is empty."""
     lines = str(err).strip().splitlines()
     if lines:
-        return f"{type(err).__name__}: {lines[0][:200]}"
+        return f"{type(err).__name__}: {lines[0][:limit]}"
     tb = traceback.extract_tb(err.__traceback__)
     return f"{type(err).__name__} at {tb[-1].filename}:{tb[-1].lineno} ({tb[-1].line})" if tb else type(err).__name__
 

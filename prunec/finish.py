@@ -117,14 +117,14 @@ def make_dynamic(result: CompileResult, model: nn.Module, spec: Any = None) -> N
         dyn = replay(model, result.plan, result.program, inputs, kwargs, spec,
                      exact=bool(verified.get("exact", True)), prerefit=result.prerefit)
     except Exception as err:  # noqa: BLE001 - any failure keeps the verified static program
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        reason = first_line(err)
         try:  # the synced user class may still trace with a symbolic batch (e.g. its own num_heads)
             if not result.report.get("module_synced"):
-                raise ValueError(first) from None
+                raise
             dyn = export_synced(result.model, result.program, inputs, kwargs, spec)
         except Exception as err2:  # noqa: BLE001
-            second = (str(err2).strip().splitlines() or [type(err2).__name__])[0][:200]
-            reason = first if second == first else f"{first}; the synced module: {second}"
+            if err2 is not err:
+                reason = f"{reason}; the synced module: {first_line(err2)}"
             result.report["dynamic"] = {"dynamic": False, "reason": reason}
             result.report["notes"].append(f"the result is pinned to the example's shapes: {reason}")
             return

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import torch
 
-from prunec.errors import InputError, TraceError
+from prunec.errors import InputError, TraceError, first_line
 from prunec.loaded import Loaded, parse_shape
 
 ZOO_PREFIXES = ("torchvision:", "timm:", "zoo:")
@@ -39,8 +39,7 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError) as err:
-        first = str(err).strip().splitlines()[0][:200]
-        raise InputError(f"weights file {path} does not fit the model: {first}",
+        raise InputError(f"weights file {path} does not fit the model: {first_line(err)}",
                          "pass weights saved from the same architecture") from None
 
 
@@ -211,9 +210,8 @@ def _torchscript(path: Path, shape: tuple[int, ...] | None) -> Loaded:
             except Exception:  # noqa: BLE001 - some scripts only accept the recorded batch
                 ep = TS2EPConverter(scripted, inputs).convert()
     except Exception as err:  # the converter raises many types
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise InputError(f"{path} is TorchScript that torch's converter cannot turn into an ExportedProgram: "
-                         f"{type(err).__name__}: {first}",
+                         f"{first_line(err)}",
                          "export the model from its PyTorch code with torch.export.save and pass the .pt2") from None
     module = ep.module()
     for fqn, _ in scripted.named_parameters():  # the converter lifts parameters as buffers: restore them

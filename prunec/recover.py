@@ -29,7 +29,7 @@ from torch import nn
 from prunec.distill import (Features, Step, cycle, evaluate, freeze_batchnorm, kd_loss, logits_of,
                             reestimate_batchnorm, shard, split_batch)
 from prunec.distributed import has_group, world
-from prunec.errors import InputError, RecoverError
+from prunec.errors import InputError, RecoverError, first_line
 from prunec.lora import merge_lora, with_lora
 from prunec.parallel import (fsdp_copy, full_state, load_full_state, load_optimizer_state, optimizer_state,
                              pick_device, to_device, wrap_ddp)
@@ -281,8 +281,7 @@ class _Loop:
                 raise
             static = " (an exported program has the example's static shapes)" \
                 if isinstance(self.student, ProgramModule) else ""
-            raise InputError(f"the models cannot run a data batch: {type(err).__name__}: "
-                             f"{str(err).strip().splitlines()[0][:160]}",
+            raise InputError(f"the models cannot run a data batch: {first_line(err, 160)}",
                              f"batches must match the model's inputs{static}: shape, dtype, keyword names") from None
 
     def _stop_if_not_finite(self, loss: torch.Tensor) -> None:
@@ -326,7 +325,7 @@ class _Loop:
             load_optimizer_state(self.trainable, self.opt, ckpt["optimizer"])
             self.sched.load_state_dict(ckpt["scheduler"])
         except (RuntimeError, KeyError, ValueError) as err:
-            raise InputError(f"checkpoint {path} does not fit this run: {str(err).splitlines()[0][:160]}",
+            raise InputError(f"checkpoint {path} does not fit this run: {first_line(err, 160)}",
                              "use another checkpoint_dir, or resume=False to start over") from None
         self.step, self.history = int(ckpt["step"]), list(ckpt["history"])
         torch.set_rng_state(ckpt["rng"])
@@ -361,7 +360,7 @@ def _load_weights(model: nn.Module, source: str | Path | dict[str, torch.Tensor]
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise InputError(f"rewind weights do not fit the student: {str(err).splitlines()[0][:160]}",
+        raise InputError(f"rewind weights do not fit the student: {first_line(err, 160)}",
                          "rewind to weights of the same (pruned) architecture") from None
 
 

@@ -16,7 +16,7 @@ from torch import fx
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 
-from prunec.errors import TraceError
+from prunec.errors import TraceError, first_line
 
 STATE_KINDS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
 
@@ -110,9 +110,8 @@ def trace(model: torch.nn.Module, example_inputs: tuple[Any, ...],
                              "submodules that export with fixed sizes")
         return Program(ep, tuple(example_inputs), kwargs, model=model)
     err = errors[0]
-    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
     raise TraceError(f"torch.export could not trace {type(model).__name__}{_user_frame(err)}: "
-                     f"{type(err).__name__}: {first_line}",
+                     f"{first_line(err, 300)}",
                      "make the forward traceable (no data-dependent Python control flow), "
                      "or check --input-shape matches what the model expects") from err
 

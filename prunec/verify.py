@@ -26,7 +26,7 @@ from torch import fx
 from prunec.calib import Call, output_error, run, shared_rows
 from prunec.cut import Cut
 from prunec.distributed import all_reduce_sum
-from prunec.errors import InternalError
+from prunec.errors import InternalError, first_line
 from prunec.layers import drop_branches
 from prunec.program_module import ProgramModule
 from prunec.rewrite import rewrite_graph
@@ -148,8 +148,7 @@ def _outputs(module: torch.nn.Module, batch: Call, who: str) -> Any:
     try:
         return run(module, batch)
     except Exception as err:  # the rewritten program must run wherever its reference runs
-        first = (str(err).strip().splitlines() or [""])[0][:200]
-        raise InternalError(f"the {who} fails to run: {type(err).__name__}: {first}") from err
+        raise InternalError(f"the {who} fails to run: {first_line(err)}") from err
 
 
 def verify(cut: Cut, pruned: torch.nn.Module, inputs: tuple[Any, ...],

@@ -161,3 +161,17 @@ def test_directory_target_reruns_and_default_suffix(tmp_path: Path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     assert main(["zoo:convbn", "--channels", "0.5", "--target", "onnx"]) == 0
     assert (tmp_path / "convbn.pruned.onnx").exists()
+
+
+def test_first_line_names_the_error_even_without_a_message():
+    """Every error line quotes the first line of the cause; an empty message names where it was raised
+    (the call sites' own copies of this raised IndexError on one)."""
+    from prunec.errors import first_line
+
+    assert first_line(ValueError("shape mismatch\nfull traceback")) == "ValueError: shape mismatch"
+    assert first_line(ValueError("x" * 500), 10) == "ValueError: " + "x" * 10
+    try:
+        raise RuntimeError()
+    except RuntimeError as err:
+        line = first_line(err)
+    assert line.startswith("RuntimeError at ") and "test_core_cli.py" in line and "raise RuntimeError()" in line
