@@ -17,9 +17,10 @@ bench/latency_aware.py does), with each of the allocator's costs:
 * ``curves+macs``: the error curves plus ``--macs-weight`` × the fraction of the model's MACs the cut removes (the
   squared relative errors of the curves are 0–1): how much output error each step toward that reference costs.
 
-Each result's relative logit error and top-1 agreement against the dense model are measured on bench/latency_aware.py's
-64 fixed synthetic images. Every result is timed interleaved with the dense model on ``--runtime`` (1 thread; onnxruntime as
-bench/latency_aware.py's rows, ExecuTorch as prunec.latency.measure deploys it). efficiency = speedup × MACs fraction.
+Each result's relative logit error and top-1 agreement against the dense model are measured on
+bench/latency_aware.py's 64 fixed synthetic images (its ``agreement``). Every result is timed interleaved with the
+dense model on ``--runtime`` (1 thread; onnxruntime as bench/latency_aware.py's rows, ExecuTorch as
+prunec.latency.measure deploys it). efficiency = speedup × MACs fraction.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import latency_aware as la  # noqa: E402  (X, score(), search(), time_rows(), the MACs counter)
+import latency_aware as la  # noqa: E402  (X, images(), agreement(), score(), search(), time_rows(), the MACs counter)
 
 import prunec  # noqa: E402
 from prunec.cost import count_macs  # noqa: E402
@@ -65,14 +66,6 @@ def op_macs(op) -> int:
     c_in = op.w_shape[-1] if op.kind == "linear" else op.w_shape[1] * op.groups
     module, x = op.module(c_in, c_out, 1)
     return count_macs(module, (x,))
-
-
-def output_error(dense: torch.nn.Module, pruned: torch.nn.Module, imgs: torch.Tensor) -> dict[str, float]:
-    """Relative logit error and top-1 agreement of ``pruned`` against ``dense`` on ``imgs``."""
-    with torch.no_grad():
-        a, b = dense(imgs), pruned(imgs)
-    return {"output_error": float((b - a).norm() / a.norm()),
-            "top1_agree": float((a.argmax(1) == b.argmax(1)).float().mean())}
 
 
 COSTS = {"curves": (LatencySelect, True), "importance": (LatencySelect, False), "macs": (MacsCost, True),
@@ -111,8 +104,9 @@ def main() -> None:
                 return prunec.compile(copy.deepcopy(base), la.X, passes=[la.score(), select(
                     args.runtime, target=goal, table=table, batch=args.batch, measure=False, sensitivity=sens)])
             goal, result, macs = la.search(alloc, dense_macs, args.target, args.iters, "goal")
+            agree = la.agreement(base, result.model, imgs)
             timed[cost] = {"model": result.model, "macs_ratio": macs, "goal": goal,
-                           **output_error(base, result.model, imgs)}
+                           "output_error": agree["rel_err"], "top1_agree": agree["top1_agree"]}
         ms = la.time_rows(timed, args.batch, 5, 1, Path(tempfile.mkdtemp()), args.runtime)
         for key, row in timed.items():
             if key == "dense":
